@@ -1,0 +1,236 @@
+"""Structured config schemas, registered in Hydra's ConfigStore.
+
+Every YAML under conf/ names one of these schemas first in its defaults list, so a wrong
+key, type or option fails when Hydra composes the config, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class AugmentationConfig:
+    hflip: bool = False
+    crop_padding: int = 0  # random crop back to image_size after zero-padding; 0 = off
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # mnist | fashion_mnist | cifar10 | cifar100 | folder
+    root: str = "${paths.data_dir}"
+    image_size: int = 28
+    channels: int = 1
+    num_classes: int = 10  # 0 = unlabelled (a folder without class sub-folders)
+    val_size: int = 1000  # held-out images for the validation loss
+    download: bool = True
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+@dataclass
+class AutoencoderConfig:
+    name: str = "none"
+
+
+@dataclass
+class UNetConfig:
+    name: str = MISSING
+    channels: int = 64
+    channel_mults: List[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 2
+    attention_resolutions: List[int] = field(default_factory=lambda: [7])  # feature-map sizes
+    head_channels: int = 64
+    dropout: float = 0.0
+    norm_groups: int = 32
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = MISSING  # linear | cosine | dns
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    cosine_s: float = 0.008
+    dns_offset: Optional[float] = 5.0  # null = T (the seed's variant)
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class SamplerConfig:
+    name: str = MISSING  # ddpm | ddim | dpmpp_2m
+    steps: Optional[int] = None  # null = every one of the schedule's T steps
+    eta: float = 0.0
+    clip_x0: bool = True
+
+
+@dataclass
+class GuidanceConfig:
+    name: str = "none"  # none | classifier | cfg
+    scale: float = 0.0
+    p_uncond: float = 0.1
+
+
+@dataclass
+class ModeConfig:
+    name: str = MISSING  # diffusion | sample
+
+
+@dataclass
+class ObjectiveConfig:
+    prediction: str = "eps"  # eps | x0 | v
+    loss: str = "l2"  # l2 | l1
+    min_snr_gamma: Optional[float] = None  # e.g. 5.0; null = unweighted
+    class_conditional: bool = True  # learn p(x | y) when the data set has classes
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    update_every: int = 1
+    start: int = 0  # before this step the EMA is a plain copy of the weights
+    warmup: bool = True  # decay_k = min(decay, 1 - (1 + k)^(-3/4)) as in diffusers
+
+
+@dataclass
+class EarlyStopConfig:
+    enabled: bool = False
+    threshold: float = 3e-4
+    window: int = 10
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    channels_last: bool = False
+    threads: Optional[int] = None  # torch intra-op threads; null = torch's default
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    log_every: int = 50
+    val_every: int = 500
+    val_batches: int = 4
+    image_every: int = 1000  # sample grid to TensorBoard; 0 = off
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # periodic step_*.pt files kept besides last.pt and best.pt
+    resume: Optional[str] = None  # null | auto | PATH
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    num_images: int = 100
+    batch_size: int = 250
+    labels: Any = "balanced"  # balanced | uniform | [3, 3, 7]
+    gif: bool = True
+    gif_images: int = 10
+    gif_frames: int = 25
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 0  # 0 = no evaluation at the end of training
+
+
+@dataclass
+class CkptConfig:
+    model: Optional[str] = None  # `ckpt=PATH` on the command line is short for ckpt.model=PATH
+    autoencoder: Optional[str] = None
+    classifier: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "${oc.env:DIFFLAB_DATA,${oc.env:HOME,.}/.cache/difflab/data}"
+    cache_dir: str = "${oc.env:DIFFLAB_CACHE,${oc.env:HOME,.}/.cache/difflab}"
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = MISSING
+    autoencoder: AutoencoderConfig = MISSING
+    unet: UNetConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    sampler: SamplerConfig = MISSING
+    guidance: GuidanceConfig = MISSING
+    mode: ModeConfig = MISSING
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+GROUP_SCHEMAS = {
+    "dataset": DatasetConfig,
+    "autoencoder": AutoencoderConfig,
+    "unet": UNetConfig,
+    "schedule": ScheduleConfig,
+    "sampler": SamplerConfig,
+    "guidance": GuidanceConfig,
+    "mode": ModeConfig,
+}
+
+
+CHOICES = {
+    "dataset.name": ("mnist", "fashion_mnist", "cifar10", "cifar100", "folder"),
+    "autoencoder.name": ("none",),
+    "schedule.name": ("linear", "cosine", "dns"),
+    "sampler.name": ("ddpm", "ddim", "dpmpp_2m"),
+    "guidance.name": ("none", "cfg"),
+    "mode.name": ("diffusion", "sample"),
+    "objective.prediction": ("eps", "x0", "v"),
+    "objective.loss": ("l2", "l1"),
+    "train.lr_schedule": ("cosine", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+POSITIVE = ("train.max_steps", "train.batch_size", "train.log_every", "train.val_every",
+            "train.checkpoint_every", "sample.batch_size", "dataset.image_size", "dataset.channels",
+            "schedule.T")
+
+
+def validate(cfg) -> None:
+    """Checks the schema cannot express; raises UserError naming the key and the fix."""
+    from omegaconf import OmegaConf
+
+    from difflab.errors import UserError
+
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise UserError(f"{key}={value} is not an option: choose one of {', '.join(allowed)}.")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value <= 0:
+            raise UserError(f"{key}={value} must be positive: set it to a number above 0.")
+    if cfg.train.lr <= 0:
+        raise UserError(f"train.lr={cfg.train.lr} must be positive: use e.g. train.lr=2e-4.")
+    if not 0 <= cfg.guidance.p_uncond < 1:
+        raise UserError(f"guidance.p_uncond={cfg.guidance.p_uncond} must be in [0, 1): use 0.1.")
+    if cfg.sample.num_images < 0:
+        raise UserError(f"sample.num_images={cfg.sample.num_images} must be 0 or more: use e.g. 100.")
+    if cfg.schedule.zero_terminal_snr and cfg.objective.prediction == "eps":
+        raise UserError("schedule.zero_terminal_snr=true leaves x0 undefined at the last step for eps prediction: add objective.prediction=v.")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)

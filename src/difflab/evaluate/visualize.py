@@ -1,0 +1,75 @@
+"""Pictures a person looks at: sample grids (one row per class), the denoising GIF and the
+loss curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid
+
+
+def class_rows(images: Tensor, labels: Optional[Tensor], per_row: int = 10, max_rows: int = 10) -> Tensor:
+    """Up to `per_row` images of each class, one class per row (uint8 N,C,H,W in, grid out).
+    Without labels: the first per_row * max_rows images."""
+    if labels is None:
+        return make_grid(images[: per_row * max_rows], nrow=per_row, padding=2, pad_value=255)
+    rows = []
+    for c in labels.unique().tolist()[:max_rows]:
+        chosen = images[labels == c][:per_row]
+        pad = per_row - len(chosen)
+        if pad:
+            chosen = torch.cat([chosen, torch.full((pad, *chosen.shape[1:]), 255, dtype=chosen.dtype)])
+        rows.append(chosen)
+    return make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=255)
+
+
+def save_png(grid: Tensor, path: str | Path, min_size: int = 256) -> None:
+    """Write a uint8 C,H,W grid; small grids are enlarged (nearest) so they are readable."""
+    img = Image.fromarray(rearrange(grid, "c h w -> h w c").squeeze(-1).cpu().numpy())
+    scale = max(1, min_size // max(img.size))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def save_denoising(frames: Sequence[Tensor], folder: str | Path, gif_path: str | Path, duration_ms: int = 120) -> None:
+    """Each frame is a uint8 C,H,W strip; writes frame_XXX.png files and an animated GIF whose
+    last frame (the result) is held longer."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pil = []
+    for i, frame in enumerate(frames):
+        save_png(frame, folder / f"frame_{i:03d}.png")
+        pil.append(Image.open(folder / f"frame_{i:03d}.png").convert("P"))
+    durations = [duration_ms] * (len(pil) - 1) + [duration_ms * 15]
+    pil[0].save(gif_path, save_all=True, append_images=pil[1:], duration=durations, loop=0)
+
+
+def save_loss_curve(history: Sequence[tuple[int, float]], path: str | Path,
+                    val_history: Sequence[tuple[int, float]] = ()) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if history:
+        steps, losses = zip(*history)
+        ax.plot(steps, losses, label="train")
+    if val_history:
+        steps, losses = zip(*val_history)
+        ax.plot(steps, losses, "o-", label="validation (EMA)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

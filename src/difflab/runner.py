@@ -1,0 +1,122 @@
+"""Stage plan and dispatch: what a run does, in which order, and where it writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.config import validate
+from difflab.errors import UserError
+from difflab.evaluate.visualize import save_loss_curve
+from difflab.sampling import generate, make_labels, write_samples
+from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
+
+log = logging.getLogger("difflab")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} was asked for but no CUDA GPU is visible: use device=cpu or device=auto.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name} is not a device: use auto, cpu, cuda or cuda:N.") from None
+
+
+def _writer(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    """Merge into metrics.json (atomically), so stages of one run add to one file."""
+    path = run_dir / "metrics.json"
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    current.update(metrics)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,
+                     writer=None, step: int = 0) -> dict:
+    if cfg.guidance.name == "cfg" and not model.trained_with_label_dropout:
+        raise UserError("guidance=cfg needs a model trained with label dropout: train it with guidance=cfg (guidance.p_uncond=0.1), or sample with guidance=none.")
+    n = cfg.sample.num_images
+    if n == 0:
+        return {}
+    labels = make_labels(cfg.sample.labels, n, model.num_classes, torch.Generator().manual_seed(cfg.seed))
+    result = generate(
+        lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0),
+        model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
+        gif_images=cfg.sample.gif_images if cfg.sample.gif else 0, gif_frames=cfg.sample.gif_frames,
+    )
+    return write_samples(result, run_dir / "samples", writer, step)
+
+
+def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    writer = _writer(run_dir)
+    stage = DiffusionStage(cfg, run_dir, device, writer)
+    writer.add_text("schedule/alpha_bar_T", f"{stage.process.alpha_bar_T:.6g}")
+    writer.add_scalar("schedule/alpha_bar_T", stage.process.alpha_bar_T, 0)
+    trainer, result = stage.fit()
+    trainer.save("last.pt")
+    save_loss_curve(result.loss_history, run_dir / "loss_curve.png", trainer.val_history)
+    metrics = {
+        "stage": "diffusion",
+        "final_loss": result.final_loss,
+        "best_val_loss": result.best_val_loss,
+        "steps": result.step,
+        "early_stopped": result.early_stopped,
+        "train_images_per_s": result.images_per_s,
+        "train_wall_time_s": result.wall_time_s,
+        "num_params": stage.num_params,
+        "alpha_bar_T": stage.process.alpha_bar_T,
+        "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
+        "resumed_from": result.resumed_from,
+    }
+    metrics.update(sample_and_write(stage.model(trainer), cfg, run_dir, device, writer, result.step))
+    writer.close()
+    return metrics
+
+
+def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    if not cfg.ckpt.model:
+        raise UserError("mode=sample needs a trained model: add ckpt=<run folder>/checkpoints/last.pt.")
+    model = load_diffusion_model(cfg.ckpt.model, device)
+    metrics = {"stage": "sample", "checkpoint": str(Path(cfg.ckpt.model).expanduser().resolve())}
+    metrics.update(sample_and_write(model, cfg, run_dir, device))
+    return metrics
+
+
+MODES = {"diffusion": run_diffusion, "sample": run_sample}
+
+
+def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
+    """Run what cfg.mode asks for in run_dir; returns the sweep objective (lower is better)."""
+    validate(cfg)
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    log.info("run folder %s, mode=%s, device=%s", run_dir, cfg.mode.name, device)
+    t0 = time.perf_counter()
+    metrics = MODES[cfg.mode.name](cfg, run_dir, device)
+    metrics["wall_time_s"] = time.perf_counter() - t0
+    write_metrics(run_dir, metrics)
+    log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+    return metrics.get("final_loss")

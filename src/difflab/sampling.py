@@ -1,0 +1,110 @@
+"""The sampling stage: labels, batches, and the files a user reads (samples.npz, grid.png,
+the denoising frames and GIF)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from difflab.data import to_uint8
+from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, respaced_timesteps, run_sampler
+from difflab.errors import UserError
+from difflab.evaluate.visualize import class_rows, save_denoising, save_png
+
+log = logging.getLogger("difflab.sample")
+
+
+def make_labels(spec: Any, n: int, num_classes: int, generator: torch.Generator) -> Optional[Tensor]:
+    """`balanced`: equal counts (within one), in class order; `uniform`: drawn at random;
+    a list: those labels, repeated to n."""
+    if num_classes == 0:
+        return None
+    if spec == "balanced":
+        return torch.arange(n) * num_classes // n
+    if spec == "uniform":
+        return torch.randint(0, num_classes, (n,), generator=generator)
+    if isinstance(spec, (list, tuple)) or hasattr(spec, "__iter__") and not isinstance(spec, str):
+        labels = torch.tensor([int(v) for v in spec], dtype=torch.long)
+        if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
+            raise UserError(f"sample.labels={list(spec)} must be non-empty class ids in 0..{num_classes - 1}: fix the list.")
+        return labels.repeat(-(-n // len(labels)))[:n]
+    raise UserError(f"sample.labels={spec!r} is not understood: use balanced, uniform or a list such as [3,3,7].")
+
+
+@dataclass
+class SampleResult:
+    images: Tensor  # uint8 N,C,H,W
+    labels: Optional[Tensor]
+    seconds: float
+    frames: list[Tensor]  # denoising strips of the first batch's first images
+
+
+def generate(
+    make_denoiser: Callable[[Optional[Tensor]], GuidedDenoiser],
+    process: GaussianDiffusion,
+    shape: tuple[int, int, int],
+    labels: Optional[Tensor],
+    n: int,
+    sampler_cfg,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    decode: Callable[[Tensor], Tensor] = lambda z: z,
+    gif_images: int = 0,
+    gif_frames: int = 25,
+) -> SampleResult:
+    """Sample n images in batches; `make_denoiser(y)` builds the guided denoiser for labels y.
+
+    Noise comes from a generator seeded by `seed`, so the same command gives the same images.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out, frames = [], []
+    t0 = time.perf_counter()
+    steps = len(respaced_timesteps(process.T, sampler_cfg.steps))
+    keep = set(np.linspace(0, steps - 1, min(gif_frames, steps)).round().astype(int).tolist())
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        y = None if labels is None else labels[start:start + b].to(device)
+        noise = torch.randn((b, *shape), generator=gen, device=device)
+
+        def record(i: int, x: Tensor, _x0: Tensor) -> None:
+            if i in keep:
+                frames.append(to_uint8(decode(x[:gif_images])).cpu())
+
+        x0 = run_sampler(sampler_cfg.name, make_denoiser(y), process, noise, sampler_cfg.steps,
+                         eta=sampler_cfg.eta, generator=gen,
+                         on_step=record if start == 0 and gif_images > 0 else None)
+        out.append(to_uint8(decode(x0)).cpu())
+    images = torch.cat(out)
+    return SampleResult(images, labels, time.perf_counter() - t0, frames)
+
+
+def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0) -> dict:
+    """samples.npz (images uint8 N,H,W,C; labels int64 N), grid.png, denoising frames + GIF."""
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = result.labels if result.labels is not None else torch.full((len(result.images),), -1)
+    np.savez_compressed(
+        folder / "samples.npz",
+        images=rearrange(result.images, "n c h w -> n h w c").numpy(),
+        labels=labels.numpy().astype(np.int64),
+    )
+    grid = class_rows(result.images, result.labels)
+    save_png(grid, folder / "grid.png")
+    if writer is not None:
+        writer.add_image("samples/grid", grid, step)
+    if result.frames:
+        strips = [make_grid(f, nrow=len(f), padding=2, pad_value=255) for f in result.frames]
+        save_denoising(strips, folder / "denoising", folder / "denoising.gif")
+    log.info("wrote %d samples to %s (%.1f images/s)", len(result.images), folder,
+             len(result.images) / max(result.seconds, 1e-9))
+    return {"num_images": len(result.images), "sampling_seconds": result.seconds,
+            "sampling_images_per_s": len(result.images) / max(result.seconds, 1e-9)}

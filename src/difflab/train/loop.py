@@ -1,0 +1,293 @@
+"""The training loop. It knows nothing of which stage it runs beyond the loss it is handed.
+
+Everything a resumed run needs (model, EMA, optimizer, LR schedule, grad scaler, RNG states,
+step, early-stopping window, best validation loss, loss history) goes into each checkpoint,
+and batches are a pure function of the step, so a run killed and resumed reaches the same
+weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from difflab.errors import UserError
+from difflab.train.checkpoint import atomic_save, load_checkpoint
+from difflab.train.ema import EMA
+
+log = logging.getLogger("difflab.train")
+
+LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar loss
+ValFn = Callable[[nn.Module], float]  # (eval model) -> validation loss
+ImageFn = Callable[[nn.Module, int], None]  # (eval model, step) -> logs a sample grid
+
+
+class StepBatches:
+    """Batch k of an endless stream of shuffled epochs, as a pure function of k (no state to
+    save for resume). Each epoch is a fresh permutation seeded by (seed, epoch)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size < batch_size:
+            raise UserError(f"The data set has {size} images, fewer than train.batch_size={batch_size}: lower train.batch_size.")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.per_epoch = size // batch_size
+        self._epoch, self._perm = -1, torch.empty(0)
+
+    def indices(self, step: int) -> Tensor:
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=gen)
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up, then constant or cosine annealing down to min_ratio * lr."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("train.precision=fp16 needs a CUDA device: use train.precision=bf16 or fp32 on the CPU.")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class EarlyStopper:
+    """Seed 001's criterion, corrected: keep the last `window` log-interval mean losses and stop
+    when the mean absolute change between consecutive entries falls below the threshold."""
+
+    def __init__(self, threshold: float, window: int, history: list[float] | None = None):
+        self.threshold, self.window = threshold, max(2, window)
+        self.history: list[float] = list(history or [])
+
+    def should_stop(self, window_mean: float) -> bool:
+        self.history = (self.history + [window_mean])[-self.window:]
+        if len(self.history) < self.window:
+            return False
+        diffs = [abs(b - a) for a, b in zip(self.history, self.history[1:])]
+        return sum(diffs) / len(diffs) < self.threshold
+
+
+@dataclass
+class TrainResult:
+    step: int
+    final_loss: float
+    best_val_loss: Optional[float]
+    images_per_s: float
+    wall_time_s: float
+    early_stopped: bool
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from: Optional[str] = None
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Owns the optimisation state of one stage and its checkpoints in `ckpt_dir`."""
+
+    def __init__(self, model: nn.Module, cfg, ckpt_dir: Path, device: torch.device, writer=None,
+                 extra_state: Optional[dict] = None):
+        self.cfg, self.device, self.writer = cfg, device, writer
+        self.model = model.to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ckpt_dir = Path(ckpt_dir)
+        self.extra_state = extra_state or {}  # e.g. the config and shapes, for loading later
+        fused = device.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+            **({"fused": True} if fused else {"foreach": True}),
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule, cfg.min_lr_ratio)
+        )
+        self.amp_dtype = resolve_precision(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.step = 0
+        self.best_val: Optional[float] = None
+        self.loss_history: list[tuple[int, float]] = []
+        self.val_history: list[tuple[int, float]] = []
+        self.stopper = EarlyStopper(cfg.early_stop.threshold, cfg.early_stop.window)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            **self.extra_state,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(self.device),
+            "best_val": self.best_val,
+            "early_stop": self.stopper.history,
+            "loss_history": [list(p) for p in self.loss_history],
+            "val_history": [list(p) for p in self.val_history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], self.device)
+        self.step = int(state["step"])
+        self.best_val = state["best_val"]
+        self.stopper.history = list(state["early_stop"])
+        self.loss_history = [(int(s), float(v)) for s, v in state["loss_history"]]
+        self.val_history = [(int(s), float(v)) for s, v in state["val_history"]]
+
+    def save(self, name: str) -> None:
+        atomic_save(self.state_dict(), self.ckpt_dir / name)
+
+    def _save_periodic(self) -> None:
+        self.save("last.pt")
+        self.save(f"step_{self.step:08d}.pt")
+        periodic = sorted(self.ckpt_dir.glob("step_*.pt"))
+        for old in periodic[: max(0, len(periodic) - self.cfg.keep_checkpoints)]:
+            old.unlink(missing_ok=True)
+
+    def maybe_resume(self, resume: Optional[str]) -> Optional[str]:
+        """`auto`: continue from this run's last.pt if there is one; a path: from that file."""
+        if not resume:
+            return None
+        path = self.ckpt_dir / "last.pt" if resume == "auto" else Path(resume).expanduser()
+        if resume == "auto" and not path.is_file():
+            log.info("train.resume=auto: no checkpoint in %s yet, starting from step 0", self.ckpt_dir)
+            return None
+        state = load_checkpoint(path, "checkpoint to resume from (train.resume)")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f"The checkpoint {path} does not match this run's model or stage ({type(e).__name__}): resume with the config it was trained with.") from None
+        log.info("resumed from %s at step %d", path, self.step)
+        return str(path)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self, loss_fn: LossFn, batch: Any) -> tuple[Tensor, Tensor]:
+        with self._autocast():
+            loss = loss_fn(self.forward_model, batch)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        )
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.step += 1
+        self.ema.update(self.model, self.step)
+        return loss.detach(), grad_norm.detach()
+
+    def _check_finite(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise UserError(
+                f"The training loss became {value} at step {self.step}; the last good checkpoint is kept in "
+                f"{self.ckpt_dir}: lower train.lr or set train.grad_clip, then resume with train.resume=auto."
+            )
+
+    def _scalar(self, tag: str, value: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, self.step)
+
+    def fit(self, loss_fn: LossFn, get_batch: Callable[[int], Any], batch_size: int,
+            val_fn: Optional[ValFn] = None, image_fn: Optional[ImageFn] = None) -> TrainResult:
+        cfg = self.cfg
+        start_step, t_start = self.step, time.perf_counter()
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_t0, last_loss, early = 0, time.perf_counter(), float("nan"), False
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, desc="train",
+                   dynamic_ncols=True, leave=False)
+        while self.step < cfg.max_steps:
+            loss, grad_norm = self._train_step(loss_fn, get_batch(self.step))
+            window_loss += loss
+            window_steps += 1
+            bar.update(1)
+            at_end = self.step == cfg.max_steps
+            if self.step % cfg.log_every == 0 or at_end:
+                last_loss = float(window_loss) / window_steps
+                self._check_finite(last_loss)
+                ips = window_steps * batch_size / (time.perf_counter() - window_t0)
+                self.loss_history.append((self.step, last_loss))
+                self._scalar("train/loss", last_loss)
+                self._scalar("train/lr", self.sched.get_last_lr()[0])
+                self._scalar("train/grad_norm", float(grad_norm))
+                self._scalar("train/images_per_s", ips)
+                self._scalar("train/ema_decay", self.ema.current_decay())
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
+                log.info("step %d loss %.5f lr %.2e grad_norm %.3f images/s %.1f", self.step, last_loss,
+                         self.sched.get_last_lr()[0], float(grad_norm), ips)
+                early = cfg.early_stop.enabled and self.stopper.should_stop(last_loss)
+                window_loss.zero_()
+                window_steps, window_t0 = 0, time.perf_counter()
+            if val_fn is not None and (self.step % cfg.val_every == 0 or at_end or early):
+                val = val_fn(self.ema.model)
+                self.val_history.append((self.step, val))
+                self._scalar("val/loss", val)
+                log.info("step %d validation loss (EMA weights) %.5f", self.step, val)
+                if self.best_val is None or val < self.best_val:
+                    self.best_val = val
+                    self.save("best.pt")
+            if image_fn is not None and cfg.image_every and (self.step % cfg.image_every == 0 or at_end):
+                image_fn(self.ema.model, self.step)
+                self.model.train()
+            if self.step % cfg.checkpoint_every == 0 or at_end or early:
+                self._check_finite(float(loss))  # NaN weights show up as a NaN loss
+                self._save_periodic()
+            if early:
+                log.info("early stopping at step %d: mean loss change below %g over the last %d intervals",
+                         self.step, cfg.early_stop.threshold, cfg.early_stop.window)
+                break
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        trained = self.step - start_step
+        return TrainResult(
+            step=self.step, final_loss=self.loss_history[-1][1] if self.loss_history else last_loss, best_val_loss=self.best_val,
+            images_per_s=trained * batch_size / elapsed if trained else 0.0, wall_time_s=elapsed,
+            early_stopped=early, loss_history=list(self.loss_history),
+        )
