@@ -10,7 +10,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from difflab.config import register_configs
-from difflab.errors import UserError
 from difflab.models import UNet, build_unet, count_parameters
 from difflab.models.layers import AttentionBlock
 
@@ -121,10 +120,14 @@ def test_zero_init_trains_through() -> None:
         assert p.grad.abs().sum() > 0
 
 
-def test_bad_image_size_names_the_fix() -> None:
-    with pytest.raises(ValueError, match=r"set dataset.image_size=32 or use fewer channel_mults") as err:
-        tiny(image_size=28, channel_mults=[1, 2, 2, 2])
-    assert isinstance(err.value, UserError)  # run.py prints it without a traceback
+def test_sizes_the_downsamplings_cannot_halve_are_padded() -> None:
+    """28x28 MNIST through the 3 down-samplings of ddpm_cifar: padded to 32 inside, 28 out,
+    with attention at the padded 16x16 level."""
+    model = tiny(image_size=28, channel_mults=[1, 2, 2, 2], attention_resolutions=[16])
+    assert model.pad == 4
+    assert any(isinstance(m, AttentionBlock) for m in model.down.modules())
+    x = torch.randn(2, 1, 28, 28)
+    assert model(x, torch.tensor([3, 500])).shape == x.shape
 
 
 def test_bad_norm_groups() -> None:

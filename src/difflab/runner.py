@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 from difflab.config import validate
 from difflab.errors import UserError
 from difflab.evaluate.visualize import class_rows, save_loss_curve
-from difflab.sampling import SampleResult, generate, make_labels, write_samples
-from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
+from difflab.sampling import sample_and_write, sample_images
+from difflab.train.stages import DiffusionStage, load_diffusion_model
 
 log = logging.getLogger("difflab")
 
@@ -46,26 +46,6 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, device: torch.device,
-                  gif: bool = False) -> SampleResult:
-    labels = make_labels(labels_spec, n, model.num_classes, torch.Generator().manual_seed(cfg.seed))
-    return generate(
-        lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0),
-        model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
-        gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
-    )
-
-
-def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,
-                     writer=None, step: int = 0) -> dict:
-    if cfg.guidance.name == "cfg" and not model.trained_with_label_dropout:
-        raise UserError("guidance=cfg needs a model trained with label dropout: train it with guidance=cfg (guidance.p_uncond=0.1), or sample with guidance=none.")
-    if cfg.sample.num_images == 0:
-        return {}
-    result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif)
-    return write_samples(result, run_dir / "samples", writer, step)
 
 
 def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:

@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -19,6 +19,11 @@ from difflab.data import to_uint8
 from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, respaced_timesteps, run_sampler
 from difflab.errors import UserError
 from difflab.evaluate.visualize import class_rows, save_denoising, save_png
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from difflab.train.stages import DiffusionModel
 
 log = logging.getLogger("difflab.sample")
 
@@ -45,7 +50,7 @@ class SampleResult:
     images: Tensor  # uint8 N,C,H,W
     labels: Optional[Tensor]
     seconds: float
-    frames: list[Tensor]  # denoising strips of the first batch's first images
+    frames: list[Tensor]  # denoising grids (x_t above x0_hat) of the first batch's first images
 
 
 def generate(
@@ -75,10 +80,12 @@ def generate(
         b = min(batch_size, n - start)
         y = None if labels is None else labels[start:start + b].to(device)
         noise = torch.randn((b, *shape), generator=gen, device=device)
+        shown = torch.linspace(0, b - 1, min(gif_images, b)).long()  # spread over the classes
 
-        def record(i: int, x: Tensor, _x0: Tensor) -> None:
-            if i in keep:
-                frames.append(to_uint8(decode(x[:gif_images])).cpu())
+        def record(i: int, x: Tensor, x0: Tensor) -> None:
+            if i in keep:  # top row x_t, bottom row the model's current guess of x0
+                both = torch.cat([x[shown], x0[shown]])
+                frames.append(make_grid(to_uint8(decode(both)).cpu(), nrow=len(both) // 2, padding=2, pad_value=255))
 
         x0 = run_sampler(sampler_cfg.name, make_denoiser(y), process, noise, sampler_cfg.steps,
                          eta=sampler_cfg.eta, generator=gen,
@@ -102,9 +109,28 @@ def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0
     if writer is not None:
         writer.add_image("samples/grid", grid, step)
     if result.frames:
-        strips = [make_grid(f, nrow=len(f), padding=2, pad_value=255) for f in result.frames]
-        save_denoising(strips, folder / "denoising", folder / "denoising.gif")
+        save_denoising(result.frames, folder / "denoising", folder / "denoising.gif")
     log.info("wrote %d samples to %s (%.1f images/s)", len(result.images), folder,
              len(result.images) / max(result.seconds, 1e-9))
     return {"num_images": len(result.images), "sampling_seconds": result.seconds,
             "sampling_images_per_s": len(result.images) / max(result.seconds, 1e-9)}
+
+
+def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, device: torch.device,
+                  gif: bool = False) -> SampleResult:
+    labels = make_labels(labels_spec, n, model.num_classes, torch.Generator().manual_seed(cfg.seed))
+    return generate(
+        lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0),
+        model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
+        gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
+    )
+
+
+def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,
+                     writer=None, step: int = 0) -> dict:
+    if cfg.guidance.name == "cfg" and not model.trained_with_label_dropout:
+        raise UserError("guidance=cfg needs a model trained with label dropout: train it with guidance=cfg (guidance.p_uncond=0.1), or sample with guidance=none.")
+    if cfg.sample.num_images == 0:
+        return {}
+    result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif)
+    return write_samples(result, run_dir / "samples", writer, step)

@@ -39,13 +39,13 @@ def save_png(grid: Tensor, path: str | Path, min_size: int = 256) -> None:
 
 
 def save_denoising(frames: Sequence[Tensor], folder: str | Path, gif_path: str | Path, duration_ms: int = 120) -> None:
-    """Each frame is a uint8 C,H,W strip; writes frame_XXX.png files and an animated GIF whose
+    """Each frame is a uint8 C,H,W grid; writes frame_XXX.png files and an animated GIF whose
     last frame (the result) is held longer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pil = []
     for i, frame in enumerate(frames):
-        save_png(frame, folder / f"frame_{i:03d}.png")
+        save_png(frame, folder / f"frame_{i:03d}.png", min_size=512)
         pil.append(Image.open(folder / f"frame_{i:03d}.png").convert("P"))
     durations = [duration_ms] * (len(pil) - 1) + [duration_ms * 15]
     pil[0].save(gif_path, save_all=True, append_images=pil[1:], duration=durations, loop=0)

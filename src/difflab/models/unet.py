@@ -30,16 +30,10 @@ from difflab.models.layers import (
 )
 
 
-def check_image_size(image_size: int, num_levels: int) -> None:
-    """Every Downsample halves the feature map and the up path must retrace it exactly."""
+def padded_size(image_size: int, num_levels: int) -> int:
+    """The smallest size >= image_size that every Downsample can halve and the up path retrace."""
     factor = 2 ** (num_levels - 1)
-    if image_size % factor:
-        fixed = math.ceil(image_size / factor) * factor
-        raise ModelConfigError(
-            f"image_size {image_size} is not divisible by {factor}, which the UNet's {num_levels - 1} "
-            f"down-samplings (one fewer than the {num_levels} unet.channel_mults) need; "
-            f"set dataset.image_size={fixed} or use fewer channel_mults"
-        )
+    return math.ceil(image_size / factor) * factor
 
 
 class UNet(nn.Module):
@@ -55,7 +49,11 @@ class UNet(nn.Module):
                  dropout: float = 0.0, norm_groups: int = 32, num_classes: int = 0,
                  out_channels: int | None = None):
         super().__init__()
-        check_image_size(image_size, len(channel_mults))
+        # Sizes the down-samplings cannot halve (28 with three of them) are zero-padded on the
+        # bottom/right and the output cropped back, so any network runs on any data set.
+        self.image_size = image_size
+        self.pad = padded_size(image_size, len(channel_mults)) - image_size
+        image_size += self.pad
         check_norm_groups([channels * m for m in channel_mults] + [channels], norm_groups)
         sizes = [image_size // 2**level for level in range(len(channel_mults))]
         unused = sorted(set(attention_resolutions) - set(sizes))
@@ -120,6 +118,8 @@ class UNet(nn.Module):
             raise ValueError("this UNet was built with num_classes=0 (unconditional), so y must be None")
         emb = F.silu(emb)  # once here instead of in every ResBlock
 
+        if self.pad:
+            x = F.pad(x, (0, self.pad, 0, self.pad))
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
@@ -128,7 +128,8 @@ class UNet(nn.Module):
         h = self.middle(h, emb)
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+        h = self.out(h)
+        return h[..., : self.image_size, : self.image_size] if self.pad else h
 
 
 def build_unet(cfg, in_channels: int, image_size: int, num_classes: int) -> UNet:

@@ -1,0 +1,134 @@
+"""The training loop's parts: EMA, LR schedule, batches, early stopping, the NaN guard and
+atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from difflab.config import TrainConfig
+from difflab.errors import UserError
+from difflab.train.checkpoint import atomic_save, load_checkpoint
+from difflab.train.ema import EMA
+from difflab.train.loop import EarlyStopper, StepBatches, Trainer, lr_lambda
+
+
+def test_ema_formula_start_and_warmup():
+    model = nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.9, update_every=1, start=2, warmup=False)
+    model.weight.data.fill_(1.0)
+    ema.update(model, step=1)  # before start: a plain copy
+    assert ema.model.weight.item() == 1.0
+    model.weight.data.fill_(3.0)
+    ema.update(model, step=3)
+    assert ema.model.weight.item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+    warm = EMA(model, decay=0.999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.0)  # 1 - 1^(-3/4)
+    warm.num_updates = 99
+    assert warm.current_decay() == pytest.approx(1 - 100 ** -0.75)
+    warm.num_updates = 10**9
+    assert warm.current_decay() == 0.999
+
+
+def test_ema_update_every():
+    model = nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.5, update_every=2, warmup=False)
+    before = ema.model.weight.item()
+    model.weight.data.add_(1.0)
+    ema.update(model, step=1)
+    assert ema.model.weight.item() == before
+    ema.update(model, step=2)
+    assert ema.model.weight.item() == pytest.approx(0.5 * before + 0.5 * model.weight.item())
+
+
+def test_lr_warmup_then_cosine():
+    f = lr_lambda(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert lr_lambda(10, 110, "constant", 0.1)(80) == 1.0
+
+
+def test_batches_are_a_function_of_the_step():
+    a, b = StepBatches(100, 32, seed=3), StepBatches(100, 32, seed=3)
+    epoch = torch.cat([a.indices(s) for s in range(3)])
+    assert len(set(epoch.tolist())) == 96  # no repeats within an epoch
+    assert torch.equal(b.indices(4), a.indices(4)) and torch.equal(b.indices(1), a.indices(1))
+    assert not torch.equal(a.indices(0), a.indices(3))  # a new permutation each epoch
+    with pytest.raises(UserError, match="train.batch_size"):
+        StepBatches(10, 32, seed=0)
+
+
+def test_early_stopping_uses_mean_of_the_differences():
+    stopper = EarlyStopper(threshold=0.01, window=4)
+    assert not any(stopper.should_stop(v) for v in (1.0, 0.9, 0.8))
+    assert not stopper.should_stop(0.7)  # mean |diff| = 0.1
+    stopper = EarlyStopper(threshold=0.01, window=4)
+    results = [stopper.should_stop(v) for v in (0.5, 0.505, 0.5, 0.505)]
+    assert results == [False, False, False, True]  # 3 diffs of 0.005, divided by 3 (not 4)
+    # differences 0.01, 0.01, 0.0025: their mean 0.0075 is above 0.0065, so no stop; the seed's
+    # division by the window (4) would give 0.0056 and stop too early
+    stopper = EarlyStopper(threshold=0.0065, window=4)
+    assert not [stopper.should_stop(v) for v in (0.5, 0.51, 0.5, 0.5025)][-1]
+
+
+def _trainer(tmp_path: Path, **overrides) -> Trainer:
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"progress": False, "log_every": 1,
+                                                              "checkpoint_every": 2, **overrides})
+    torch.manual_seed(0)
+    return Trainer(nn.Linear(2, 1), cfg, tmp_path / "ckpt", torch.device("cpu"), extra_state={"config": {}})
+
+
+def test_loss_falls_on_a_toy_problem(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=200, lr=0.05, warmup_steps=1)
+    x = torch.randn(256, 2)
+    target = x @ torch.tensor([[2.0], [-1.0]])
+    loss = lambda model, idx: ((model(x[idx]) - target[idx]) ** 2).mean()  # noqa: E731
+    batches = StepBatches(256, 32, seed=0)
+    result = trainer.fit(loss, batches.indices, 32)
+    assert result.step == 200
+    assert result.loss_history[-1][1] < 0.01 * result.loss_history[0][1]
+    assert (tmp_path / "ckpt" / "last.pt").is_file()
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=10, lr=0.01)
+    x = torch.randn(8, 2)
+
+    def loss(model, step):
+        value = model(x).pow(2).mean()
+        return value * float("nan") if step >= 5 else value
+
+    with pytest.raises(UserError, match="step 6.*train.resume=auto"):
+        trainer.fit(loss, lambda s: s, 8)
+    good = load_checkpoint(tmp_path / "ckpt" / "last.pt")
+    assert good["step"] == 4
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"config": {}, "step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_save({"config": {}, "step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+
+
+def test_corrupt_checkpoint_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(bad)
