@@ -48,6 +48,12 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_loss_csv(path: Path, train: list, val: list) -> None:
+    """step,split,loss rows: the curves a sweep comparison overlays without reading TensorBoard."""
+    rows = [f"{s},train,{v:.6g}" for s, v in train] + [f"{s},val,{v:.6g}" for s, v in val]
+    path.write_text("step,split,loss\n" + "\n".join(rows) + "\n")
+
+
 def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     writer = _writer(run_dir)
     stage = DiffusionStage(cfg, run_dir, device, writer)
@@ -61,6 +67,7 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     trainer, result = stage.fit(grid_to_tensorboard)
     trainer.save("last.pt")
     save_loss_curve(result.loss_history, run_dir / "loss_curve.png", trainer.val_history)
+    write_loss_csv(run_dir / "losses.csv", result.loss_history, trainer.val_history)
     metrics = {
         "stage": "diffusion",
         "final_loss": result.final_loss,

@@ -31,7 +31,7 @@ def class_rows(images: Tensor, labels: Optional[Tensor], per_row: int = 10, max_
 def save_png(grid: Tensor, path: str | Path, min_size: int = 256) -> None:
     """Write a uint8 C,H,W grid; small grids are enlarged (nearest) so they are readable."""
     img = Image.fromarray(rearrange(grid, "c h w -> h w c").squeeze(-1).cpu().numpy())
-    scale = max(1, min_size // max(img.size))
+    scale = max(1, -(-min_size // max(img.size)))  # ceil
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ def save_denoising(frames: Sequence[Tensor], folder: str | Path, gif_path: str |
     folder.mkdir(parents=True, exist_ok=True)
     pil = []
     for i, frame in enumerate(frames):
-        save_png(frame, folder / f"frame_{i:03d}.png", min_size=512)
+        save_png(frame, folder / f"frame_{i:03d}.png", min_size=1024)
         pil.append(Image.open(folder / f"frame_{i:03d}.png").convert("P"))
     durations = [duration_ms] * (len(pil) - 1) + [duration_ms * 15]
     pil[0].save(gif_path, save_all=True, append_images=pil[1:], duration=durations, loop=0)
