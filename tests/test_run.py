@@ -136,3 +136,36 @@ def test_empty_image_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     _assert_clean_error(run_py("dataset=folder", f"dataset.root={tmp_path}/empty", f"paths.cache_dir={tmp_path}/c",
                                f"hydra.run.dir={tmp_path}/out"), "error:")
+
+
+def test_sampling_only_change_reuses_the_trained_model(tmp_path, shapes_dir):
+    """Same training settings, another sampler: no training, the cached model is used (asserted
+    from the run's own metrics.json and log); a changed training setting trains anew."""
+    base = tiny_overrides(shapes_dir, tmp_path / "cache")
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    assert run_py(*base, f"hydra.run.dir={first}").returncode == 0
+    proc = run_py(*base, "sampler=ddpm", "sampler.steps=3", f"hydra.run.dir={second}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m1, m2 = read_metrics(first), read_metrics(second)
+    assert m1["trained"] is True and m2["trained"] is False
+    assert m2["artifact_key"] == m1["artifact_key"] and m2["final_loss"] == m1["final_loss"]
+    assert not (second / "checkpoints").exists()
+    assert "reusing the diffusion model" in (second / "train.log").read_text()
+    assert (second / "samples" / "samples.npz").is_file()
+    assert run_py(*base, "train.lr=5e-4", f"hydra.run.dir={third}").returncode == 0
+    assert read_metrics(third)["trained"] is True and read_metrics(third)["artifact_key"] != m1["artifact_key"]
+
+
+def test_concurrent_runs_train_a_shared_model_once(tmp_path, shapes_dir):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    base = tiny_overrides(shapes_dir, tmp_path / "cache")
+    procs = [subprocess.Popen([sys.executable, str(REPO / "run.py"), *base, f"sample.num_images={n}",
+                               f"hydra.run.dir={tmp_path / str(n)}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for n in (4, 6)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    trained = [read_metrics(tmp_path / str(n))["trained"] for n in (4, 6)]
+    assert sorted(trained) == [False, True]

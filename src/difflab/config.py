@@ -126,6 +126,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # periodic step_*.pt files kept besides last.pt and best.pt
     resume: Optional[str] = None  # null | auto | PATH
+    reuse: bool = True  # take the model from the artifact cache when one was trained with the same settings
     progress: bool = True
 
 

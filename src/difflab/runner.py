@@ -12,11 +12,12 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
+from difflab.artifacts import ArtifactCache, diffusion_settings, settings_key
 from difflab.config import validate
 from difflab.errors import UserError
 from difflab.evaluate.visualize import class_rows, save_loss_curve
 from difflab.sampling import sample_and_write, sample_images
-from difflab.train.stages import DiffusionStage, load_diffusion_model
+from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
 
 log = logging.getLogger("difflab")
 
@@ -54,8 +55,7 @@ def write_loss_csv(path: Path, train: list, val: list) -> None:
     path.write_text("step,split,loss\n" + "\n".join(rows) + "\n")
 
 
-def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    writer = _writer(run_dir)
+def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer) -> tuple[dict, DiffusionModel]:
     stage = DiffusionStage(cfg, run_dir, device, writer)
     writer.add_text("schedule/alpha_bar_T", f"{stage.process.alpha_bar_T:.6g}")
     writer.add_scalar("schedule/alpha_bar_T", stage.process.alpha_bar_T, 0)
@@ -69,7 +69,6 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     save_loss_curve(result.loss_history, run_dir / "loss_curve.png", trainer.val_history)
     write_loss_csv(run_dir / "losses.csv", result.loss_history, trainer.val_history)
     metrics = {
-        "stage": "diffusion",
         "final_loss": result.final_loss,
         "best_val_loss": result.best_val_loss,
         "steps": result.step,
@@ -81,7 +80,31 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
         "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
         "resumed_from": result.resumed_from,
     }
-    metrics.update(sample_and_write(stage.model(trainer.ema.model), cfg, run_dir, device, writer, result.step))
+    return metrics, stage.model(trainer.ema.model)
+
+
+def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    """Train (or take from the artifact cache) the diffusion model, then sample from it."""
+    cache, settings = ArtifactCache(cfg.paths.cache_dir), diffusion_settings(cfg)
+    key = settings_key(settings)
+    writer = _writer(run_dir)
+    # The lock makes parallel sweep jobs that need the same model wait for the one training it.
+    with cache.lock("diffusion", key):
+        cached = cache.find("diffusion", key) if cfg.train.reuse and not cfg.train.resume else None
+        if cached is not None:
+            record = cache.record("diffusion", key)
+            log.info("reusing the diffusion model trained with these settings by %s (%s); train.reuse=false trains anew",
+                     record["run_dir"], cached)
+            model = load_diffusion_model(str(cached), device)
+            metrics = {**record["metrics"], "trained": False, "checkpoint": str(cached)}
+        else:
+            metrics, model = train_diffusion(cfg, run_dir, device, writer)
+            stored = cache.store("diffusion", key, run_dir / "checkpoints" / "last.pt",
+                                 {"metrics": metrics, "run_dir": str(run_dir), "settings": settings})
+            log.info("stored the trained model in the artifact cache: %s", stored)
+            metrics["trained"] = True
+    metrics.update({"stage": "diffusion", "artifact_key": key})
+    metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"]))
     writer.close()
     return metrics
 
