@@ -51,6 +51,21 @@ def test_tensorboard_has_scalars_and_images(trained):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/loss"} <= scalars
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
     assert "samples/grid" in acc.Tags()["images"]
+    assert acc.Scalars("final/final_loss")[0].value > 0
+
+
+def test_hparams_view_is_in_the_runs_own_folder(trained):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(trained / "tb"))
+    mux.Reload()
+    assert list(mux.Runs()) == ["."]  # no stray sub-run
+    content = mux.PluginRunToTagToContent("hparams")["."]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["train.max_steps"].number_value == 6
+    assert start.session_start_info.hparams["dataset"].string_value == "folder"
 
 
 def test_samples_npz_format(trained):

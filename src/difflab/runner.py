@@ -16,6 +16,7 @@ from difflab.artifacts import ArtifactCache, diffusion_settings, settings_key
 from difflab.config import validate
 from difflab.errors import UserError
 from difflab.evaluate.visualize import class_rows, save_loss_curve
+from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
 from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
 
@@ -124,10 +125,12 @@ MODES = {"diffusion": run_diffusion, "sample": run_sample}
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     """Run what cfg.mode asks for in run_dir; returns the sweep objective (lower is better)."""
     validate(cfg)
+    overrides: list[str] = []
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        overrides = list(HydraConfig.get().overrides.task)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
@@ -137,5 +140,6 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     metrics = MODES[cfg.mode.name](cfg, run_dir, device)
     metrics["wall_time_s"] = time.perf_counter() - t0
     write_metrics(run_dir, metrics)
+    write_hparams(run_dir / "tb", overrides_to_hparams(overrides), metrics)
     log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
     return metrics.get("final_loss")
