@@ -184,3 +184,12 @@ def test_concurrent_runs_train_a_shared_model_once(tmp_path, shapes_dir):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     trained = [read_metrics(tmp_path / str(n))["trained"] for n in (4, 6)]
     assert sorted(trained) == [False, True]
+
+
+def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path, shapes_dir):
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "train.precision=bf16", "train.channels_last=true",
+                  "objective.prediction=eps", "objective.loss=l1", "schedule=dns", "sampler=dpmpp_2m",
+                  f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(tmp_path / "run")
+    assert m["steps"] == 6 and np.isfinite(m["final_loss"])
