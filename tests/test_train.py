@@ -132,3 +132,17 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="corrupt"):
         load_checkpoint(bad)
+
+
+def test_precision_resolution(monkeypatch):
+    import difflab.train.loop as loop
+
+    cpu = torch.device("cpu")
+    assert loop.resolve_precision("fp32", cpu) is None
+    assert loop.resolve_precision("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert loop.resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    assert loop.resolve_precision("auto", cpu) is None
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        loop.resolve_precision("fp16", cpu)

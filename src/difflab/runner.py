@@ -77,6 +77,7 @@ def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer
         "train_images_per_s": result.images_per_s,
         "train_wall_time_s": result.wall_time_s,
         "num_params": stage.num_params,
+        "precision": str(trainer.amp_dtype or torch.float32).removeprefix("torch."),
         "alpha_bar_T": stage.process.alpha_bar_T,
         "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
         "resumed_from": result.resumed_from,
