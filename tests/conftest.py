@@ -45,6 +45,7 @@ def tiny_overrides(data_dir: Path, cache_dir: Path) -> list[str]:
         "train.max_steps=6", "train.batch_size=8", "train.log_every=2", "train.val_every=3",
         "train.checkpoint_every=3", "train.image_every=3", "train.warmup_steps=2", "train.progress=false",
         "sample.num_images=8", "sample.batch_size=4", "sample.gif_images=2", "sample.gif_frames=3",
+        "classifier.channels=16", "classifier.norm_groups=8", "classifier.max_steps=6", "classifier.batch_size=8",
         f"paths.cache_dir={cache_dir}", "device=cpu",
     ]
 

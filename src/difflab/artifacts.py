@@ -25,25 +25,61 @@ OBSERVATION_KEYS = ("resume", "progress", "log_every", "val_every", "val_batches
                     "checkpoint_every", "keep_checkpoints", "threads", "reuse", "compile")
 
 
-def diffusion_settings(cfg: DictConfig) -> dict:
-    """Everything that determines a trained diffusion model, and nothing that only affects
-    sampling (sampler, guidance scale, sample.*, eval.*) or bookkeeping."""
+def _dataset_settings(cfg: DictConfig) -> dict:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.pop("val_size")
     dataset.pop("download")
     if dataset["name"] != "folder":
         dataset.pop("root")  # the standard data sets are the same bytes wherever they are read from
-    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OBSERVATION_KEYS}
+    return dataset
+
+
+def _train_settings(train: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(train, resolve=True).items() if k not in OBSERVATION_KEYS}
+
+
+def diffusion_settings(cfg: DictConfig) -> dict:
+    """Everything that determines a trained diffusion model, and nothing that only affects
+    sampling (sampler, guidance scale, sample.*, eval.*) or bookkeeping."""
     return {
-        "dataset": dataset,
+        "dataset": _dataset_settings(cfg),
         "autoencoder": OmegaConf.to_container(cfg.autoencoder, resolve=True),
         "unet": OmegaConf.to_container(cfg.unet, resolve=True),
         "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
         "objective": OmegaConf.to_container(cfg.objective, resolve=True),
         "label_dropout": cfg.guidance.p_uncond if cfg.guidance.name == "cfg" else 0.0,
-        "train": train,
+        "train": _train_settings(cfg.train),
         "seed": cfg.seed,
     }
+
+
+# classifier.* keys that change how the classifier is used or reported, not the weights it ends with.
+CLASSIFIER_USE_KEYS = ("weight", "accuracy_bands", "max_steps", "batch_size", "lr")
+
+
+def classifier_settings(cfg: DictConfig) -> dict:
+    """Everything that determines a classifier trained by mode=classifier: the data it sees,
+    the schedule that noises it, its network and its training (classifier.{max_steps,...}
+    replace the train block's)."""
+    from difflab.train.classifier_stages import classifier_train_cfg
+
+    network = {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items()
+               if k not in CLASSIFIER_USE_KEYS}
+    return {
+        "dataset": _dataset_settings(cfg),
+        "autoencoder": OmegaConf.to_container(cfg.autoencoder, resolve=True),
+        "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
+        "classifier": network,
+        "train": _train_settings(classifier_train_cfg(cfg)),
+        "seed": cfg.seed,
+    }
+
+
+def joint_settings(cfg: DictConfig) -> dict:
+    """A joint model is the diffusion model's settings plus the classifier's network and weight."""
+    network = {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items()
+               if k not in ("accuracy_bands", "max_steps", "batch_size", "lr")}
+    return {**diffusion_settings(cfg), "classifier": network}
 
 
 FORMAT_VERSION = 1  # bump when a change to the code makes stored weights unusable

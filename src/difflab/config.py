@@ -131,6 +131,29 @@ class TrainConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """The noise-aware classifier p(y | x_t, t) of classifier guidance: an encoder-half UNet.
+
+    mode=classifier (and a guidance=classifier run looking it up in the artifact cache) trains it
+    with the train block, except for its own max_steps, batch_size and lr below; mode=joint trains
+    it beside the diffusion model with the train block and loss = diffusion + weight * CE.
+    """
+
+    channels: int = 32
+    channel_mults: List[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    attention_resolutions: List[int] = field(default_factory=list)
+    head_channels: int = 32
+    dropout: float = 0.0
+    norm_groups: int = 32
+    max_steps: int = 800
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight: float = 1.0  # mode=joint: classifier_weight in loss = diffusion + weight * classifier
+    accuracy_bands: int = 10  # accuracy reported per band of t (0..T split evenly)
+
+
+@dataclass
 class SampleConfig:
     num_images: int = 100
     batch_size: int = 250
@@ -169,6 +192,7 @@ class Config:
     mode: ModeConfig = MISSING
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
@@ -193,8 +217,8 @@ CHOICES = {
     "autoencoder.name": ("none",),
     "schedule.name": ("linear", "cosine", "dns"),
     "sampler.name": ("ddpm", "ddim", "dpmpp_2m"),
-    "guidance.name": ("none", "cfg"),
-    "mode.name": ("diffusion", "sample"),
+    "guidance.name": ("none", "classifier", "cfg"),
+    "mode.name": ("diffusion", "classifier", "joint", "sample"),
     "objective.prediction": ("eps", "x0", "v"),
     "objective.loss": ("l2", "l1"),
     "train.lr_schedule": ("cosine", "constant"),
@@ -203,7 +227,7 @@ CHOICES = {
 
 POSITIVE = ("train.max_steps", "train.batch_size", "train.log_every", "train.val_every",
             "train.checkpoint_every", "sample.batch_size", "dataset.image_size", "dataset.channels",
-            "schedule.T")
+            "schedule.T", "classifier.max_steps", "classifier.batch_size", "classifier.accuracy_bands")
 
 
 def validate(cfg) -> None:
@@ -222,6 +246,10 @@ def validate(cfg) -> None:
             raise UserError(f"{key}={value} must be positive: set it to a number above 0.")
     if cfg.train.lr <= 0:
         raise UserError(f"train.lr={cfg.train.lr} must be positive: use e.g. train.lr=2e-4.")
+    if cfg.guidance.scale < 0:
+        raise UserError(f"guidance.scale={cfg.guidance.scale} must be 0 or more: 0 is unguided, try 1 to 5.")
+    if cfg.classifier.lr <= 0 or cfg.classifier.weight < 0:
+        raise UserError("classifier.lr must be positive and classifier.weight 0 or more: use e.g. classifier.lr=2e-3 classifier.weight=1.")
     if not 0 <= cfg.guidance.p_uncond < 1:
         raise UserError(f"guidance.p_uncond={cfg.guidance.p_uncond} must be in [0, 1): use 0.1.")
     if cfg.sample.num_images < 0:

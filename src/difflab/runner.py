@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from difflab.artifacts import ArtifactCache, diffusion_settings, settings_key
+from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, settings_key
 from difflab.config import validate
 from difflab.errors import UserError
-from difflab.evaluate.visualize import class_rows, save_loss_curve
+from difflab.evaluate.visualize import class_rows, save_accuracy_curve, save_loss_curve
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
+from difflab.train.classifier_stages import ClassifierStage, JointStage, accuracy_by_band, load_classifier
 from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
 
 log = logging.getLogger("difflab")
@@ -57,7 +58,8 @@ def write_loss_csv(path: Path, train: list, val: list) -> None:
 
 
 def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer) -> tuple[dict, DiffusionModel]:
-    stage = DiffusionStage(cfg, run_dir, device, writer)
+    """Train the diffusion model (mode=joint: with the classifier beside it)."""
+    stage = (JointStage if cfg.mode.name == "joint" else DiffusionStage)(cfg, run_dir, device, writer)
     writer.add_text("schedule/alpha_bar_T", f"{stage.process.alpha_bar_T:.6g}")
     writer.add_scalar("schedule/alpha_bar_T", stage.process.alpha_bar_T, 0)
 
@@ -82,33 +84,121 @@ def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer
         "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
         "resumed_from": result.resumed_from,
     }
-    return metrics, stage.model(trainer.ema.model)
+    ema = trainer.ema.model
+    if isinstance(stage, JointStage):
+        metrics["classifier_accuracy_by_t"] = report_accuracy(
+            accuracy_by_band(stage, ema.classifier, cfg.classifier.accuracy_bands), run_dir, writer)
+        ema = ema.unet
+    return metrics, stage.model(ema)
 
 
 def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    """Train (or take from the artifact cache) the diffusion model, then sample from it."""
-    cache, settings = ArtifactCache(cfg.paths.cache_dir), diffusion_settings(cfg)
+    """Train (or take from the artifact cache) the diffusion model, then sample from it.
+    mode=joint does the same for the diffusion model and classifier trained together."""
+    joint = cfg.mode.name == "joint"
+    stage_name = "joint" if joint else "diffusion"
+    cache, settings = ArtifactCache(cfg.paths.cache_dir), (joint_settings if joint else diffusion_settings)(cfg)
     key = settings_key(settings)
     writer = _writer(run_dir)
     # The lock makes parallel sweep jobs that need the same model wait for the one training it.
-    with cache.lock("diffusion", key):
-        cached = cache.find("diffusion", key) if cfg.train.reuse and not cfg.train.resume else None
+    with cache.lock(stage_name, key):
+        cached = cache.find(stage_name, key) if cfg.train.reuse and not cfg.train.resume else None
         if cached is not None:
-            record = cache.record("diffusion", key)
-            log.info("reusing the diffusion model trained with these settings by %s (%s); train.reuse=false trains anew",
-                     record["run_dir"], cached)
+            record = cache.record(stage_name, key)
+            log.info("reusing the %s model trained with these settings by %s (%s); train.reuse=false trains anew",
+                     stage_name, record["run_dir"], cached)
             model = load_diffusion_model(str(cached), device)
             metrics = {**record["metrics"], "trained": False, "checkpoint": str(cached)}
         else:
             metrics, model = train_diffusion(cfg, run_dir, device, writer)
-            stored = cache.store("diffusion", key, run_dir / "checkpoints" / "last.pt",
+            stored = cache.store(stage_name, key, run_dir / "checkpoints" / "last.pt",
                                  {"metrics": metrics, "run_dir": str(run_dir), "settings": settings})
             log.info("stored the trained model in the artifact cache: %s", stored)
             metrics["trained"] = True
-    metrics.update({"stage": "diffusion", "artifact_key": key})
-    metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"]))
+    metrics.update({"stage": stage_name, "artifact_key": key})
+    own_classifier = metrics["checkpoint"] if joint else None
+    metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"],
+                                    guidance_classifier(cfg, model, device, own_classifier)))
     writer.close()
     return metrics
+
+
+def report_accuracy(by_band: dict[str, float], run_dir: Path, writer) -> dict[str, float]:
+    """Classifier accuracy per band of t to TensorBoard and a PNG; returned for metrics.json."""
+    for band, acc in by_band.items():
+        if "-" in band:  # the x axis is t; the clean accuracy is logged on its own
+            writer.add_scalar("classifier/accuracy_by_t", acc, int(band.split("-")[0]))
+    if "t=0" in by_band:
+        writer.add_scalar("classifier/accuracy_clean", by_band["t=0"], 0)
+    save_accuracy_curve(by_band, run_dir / "classifier_accuracy.png")
+    log.info("classifier accuracy by t: %s", ", ".join(f"{b}: {a:.3f}" for b, a in by_band.items()))
+    return by_band
+
+
+def run_classifier(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    """Train (or take from the artifact cache) the noise-aware classifier of classifier guidance."""
+    cache, settings = ArtifactCache(cfg.paths.cache_dir), classifier_settings(cfg)
+    key = settings_key(settings)
+    with cache.lock("classifier", key):
+        cached = cache.find("classifier", key) if cfg.train.reuse and not cfg.train.resume else None
+        if cached is not None:
+            record = cache.record("classifier", key)
+            log.info("reusing the classifier trained with these settings by %s (%s); train.reuse=false trains anew",
+                     record["run_dir"], cached)
+            return {**record["metrics"], "trained": False, "checkpoint": str(cached), "artifact_key": key}
+        writer = _writer(run_dir)
+        stage = ClassifierStage(cfg, run_dir, device, writer)
+        trainer, result = stage.fit()
+        trainer.save("last.pt")
+        save_loss_curve(result.loss_history, run_dir / "loss_curve.png", trainer.val_history)
+        write_loss_csv(run_dir / "losses.csv", result.loss_history, trainer.val_history)
+        by_band = report_accuracy(accuracy_by_band(stage, trainer.ema.model, cfg.classifier.accuracy_bands),
+                                  run_dir, writer)
+        writer.close()
+        metrics = {
+            "stage": "classifier",
+            "final_loss": result.final_loss,
+            "best_val_loss": result.best_val_loss,
+            "steps": result.step,
+            "train_images_per_s": result.images_per_s,
+            "train_wall_time_s": result.wall_time_s,
+            "num_params": stage.num_params,
+            "classifier_accuracy_by_t": by_band,
+            "classifier_accuracy_clean": by_band.get("t=0"),
+            "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
+            "resumed_from": result.resumed_from,
+        }
+        stored = cache.store("classifier", key, run_dir / "checkpoints" / "last.pt",
+                             {"metrics": metrics, "run_dir": str(run_dir), "settings": settings})
+        log.info("stored the trained classifier in the artifact cache: %s", stored)
+    return {**metrics, "trained": True, "artifact_key": key}
+
+
+def guidance_classifier(cfg: DictConfig, model: DiffusionModel, device: torch.device,
+                        own: Optional[str] = None) -> Optional[torch.nn.Module]:
+    """The classifier for guidance=classifier: ckpt.classifier, else the run's own (mode=joint or
+    a joint checkpoint), else one trained by mode=classifier with the model's data and schedule
+    (artifact cache). None for other guidance; a UserError naming the fix when there is none."""
+    if cfg.guidance.name != "classifier":
+        return None
+    path = cfg.ckpt.classifier or own
+    if path is None and cfg.mode.name == "sample" and model.cfg.mode.name == "joint":
+        path = cfg.ckpt.model  # a joint checkpoint carries its classifier
+    if path is None:
+        lookup = OmegaConf.merge(model.cfg, {"classifier": cfg.classifier, "seed": cfg.seed,
+                                             "paths": cfg.paths})
+        found = ArtifactCache(cfg.paths.cache_dir).find("classifier", settings_key(classifier_settings(lookup)))
+        if found is None:
+            raise UserError("guidance=classifier needs a noise-aware classifier for this data set and schedule and none "
+                            "was found: train one with `python run.py mode=classifier` and the same dataset/schedule "
+                            "settings, use mode=joint, or pass ckpt.classifier=PATH.")
+        path = str(found)
+        log.info("classifier guidance with the cached classifier %s", path)
+    classifier, _, meta = load_classifier(path, device)
+    if tuple(meta["shape"]) != tuple(model.shape):
+        raise UserError(f"The classifier {path} reads inputs of shape {tuple(meta['shape'])} but the model "
+                        f"denoises {tuple(model.shape)}: use a classifier trained on the same data (and autoencoder).")
+    return classifier
 
 
 def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
@@ -116,11 +206,11 @@ def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
         raise UserError("mode=sample needs a trained model: add ckpt=<run folder>/checkpoints/last.pt.")
     model = load_diffusion_model(cfg.ckpt.model, device)
     metrics = {"stage": "sample", "checkpoint": str(Path(cfg.ckpt.model).expanduser().resolve())}
-    metrics.update(sample_and_write(model, cfg, run_dir, device))
+    metrics.update(sample_and_write(model, cfg, run_dir, device, classifier=guidance_classifier(cfg, model, device)))
     return metrics
 
 
-MODES = {"diffusion": run_diffusion, "sample": run_sample}
+MODES = {"diffusion": run_diffusion, "joint": run_diffusion, "classifier": run_classifier, "sample": run_sample}
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:

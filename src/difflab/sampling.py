@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from difflab.data import to_uint8
+from difflab.data import to_model_range, to_uint8
 from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, respaced_timesteps, run_sampler
 from difflab.errors import UserError
 from difflab.evaluate.visualize import class_rows, save_denoising, save_png
@@ -117,20 +117,41 @@ def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0
 
 
 def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, device: torch.device,
-                  gif: bool = False) -> SampleResult:
-    labels = make_labels(labels_spec, n, model.num_classes, torch.Generator().manual_seed(cfg.seed))
+                  gif: bool = False, classifier: Optional[torch.nn.Module] = None) -> SampleResult:
+    labels = make_labels(labels_spec, n, model.num_classes or _classifier_classes(classifier),
+                         torch.Generator().manual_seed(cfg.seed))
     return generate(
-        lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0),
+        lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0, classifier),
         model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
         gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
     )
 
 
+def _classifier_classes(classifier: Optional[torch.nn.Module]) -> int:
+    """An unconditional model guided by a classifier samples the classifier's classes."""
+    return 0 if classifier is None else classifier.num_classes
+
+
+@torch.no_grad()
+def class_accuracy(classifier: torch.nn.Module, result: SampleResult, device: torch.device) -> float:
+    """Share of samples the noise-aware classifier, read at t=0, assigns to the requested class."""
+    x = to_model_range(result.images).to(device)
+    logits = classifier(x, torch.zeros(len(x), dtype=torch.long, device=device))
+    return float((logits.argmax(1).cpu() == result.labels).float().mean())
+
+
 def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,
-                     writer=None, step: int = 0) -> dict:
+                     writer=None, step: int = 0, classifier: Optional[torch.nn.Module] = None) -> dict:
     if cfg.guidance.name == "cfg" and not model.trained_with_label_dropout:
         raise UserError("guidance=cfg needs a model trained with label dropout: train it with guidance=cfg (guidance.p_uncond=0.1), or sample with guidance=none.")
     if cfg.sample.num_images == 0:
         return {}
-    result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif)
-    return write_samples(result, run_dir / "samples", writer, step)
+    result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif,
+                           classifier=classifier)
+    metrics = write_samples(result, run_dir / "samples", writer, step)
+    if classifier is not None and result.labels is not None:
+        write_samples(replace(result, frames=[]), run_dir / "classifier_guided_samples")  # seed 000's folder name
+        metrics["sample_class_accuracy_t0"] = class_accuracy(classifier, result, device)
+        log.info("classifier guidance scale %g: %.1f%% of samples read as their class by the classifier at t=0",
+                 cfg.guidance.scale, 100 * metrics["sample_class_accuracy_t0"])
+    return metrics

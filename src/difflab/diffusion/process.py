@@ -104,3 +104,20 @@ class GaussianDiffusion:
         per_example = err(out.float(), target, reduction="none").flatten(1).mean(1)
         weight = self.loss_weight(t, min_snr_gamma)
         return per_example if weight is None else per_example * weight
+
+    def classifier_loss(
+        self,
+        classify: Callable[[Tensor, Tensor], Tensor],
+        x0: Tensor,
+        y: Tensor,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-example cross-entropy of a noise-aware classifier `classify(x_t, t) -> logits` on
+        inputs noised at uniformly drawn t, and whether each prediction was right."""
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        logits = classify(self.q_sample(x0, t, noise), t).float()
+        return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) == y

@@ -73,3 +73,23 @@ def save_loss_curve(history: Sequence[tuple[int, float]], path: str | Path,
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_accuracy_curve(by_band: dict[str, float], path: str | Path) -> None:
+    """The noise-aware classifier's held-out accuracy against t (bands "lo-hi")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bands = {b: a for b, a in by_band.items() if "-" in b}
+    centres = [sum(map(int, band.split("-"))) / 2 for band in bands]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(centres, list(bands.values()), "o-")
+    ax.set_xlabel("timestep t (band centre)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -36,6 +36,36 @@ def padded_size(image_size: int, num_levels: int) -> int:
     return math.ceil(image_size / factor) * factor
 
 
+def res_stage(c_in: int, c_out: int, attend: bool, emb_dim: int, dropout: float, norm_groups: int,
+              head_channels: int) -> list[nn.Module]:
+    """A ResBlock, followed by self-attention when this feature-map size has it."""
+    layers: list[nn.Module] = [ResBlock(c_in, c_out, emb_dim, dropout, norm_groups)]
+    if attend:
+        layers.append(AttentionBlock(c_out, head_channels, norm_groups))
+    return layers
+
+
+def build_down_path(channels: int, channel_mults: Sequence[int], num_res_blocks: int,
+                    attention_resolutions: Sequence[int], sizes: Sequence[int], emb_dim: int, dropout: float,
+                    norm_groups: int, head_channels: int) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder half shared by the UNet and the noise-aware classifier: per level
+    num_res_blocks ResBlocks (+ attention) and a Downsample between levels. Returns the blocks
+    and the channel count after conv_in and after each block (the UNet's skip connections)."""
+    ch = channels
+    skip_channels = [ch]
+    down = nn.ModuleList()
+    for level, mult in enumerate(channel_mults):
+        for _ in range(num_res_blocks):
+            down.append(EmbedSequential(*res_stage(ch, channels * mult, sizes[level] in attention_resolutions,
+                                                   emb_dim, dropout, norm_groups, head_channels)))
+            ch = channels * mult
+            skip_channels.append(ch)
+        if level < len(channel_mults) - 1:
+            down.append(EmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+    return down, skip_channels
+
+
 class UNet(nn.Module):
     """Predicts noise (or x0 / v) from a noisy image, its timestep and an optional class label.
 
@@ -67,23 +97,9 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
-        def res_stage(c_in: int, c_out: int, size: int) -> list[nn.Module]:
-            layers: list[nn.Module] = [ResBlock(c_in, c_out, emb_dim, dropout, norm_groups)]
-            if size in attention_resolutions:
-                layers.append(AttentionBlock(c_out, head_channels, norm_groups))
-            return layers
-
-        ch = channels
-        skip_channels = [ch]
-        self.down = nn.ModuleList()
-        for level, mult in enumerate(channel_mults):
-            for _ in range(num_res_blocks):
-                self.down.append(EmbedSequential(*res_stage(ch, channels * mult, sizes[level])))
-                ch = channels * mult
-                skip_channels.append(ch)
-            if level < len(channel_mults) - 1:
-                self.down.append(EmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
+        self.down, skip_channels = build_down_path(channels, channel_mults, num_res_blocks, attention_resolutions,
+                                                   sizes, emb_dim, dropout, norm_groups, head_channels)
+        ch = skip_channels[-1]
 
         self.middle = EmbedSequential(
             ResBlock(ch, ch, emb_dim, dropout, norm_groups),
@@ -94,7 +110,8 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for i in range(num_res_blocks + 1):
-                layers = res_stage(ch + skip_channels.pop(), channels * mult, sizes[level])
+                layers = res_stage(ch + skip_channels.pop(), channels * mult, sizes[level] in attention_resolutions,
+                                   emb_dim, dropout, norm_groups, head_channels)
                 ch = channels * mult
                 if level > 0 and i == num_res_blocks:
                     layers.append(Upsample(ch))

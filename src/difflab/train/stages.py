@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from difflab.data import ImageData, augment_batch, load_splits, to_model_range
+from difflab.data import augment_batch, load_splits, to_model_range
 from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, make_betas
 from difflab.errors import UserError
 from difflab.models import build_unet, count_parameters
@@ -40,11 +40,14 @@ class DiffusionModel:
     num_classes: int  # 0 = unconditional
     trained_with_label_dropout: bool
 
-    def denoiser(self, y: Optional[Tensor], guidance: DictConfig, clip_x0: bool) -> GuidedDenoiser:
-        cfg_scale = guidance.scale if guidance.name == "cfg" else 1.0
+    def denoiser(self, y: Optional[Tensor], guidance: DictConfig, clip_x0: bool,
+                 classifier: Optional[nn.Module] = None) -> GuidedDenoiser:
+        """`classifier` is required for guidance=classifier (see runner's classifier lookup)."""
         return GuidedDenoiser(
             net=self.net, process=self.process, y=y, null_class=self.num_classes,
-            cfg_scale=cfg_scale, clip_x0=clip_x0,
+            cfg_scale=guidance.scale if guidance.name == "cfg" else 1.0,
+            classifier=classifier, classifier_scale=guidance.scale if guidance.name == "classifier" else 0.0,
+            clip_x0=clip_x0,
         )
 
 
@@ -56,24 +59,17 @@ def _build_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int) -
     return build_unet(cfg.unet, in_channels=shape[0], image_size=shape[1], num_classes=num_classes)
 
 
-class DiffusionStage:
-    """Trains the denoising network on the data set, in pixel space."""
+class NoisyDataStage:
+    """What every stage that learns on noised data shares: the data set as uint8 tensors on the
+    device (a batch is one index_select) and the run's Gaussian process."""
 
-    name = "diffusion"
+    name = ""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None):
         self.cfg, self.run_dir, self.device, self.writer = cfg, run_dir, device, writer
         self.train_data, self.val_data = load_splits(cfg.dataset, cfg.paths.cache_dir)
-        self.num_classes = self.train_data.num_classes if cfg.objective.class_conditional else 0
         self.shape = tuple(self.train_data.images.shape[1:])
         self.process = build_process(cfg)
-        self.label_dropout = cfg.guidance.p_uncond if (cfg.guidance.name == "cfg" and self.num_classes) else 0.0
-        self.net = _build_net(cfg, self.shape, self.num_classes)
-        self.num_params = count_parameters(self.net)
-        log.info("%s network: %.2fM parameters, data %s, %d classes, alpha_bar_T=%.3g",
-                 cfg.unet.name, self.num_params / 1e6, "x".join(map(str, self.shape)), self.num_classes,
-                 self.process.alpha_bar_T)
-        # Training images live on the device as uint8: a batch is one index_select.
         self.images = self.train_data.images.to(device)
         self.labels = self.train_data.labels.to(device)
 
@@ -81,6 +77,46 @@ class DiffusionStage:
         idx = batches.indices(step).to(self.device)
         x = augment_batch(to_model_range(self.images[idx]), self.cfg.dataset.augmentation)
         return x, self.labels[idx]
+
+    def fixed_val_batch(self) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Held-out images with fixed timesteps and noise, so validation values are comparable
+        across the run: (x0, y, t, noise), or None without held-out data."""
+        n = min(len(self.val_data), self.cfg.train.val_batches * self.cfg.train.batch_size)
+        if n == 0:
+            return None
+        gen = torch.Generator().manual_seed(12345)
+        x0 = to_model_range(self.val_data.images[:n]).to(self.device)
+        y = self.val_data.labels[:n].to(self.device)
+        t = torch.randint(0, self.process.T, (n,), generator=gen).to(self.device)
+        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        return x0, y, t, noise
+
+    def train(self, model: nn.Module, train_cfg: DictConfig, meta: dict, loss, val_fn,
+              image_fn=None) -> tuple[Trainer, TrainResult]:
+        """Fit `model` with the loop, resuming when train.resume says so."""
+        extra = {"config": OmegaConf.to_container(self.cfg, resolve=True), "stage": self.name, "meta": meta}
+        trainer = Trainer(model, train_cfg, self.run_dir / "checkpoints", self.device, self.writer, extra)
+        resumed = trainer.maybe_resume(self.cfg.train.resume)
+        batches = StepBatches(len(self.train_data), train_cfg.batch_size, self.cfg.seed)
+        result = trainer.fit(loss, lambda s: self.batch(s, batches), train_cfg.batch_size, val_fn, image_fn)
+        result.resumed_from = resumed
+        return trainer, result
+
+
+class DiffusionStage(NoisyDataStage):
+    """Trains the denoising network on the data set, in pixel space."""
+
+    name = "diffusion"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None):
+        super().__init__(cfg, run_dir, device, writer)
+        self.num_classes = self.train_data.num_classes if cfg.objective.class_conditional else 0
+        self.label_dropout = cfg.guidance.p_uncond if (cfg.guidance.name == "cfg" and self.num_classes) else 0.0
+        self.net = _build_net(cfg, self.shape, self.num_classes)
+        self.num_params = count_parameters(self.net)
+        log.info("%s network: %.2fM parameters, data %s, %d classes, alpha_bar_T=%.3g",
+                 cfg.unet.name, self.num_params / 1e6, "x".join(map(str, self.shape)), self.num_classes,
+                 self.process.alpha_bar_T)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         x0, y = batch
@@ -93,41 +129,29 @@ class DiffusionStage:
         return self.process.training_loss(lambda x, t: model(x, t, y), x0, obj.loss, obj.min_snr_gamma).mean()
 
     def make_val_fn(self):
-        """Loss of the EMA model on fixed held-out images, timesteps and noise, so values are
-        comparable across the run."""
-        n = min(len(self.val_data), self.cfg.train.val_batches * self.cfg.train.batch_size)
-        if n == 0:
+        """Loss of the EMA model on the fixed held-out batch."""
+        fixed = self.fixed_val_batch()
+        if fixed is None:
             return None
-        gen = torch.Generator().manual_seed(12345)
-        x0 = to_model_range(self.val_data.images[:n]).to(self.device)
-        y = self.val_data.labels[:n].to(self.device) if self.num_classes else None
-        t = torch.randint(0, self.process.T, (n,), generator=gen).to(self.device)
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        x0, y, t, noise = fixed
+        y = y if self.num_classes else None
         bs, obj = self.cfg.train.batch_size, self.cfg.objective
 
         @torch.no_grad()
         def val_fn(model: nn.Module) -> float:
             total = 0.0
-            for i in range(0, n, bs):
+            for i in range(0, len(x0), bs):
                 yb = None if y is None else y[i:i + bs]
                 per = self.process.training_loss(lambda x, tt: model(x, tt, yb), x0[i:i + bs], obj.loss,
                                                  obj.min_snr_gamma, t[i:i + bs], noise[i:i + bs])
                 total += float(per.sum())
-            return total / n
+            return total / len(x0)
 
         return val_fn
 
     def fit(self, image_fn=None) -> tuple[Trainer, TrainResult]:
-        cfg = self.cfg
-        extra = {"config": OmegaConf.to_container(cfg, resolve=True), "stage": self.name,
-                 "meta": _model_meta(self.shape, self.num_classes, self.label_dropout)}
-        trainer = Trainer(self.net, cfg.train, self.run_dir / "checkpoints", self.device, self.writer, extra)
-        resumed = trainer.maybe_resume(cfg.train.resume)
-        batches = StepBatches(len(self.train_data), cfg.train.batch_size, cfg.seed)
-        result = trainer.fit(self.loss, lambda s: self.batch(s, batches), cfg.train.batch_size,
-                             self.make_val_fn(), image_fn)
-        result.resumed_from = resumed
-        return trainer, result
+        meta = _model_meta(self.shape, self.num_classes, self.label_dropout)
+        return self.train(self.net, self.cfg.train, meta, self.loss, self.make_val_fn(), image_fn)
 
     def model(self, net: nn.Module) -> DiffusionModel:
         return DiffusionModel(net.eval(), self.process, self.cfg, self.shape, self.num_classes, self.label_dropout > 0)
@@ -136,12 +160,15 @@ class DiffusionStage:
 def load_diffusion_model(path: str, device: torch.device) -> DiffusionModel:
     """Rebuild the EMA network of a diffusion checkpoint with the config it was trained with."""
     state = load_checkpoint(path, "model checkpoint (ckpt)")
-    if state.get("stage") != "diffusion":
+    if state.get("stage") not in ("diffusion", "joint"):
         raise UserError(f"The checkpoint {path} holds a {state.get('stage')!r} model, not a diffusion model: pass a diffusion run's checkpoints/last.pt.")
     cfg = OmegaConf.create(state["config"])
     meta = state["meta"]
     shape = tuple(meta["shape"])
     net = _build_net(cfg, shape, meta["num_classes"])
-    net.load_state_dict(state["ema"]["model"])
+    weights = state["ema"]["model"]
+    if state["stage"] == "joint":  # the UNet half of a JointModule
+        weights = {k.removeprefix("unet."): v for k, v in weights.items() if k.startswith("unet.")}
+    net.load_state_dict(weights)
     return DiffusionModel(net.to(device).eval(), build_process(cfg), cfg, shape, meta["num_classes"],
                           meta["label_dropout"] > 0)
