@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from difflab.artifacts import ArtifactCache, diffusion_settings, settings_key
 from difflab.config import validate
 from difflab.errors import UserError
+from difflab.evaluate.ema_copies import evaluate_ema_copies
 from difflab.evaluate.visualize import class_rows, save_loss_curve
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
@@ -92,7 +93,9 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     writer = _writer(run_dir)
     # The lock makes parallel sweep jobs that need the same model wait for the one training it.
     with cache.lock("diffusion", key):
-        cached = cache.find("diffusion", key) if cfg.train.reuse and not cfg.train.resume else None
+        # resume=auto with no checkpoint in this folder starts afresh (e.g. a re-run sweep job that reused), so may reuse
+        resumes = cfg.train.resume and (cfg.train.resume != "auto" or (run_dir / "checkpoints" / "last.pt").is_file())
+        cached = cache.find("diffusion", key) if cfg.train.reuse and not resumes else None
         if cached is not None:
             record = cache.record("diffusion", key)
             log.info("reusing the diffusion model trained with these settings by %s (%s); train.reuse=false trains anew",
@@ -107,6 +110,8 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
             metrics["trained"] = True
     metrics.update({"stage": "diffusion", "artifact_key": key})
     metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"]))
+    if cfg.train.ema.decays:
+        metrics["ema"] = evaluate_ema_copies(cfg, run_dir, Path(metrics["checkpoint"]), model, device)
     writer.close()
     return metrics
 
