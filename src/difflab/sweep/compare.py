@@ -108,19 +108,28 @@ def read_job(run_dir: Path, name: str) -> list[JobResult]:
             for decay, entry in copies.items()]
 
 
+def short_names(folders: list[Path]) -> list[str]:
+    """The shortest trailing parts of the paths that tell the folders apart."""
+    parts = [folder.resolve().parts for folder in folders]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(folder) for folder in folders]
+
+
 def collect(folders: list[Path]) -> list[JobResult]:
-    """Every job of every folder (a sweep or a single run); names carry the folder's name
+    """Every job of every folder (a sweep or a single run); names carry the folder's short name
     when several folders are merged."""
     results = []
-    for folder in folders:
-        folder = Path(folder).expanduser()
+    for folder, short in zip(folders, short_names(folders)):
         if not folder.is_dir():
             raise UserError(f"{folder} is not a folder: pass sweep folders (multirun/<date>/<time>) or run folders.")
         runs = find_runs(folder)
         if not runs:
             raise UserError(f"{folder} holds no runs (no .hydra/ or metrics.json in it or its sub-folders): pass a sweep or run folder.")
         for run_dir in runs:
-            name = run_dir.name if len(folders) == 1 or run_dir == folder else f"{folder.name}/{run_dir.name}"
+            name = run_dir.name if len(folders) == 1 else short if run_dir == folder else f"{short}/{run_dir.name}"
             results.extend(read_job(run_dir, name))
     return results
 
