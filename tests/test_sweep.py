@@ -100,7 +100,6 @@ def test_rerun_with_resume_finishes_only_what_is_missing(schedule_sweep, tmp_pat
     shutil.rmtree(killed / "samples")
     done = {job: (again / job / "metrics.json").read_text() for job in ("0", "1")}
     rows = read_rows(sweep_dir)
-    shutil.copy(again / "comparison.csv", tmp_path / "before.csv")
 
     sweep(*args, f"hydra.sweep.dir={again}", "train.resume=auto")
     for job, text in done.items():

@@ -305,28 +305,31 @@ def write_plot(results: list[JobResult], swept: list[str], metrics: list[str], p
     plt.close(fig)
 
 
+def _fit(img: Image.Image, width: int) -> Image.Image:
+    """Scale to `width` (nearest when enlarging, so pixels stay sharp)."""
+    height = max(1, round(img.height * width / img.width))
+    return img.resize((width, height), Image.NEAREST if width >= img.width else Image.LANCZOS)
+
+
 def write_samples_grid(results: list[JobResult], swept: list[str], path: Path, per_row: int = 5,
                        tile: int = 256) -> None:
-    """Each job's samples/grid.png scaled to one size, captioned, side by side."""
-    caption, pad = 28, 8
+    """Each job's samples/grid.png scaled to one width, captioned, side by side."""
+    caption, pad = 30, 8
+    grids = [_fit(Image.open(r.grid).convert("RGB"), tile) if r.grid else None for r in results]
+    cell = max([g.height for g in grids if g is not None] + [tile // 2])
     cols = min(per_row, len(results))
     rows = -(-len(results) // cols)
-    sheet = Image.new("RGB", (cols * (tile + pad) + pad, rows * (tile + caption + pad) + pad), "white")
+    sheet = Image.new("RGB", (cols * (tile + pad) + pad, rows * (cell + caption + pad) + pad), "white")
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=11)
-    for i, r in enumerate(results):
-        x, y = pad + (i % cols) * (tile + pad), pad + (i // cols) * (tile + caption + pad)
+    for i, (r, grid) in enumerate(zip(results, grids)):
+        x, y = pad + (i % cols) * (tile + pad), pad + (i // cols) * (cell + caption + pad)
         draw.text((x, y), _label(r, swept)[:44], fill="black", font=font)
         draw.text((x, y + 13), "" if r.status == "completed" else r.status, fill="red", font=font)
-        if r.grid is not None:
-            img = Image.open(r.grid).convert("RGB")
-            img.thumbnail((tile, tile), Image.NEAREST if max(img.size) <= tile else Image.LANCZOS)
-            if max(img.size) < tile:
-                scale = tile / max(img.size)
-                img = img.resize((round(img.width * scale), round(img.height * scale)), Image.NEAREST)
-            sheet.paste(img, (x, y + caption))
+        if grid is not None:
+            sheet.paste(grid, (x, y + caption))
         else:
-            draw.rectangle([x, y + caption, x + tile, y + caption + tile], fill=(225, 225, 225))
-            draw.text((x + 8, y + caption + tile // 2), "no samples", fill="black", font=font)
+            draw.rectangle([x, y + caption, x + tile, y + caption + cell], fill=(225, 225, 225))
+            draw.text((x + 8, y + caption + cell // 2), "no samples", fill="black", font=font)
     sheet.save(path)
 
 
