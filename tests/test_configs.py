@@ -81,3 +81,35 @@ def test_issue_example_composes(hydra_ctx):
 def test_ckpt_shorthand():
     assert _rewrite_ckpt_shorthand(["mode=sample", "ckpt=/a/last.pt", "ckpt.autoencoder=/b.pt"]) == [
         "mode=sample", "ckpt.model=/a/last.pt", "ckpt.autoencoder=/b.pt"]
+
+
+def test_named_sweeps_compose(hydra_ctx):
+    """Every sweeps/*.yaml is a multirun that composes with the defaults (`+sweep=NAME`)."""
+    from hydra.types import RunMode
+
+    from difflab.sweep.named import SWEEPS_DIR
+
+    names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+    assert {"guidance_scale", "ema_decay", "schedules", "samplers"} <= set(names)
+    for name in names:
+        cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+        assert cfg.hydra.mode == RunMode.MULTIRUN, name
+        validate(cfg)
+    guided = compose(config_name="config", overrides=["+sweep=guidance_scale"], return_hydra_config=True)
+    assert guided.guidance.name == "cfg" and guided.hydra.sweeper.params["guidance.scale"] == "0,1,2,3,5"
+    assert len(compose(config_name="config", overrides=["+sweep=ema_decay"]).train.ema.decays) >= 3
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm", "slurm_local"])
+def test_launcher_presets_compose(hydra_ctx, launcher):
+    cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
+    assert cfg.hydra.callbacks.compare_jobs._target_ == "difflab.sweep.callback.CompareJobs"
+
+
+def test_ema_decays_are_checked(hydra_ctx):
+    from difflab.errors import UserError
+
+    assert list(_compose(["train.ema.decays=[0.9,0.999]"]).train.ema.decays) == [0.9, 0.999]
+    with pytest.raises(UserError, match="train.ema.decays"):
+        _compose(["train.ema.decays=[0.9,1.5]"])

@@ -146,3 +146,37 @@ def test_precision_resolution(monkeypatch):
     assert loop.resolve_precision("auto", cpu) is None
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
         loop.resolve_precision("fp16", cpu)
+
+
+def test_ema_copies_follow_their_own_decays_and_resume(tmp_path):
+    """train.ema.decays: each extra copy equals an EMA run alone with its decay, and a trainer
+    resumed from a checkpoint continues every copy."""
+    x = torch.randn(64, 2)
+    batches = StepBatches(64, 16, seed=0)
+    ema_cfg = {"decay": 0.9, "decays": [0.5, 0.9, 0.99], "warmup": False}
+    full = _trainer(tmp_path / "full", max_steps=6, ema=ema_cfg)
+    assert sorted(full.ema_copies) == [0.5, 0.99]  # the main decay is not kept twice
+    alone = {d: EMA(full.model, d, warmup=False) for d in (0.5, 0.99)}
+    steps_done = []
+
+    def loss(model, idx):  # sees the weights of the previous step: feed them to the lone EMAs
+        if steps_done:
+            for ema in alone.values():
+                ema.update(model, len(steps_done))
+        steps_done.append(1)
+        return model(x[idx]).pow(2).mean()
+
+    full.fit(loss, batches.indices, 16)
+    for ema in alone.values():
+        ema.update(full.model, 6)
+    plain = lambda model, idx: model(x[idx]).pow(2).mean()  # noqa: E731
+    _trainer(tmp_path / "half", max_steps=3, ema=ema_cfg).fit(plain, batches.indices, 16)
+    resumed = _trainer(tmp_path / "half", max_steps=6, ema=ema_cfg)
+    resumed.maybe_resume("auto")
+    assert resumed.step == 3
+    resumed.fit(plain, batches.indices, 16)
+    for decay, ema in alone.items():
+        for a, b, c in zip(ema.model.parameters(), full.ema_copies[decay].model.parameters(),
+                           resumed.ema_copies[decay].model.parameters()):
+            assert torch.equal(a, b) and torch.equal(b, c)
+    assert not torch.equal(full.ema_copies[0.5].model.weight, full.ema_copies[0.99].model.weight)

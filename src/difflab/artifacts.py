@@ -35,7 +35,10 @@ def _dataset_settings(cfg: DictConfig) -> dict:
 
 
 def _train_settings(train: DictConfig) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(train, resolve=True).items() if k not in OBSERVATION_KEYS}
+    settings = {k: v for k, v in OmegaConf.to_container(train, resolve=True).items() if k not in OBSERVATION_KEYS}
+    if not settings["ema"]["decays"]:  # no extra EMA copies: the key models trained before copies existed had
+        del settings["ema"]["decays"]
+    return settings
 
 
 def diffusion_settings(cfg: DictConfig) -> dict:

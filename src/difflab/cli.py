@@ -13,18 +13,21 @@ from omegaconf import DictConfig
 
 from difflab.config import register_configs
 from difflab.errors import UserError
+from difflab.sweep.named import register_named_sweeps
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 register_configs()
+register_named_sweeps()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from difflab.runner import run
+    from difflab.sweep.jobs import run_recorded
 
     try:
-        return run(cfg)
+        return run_recorded(run, cfg)  # in a multirun, a failed job is recorded and the sweep goes on
     except UserError as e:
         logging.getLogger("difflab").error("%s", e)
         print(f"error: {e}", file=sys.stderr)

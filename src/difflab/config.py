@@ -93,6 +93,7 @@ class EMAConfig:
     update_every: int = 1
     start: int = 0  # before this step the EMA is a plain copy of the weights
     warmup: bool = True  # decay_k = min(decay, 1 - (1 + k)^(-3/4)) as in diffusers
+    decays: List[float] = field(default_factory=list)  # extra EMA copies kept, sampled and evaluated besides `decay`
 
 
 @dataclass
@@ -252,6 +253,9 @@ def validate(cfg) -> None:
         raise UserError("classifier.lr must be positive and classifier.weight 0 or more: use e.g. classifier.lr=2e-3 classifier.weight=1.")
     if not 0 <= cfg.guidance.p_uncond < 1:
         raise UserError(f"guidance.p_uncond={cfg.guidance.p_uncond} must be in [0, 1): use 0.1.")
+    for decay in [cfg.train.ema.decay, *cfg.train.ema.decays]:
+        if not 0 <= decay < 1:
+            raise UserError(f"EMA decay {decay} (train.ema.decay / train.ema.decays) must be in [0, 1): use e.g. 0.999.")
     if cfg.sample.num_images < 0:
         raise UserError(f"sample.num_images={cfg.sample.num_images} must be 0 or more: use e.g. 100.")
     if cfg.schedule.zero_terminal_snr and cfg.objective.prediction == "eps":

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, settings_key
 from difflab.config import validate
 from difflab.errors import UserError
+from difflab.evaluate.ema_copies import evaluate_ema_copies
 from difflab.evaluate.visualize import class_rows, save_accuracy_curve, save_loss_curve
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
@@ -102,7 +103,9 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     writer = _writer(run_dir)
     # The lock makes parallel sweep jobs that need the same model wait for the one training it.
     with cache.lock(stage_name, key):
-        cached = cache.find(stage_name, key) if cfg.train.reuse and not cfg.train.resume else None
+        # resume=auto with no checkpoint in this folder starts afresh (e.g. a re-run sweep job that reused), so may reuse
+        resumes = cfg.train.resume and (cfg.train.resume != "auto" or (run_dir / "checkpoints" / "last.pt").is_file())
+        cached = cache.find(stage_name, key) if cfg.train.reuse and not resumes else None
         if cached is not None:
             record = cache.record(stage_name, key)
             log.info("reusing the %s model trained with these settings by %s (%s); train.reuse=false trains anew",
@@ -117,8 +120,10 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
             metrics["trained"] = True
     metrics.update({"stage": stage_name, "artifact_key": key})
     own_classifier = metrics["checkpoint"] if joint else None
-    metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"],
-                                    guidance_classifier(cfg, model, device, own_classifier)))
+    classifier = guidance_classifier(cfg, model, device, own_classifier)
+    metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"], classifier))
+    if cfg.train.ema.decays:
+        metrics["ema"] = evaluate_ema_copies(cfg, run_dir, Path(metrics["checkpoint"]), model, device)
     writer.close()
     return metrics
 

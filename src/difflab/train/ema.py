@@ -1,4 +1,8 @@
-"""Exponential moving average of a model's weights; sampling uses the EMA copy."""
+"""Exponential moving average of a model's weights; sampling uses the EMA copy.
+
+Extra copies with other decays (train.ema.decays) follow the same weights in the same run, so
+comparing decays needs one training instead of one per decay.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,11 @@ import copy
 
 import torch
 from torch import nn
+
+
+def extra_decays(main: float, decays) -> list[float]:
+    """The decays kept besides the main EMA: each listed one once, the main one left out."""
+    return sorted({float(d) for d in decays} - {float(main)})
 
 
 class EMA:

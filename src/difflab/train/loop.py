@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from difflab.errors import UserError
 from difflab.train.checkpoint import atomic_save, load_checkpoint
-from difflab.train.ema import EMA
+from difflab.train.ema import EMA, extra_decays
 
 log = logging.getLogger("difflab.train")
 
@@ -148,6 +148,8 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.precision, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
+        self.ema_copies = {d: EMA(self.model, d, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
+                           for d in extra_decays(cfg.ema.decay, cfg.ema.decays)}
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.step = 0
         self.best_val: Optional[float] = None
@@ -162,6 +164,7 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
+            "ema_copies": {str(d): c.state_dict() for d, c in self.ema_copies.items()},
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -175,6 +178,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
+        for decay, ema_copy in self.ema_copies.items():
+            ema_copy.load_state_dict(state["ema_copies"][str(decay)])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -231,6 +236,8 @@ class Trainer:
         self.sched.step()
         self.step += 1
         self.ema.update(self.model, self.step)
+        for ema_copy in self.ema_copies.values():
+            ema_copy.update(self.model, self.step)
         return loss.detach(), grad_norm.detach()
 
     def _check_finite(self, value: float) -> None:

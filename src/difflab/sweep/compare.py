@@ -1,0 +1,365 @@
+"""The comparison of a sweep's jobs, written into the sweep folder when a multirun ends (the
+Hydra callback in sweep/callback.py) or rebuilt and merged across sweeps and single runs with
+
+    python -m difflab.sweep.compare DIR [DIR ...] [--out FOLDER]
+
+Files: comparison.csv (one row per job: swept settings, status, every scalar of metrics.json,
+error), comparison.md (the same as a table, the best job, the pictures), comparison.png (each
+metric against the swept setting, and all jobs' loss curves overlaid) and comparison_samples.png
+(each job's sample grid side by side). A job that trained several EMA copies (train.ema.decays)
+gives one row per decay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw, ImageFont
+
+from difflab.artifacts import OBSERVATION_KEYS
+from difflab.errors import UserError
+
+FILES = ("comparison.md", "comparison.csv", "comparison.png", "comparison_samples.png")
+# Overrides that never change a job's result, so they are not settings a comparison shows.
+IGNORED_KEYS = {f"train.{k}" for k in OBSERVATION_KEYS} | {"device"}
+IGNORED_PREFIXES = ("hydra.", "paths.")
+PATH_METRICS = ("checkpoint", "resumed_from", "samples")  # in the CSV, too long for the table
+MAIN_EMA_ONLY = ("best_val_loss",)  # tracked during training for the main EMA copy alone
+NOT_FINISHED = "no result recorded (killed or still running): re-run the sweep with train.resume=auto"
+
+
+@dataclass
+class JobResult:
+    name: str
+    run_dir: Path
+    status: str  # completed | failed | incomplete
+    settings: dict[str, str]
+    metrics: dict = field(default_factory=dict)  # scalars only
+    error: str = ""
+    samples_dir: Optional[Path] = None
+
+    @property
+    def grid(self) -> Optional[Path]:
+        path = self.samples_dir / "grid.png" if self.samples_dir else None
+        return path if path and path.is_file() else None
+
+
+# ---- reading runs -------------------------------------------------------------------------
+def is_run(folder: Path) -> bool:
+    return (folder / ".hydra" / "overrides.yaml").is_file() or (folder / "metrics.json").is_file()
+
+
+def _job_order(path: Path) -> tuple:
+    return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """The folder itself when it is a run, else its job folders in job order."""
+    if is_run(folder):
+        return [folder]
+    return sorted((p for p in folder.iterdir() if p.is_dir() and is_run(p)), key=_job_order)
+
+
+def read_settings(run_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides as key -> value, without bookkeeping keys."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    settings = {}
+    for item in overrides:
+        key, _, value = str(item).lstrip("+~").partition("=")
+        if key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
+            settings[key] = value
+    return settings
+
+
+def _status(metrics: dict) -> str:
+    """Runs record their status; an older run without one is complete once wall_time_s is in."""
+    status = metrics.get("status") or ("completed" if "wall_time_s" in metrics else "incomplete")
+    return "incomplete" if status == "started" else status
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items()
+            if k not in ("status", "error") and (v is None or isinstance(v, (int, float, str, bool)))}
+
+
+def read_job(run_dir: Path, name: str) -> list[JobResult]:
+    """One result per job, or one per EMA decay for a job that kept several EMA copies."""
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    status = _status(metrics)
+    error = metrics.get("error") or (NOT_FINISHED if status == "incomplete" else "")
+    base = JobResult(name, run_dir, status, read_settings(run_dir), _scalars(metrics), error,
+                     run_dir / "samples")
+    copies = metrics.get("ema") or {}
+    if not copies:
+        return [base]
+    shared = {k: v for k, v in base.metrics.items() if k not in MAIN_EMA_ONLY}
+    return [JobResult(f"{name} ema={decay}", run_dir, status, {**base.settings, "train.ema.decay": decay},
+                      {**shared, **_scalars(entry)}, error, run_dir / entry["samples"])
+            for decay, entry in copies.items()]
+
+
+def short_names(folders: list[Path]) -> list[str]:
+    """The shortest trailing parts of the paths that tell the folders apart."""
+    parts = [folder.resolve().parts for folder in folders]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(folder) for folder in folders]
+
+
+def collect(folders: list[Path]) -> list[JobResult]:
+    """Every job of every folder (a sweep or a single run); names carry the folder's short name
+    when several folders are merged."""
+    results = []
+    for folder, short in zip(folders, short_names(folders)):
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder: pass sweep folders (multirun/<date>/<time>) or run folders.")
+        runs = find_runs(folder)
+        if not runs:
+            raise UserError(f"{folder} holds no runs (no .hydra/ or metrics.json in it or its sub-folders): pass a sweep or run folder.")
+        for run_dir in runs:
+            name = run_dir.name if len(folders) == 1 else short if run_dir == folder else f"{short}/{run_dir.name}"
+            results.extend(read_job(run_dir, name))
+    return results
+
+
+def swept_keys(results: list[JobResult]) -> list[str]:
+    """Settings whose value differs between jobs, in the order they first appear."""
+    keys = list(dict.fromkeys(k for r in results for k in r.settings))
+    return [k for k in keys if len({r.settings.get(k, "") for r in results}) > 1]
+
+
+def metric_columns(results: list[JobResult]) -> list[str]:
+    keys = sorted({k for r in results for k in r.metrics} - {"final_loss", "wall_time_s"})
+    return [k for k in ("final_loss",) if any(k in r.metrics for r in results)] + keys + \
+        [k for k in ("wall_time_s",) if any(k in r.metrics for r in results)]
+
+
+# ---- tables -------------------------------------------------------------------------------
+def write_csv(results: list[JobResult], swept: list[str], metrics: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["job", "status", *swept, *metrics, "error"])
+        for r in results:
+            writer.writerow([r.name, r.status, *(r.settings.get(k, "") for k in swept),
+                             *("" if r.metrics.get(k) is None else r.metrics[k] for k in metrics), r.error])
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _settings_text(r: JobResult, swept: list[str], sep: str = ", ") -> str:
+    return sep.join(f"{k}={r.settings[k]}" for k in swept if k in r.settings)
+
+
+def _label(r: JobResult, swept: list[str]) -> str:
+    shown = _settings_text(r, swept)
+    return f"{r.name}: {shown}" if shown else r.name
+
+
+def _best(results: list[JobResult], metric: str) -> Optional[JobResult]:
+    done = [r for r in results if r.status == "completed" and _is_number(r.metrics.get(metric))]
+    if len({r.metrics[metric] for r in done}) < 2:
+        return None  # nothing to choose between
+    return min(done, key=lambda r: r.metrics[metric])
+
+
+def _completed_values(results: list[JobResult], metric: str) -> list:
+    return [r.metrics[metric] for r in results if r.status == "completed" and r.metrics.get(metric) is not None]
+
+
+def write_markdown(results: list[JobResult], swept: list[str], metrics: list[str], path: Path,
+                   sources: list[Path]) -> None:
+    """The table shows the metrics that differ between jobs; those equal in all are listed once."""
+    metrics = [m for m in metrics if m not in PATH_METRICS]
+    same = {m: values[0] for m in metrics if len(set(values := _completed_values(results, m))) == 1}
+    shown = [m for m in metrics if m not in same or m in ("final_loss", "wall_time_s") or len(results) == 1]
+    columns = ["job", "status", *swept, *shown, "error"]
+    lines = [f"# Comparison of {len(results)} jobs", "",
+             "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
+    counts = {s: sum(r.status == s for r in results) for s in ("completed", "failed", "incomplete")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".")
+    common = [f"{m}={_cell(v)}" for m, v in same.items() if m not in shown]
+    if common:
+        lines.append("Same in every completed job: " + ", ".join(common) + ".")
+    for metric in ("final_loss", "val_loss", "best_val_loss"):
+        best = _best(results, metric)
+        if best is not None:
+            lines.append(f"Lowest {metric}: **{_label(best, swept)}** ({best.metrics[metric]:.4g}).")
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in results:
+        cells = [r.name, r.status, *(r.settings.get(k, "") for k in swept), *(r.metrics.get(k) for k in shown), r.error]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["", "![metrics against the swept settings, loss curves](comparison.png)", "",
+              "![each job's samples](comparison_samples.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+# ---- pictures -----------------------------------------------------------------------------
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_float(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _x_axis(results: list[JobResult], swept: list[str]) -> tuple[list[JobResult], list[str], str]:
+    """Jobs in plotting order with their tick labels: by value for one numeric setting."""
+    if len(swept) == 1:
+        key = swept[0]
+        values = [_as_float(r.settings.get(key, "")) for r in results]
+        order = sorted(results, key=lambda r: _as_float(r.settings[key])) if None not in values else results
+        return order, [r.settings.get(key, "") for r in order], key
+    return results, [_settings_text(r, swept, "\n") or r.name for r in results], "job"
+
+
+def losses_file(r: JobResult) -> Optional[Path]:
+    """The job's losses.csv; for a job that reused a cached model, the one of the run that
+    trained it (named in the cache entry's record)."""
+    own = r.run_dir / "losses.csv"
+    if own.is_file():
+        return own
+    record = Path(str(r.metrics.get("checkpoint"))).parent / "record.json"
+    if r.metrics.get("checkpoint") and record.is_file():
+        trained_in = Path(json.loads(record.read_text())["run_dir"]) / "losses.csv"
+        return trained_in if trained_in.is_file() else None
+    return None
+
+
+def read_losses(path: Path) -> dict[str, list[tuple[int, float]]]:
+    curves: dict[str, list[tuple[int, float]]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            curves.setdefault(row["split"], []).append((int(row["step"]), float(row["loss"])))
+    return curves
+
+
+def write_plot(results: list[JobResult], swept: list[str], metrics: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order, ticks, xlabel = _x_axis(results, swept)
+    plotted = [m for m in metrics
+               if len({r.metrics[m] for r in order if r.status == "completed" and _is_number(r.metrics.get(m))}) > 1]
+    cols = 3
+    rows = -(-(len(plotted) + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    axes = axes.ravel()
+    positions = range(len(order))
+    for ax, metric in zip(axes, plotted):
+        points = [(i, r.metrics[metric]) for i, r in zip(positions, order)
+                  if r.status == "completed" and _is_number(r.metrics.get(metric))]
+        ax.plot(*zip(*points), "o-")
+        for i, r in zip(positions, order):
+            if r.status != "completed":
+                ax.axvline(i, color="red", alpha=0.3, linestyle=":")
+        ax.set_title(metric, fontsize=10)
+        ax.set_xticks(list(positions), ticks, fontsize=8, rotation=30 if len(order) > 6 else 0)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(True, alpha=0.3)
+    curves_ax = axes[len(plotted)]
+    sharing: dict[Path, list[JobResult]] = {}  # jobs that reused one model share its curve
+    for r in results:
+        if (source := losses_file(r)) is not None:
+            sharing.setdefault(source, []).append(r)
+    for source, jobs in sharing.items():
+        curves = read_losses(source)
+        more = f" (+{len(jobs) - 1} sharing its model)" if len(jobs) > 1 else ""
+        if "train" in curves:
+            line, = curves_ax.plot(*zip(*curves["train"]), label=_label(jobs[0], swept) + more)
+            if "val" in curves:
+                curves_ax.plot(*zip(*curves["val"]), "--", color=line.get_color(), alpha=0.7)
+    if curves_ax.lines:
+        curves_ax.set_yscale("log")
+        curves_ax.legend(fontsize=7)
+    curves_ax.set_title("loss curves (train; dashed: validation)" if curves_ax.lines else
+                        "loss curves: none found", fontsize=10)
+    curves_ax.set_xlabel("step", fontsize=8)
+    curves_ax.grid(True, alpha=0.3)
+    for ax in axes[len(plotted) + 1:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fit(img: Image.Image, width: int) -> Image.Image:
+    """Scale to `width` (nearest when enlarging, so pixels stay sharp)."""
+    height = max(1, round(img.height * width / img.width))
+    return img.resize((width, height), Image.NEAREST if width >= img.width else Image.LANCZOS)
+
+
+def write_samples_grid(results: list[JobResult], swept: list[str], path: Path, per_row: int = 5,
+                       tile: int = 256) -> None:
+    """Each job's samples/grid.png scaled to one width, captioned, side by side."""
+    caption, pad = 30, 8
+    grids = [_fit(Image.open(r.grid).convert("RGB"), tile) if r.grid else None for r in results]
+    cell = max([g.height for g in grids if g is not None] + [tile // 2])
+    cols = min(per_row, len(results))
+    rows = -(-len(results) // cols)
+    sheet = Image.new("RGB", (cols * (tile + pad) + pad, rows * (cell + caption + pad) + pad), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=11)
+    for i, (r, grid) in enumerate(zip(results, grids)):
+        x, y = pad + (i % cols) * (tile + pad), pad + (i // cols) * (cell + caption + pad)
+        draw.text((x, y), _label(r, swept)[:44], fill="black", font=font)
+        draw.text((x, y + 13), "" if r.status == "completed" else r.status, fill="red", font=font)
+        if grid is not None:
+            sheet.paste(grid, (x, y + caption))
+        else:
+            draw.rectangle([x, y + caption, x + tile, y + caption + cell], fill=(225, 225, 225))
+            draw.text((x + 8, y + caption + cell // 2), "no samples", fill="black", font=font)
+    sheet.save(path)
+
+
+def write_comparison(folders: list[Path], out: Optional[Path] = None) -> list[Path]:
+    """Write the four comparison files into `out` (default: the first folder); returns them."""
+    folders = [Path(f).expanduser() for f in folders]
+    results = collect(folders)
+    out = Path(out).expanduser() if out is not None else folders[0]
+    out.mkdir(parents=True, exist_ok=True)
+    swept, metrics = swept_keys(results), metric_columns(results)
+    paths = [out / name for name in FILES]
+    write_markdown(results, swept, metrics, paths[0], folders)
+    write_csv(results, swept, metrics, paths[1])
+    write_plot(results, swept, metrics, paths[2])
+    write_samples_grid(results, swept, paths[3])
+    return paths
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m difflab.sweep.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="sweep folders (multirun/<date>/<time>) or run folders")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the comparison (default: the first folder)")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_comparison(args.folders, args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()
