@@ -12,12 +12,14 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
-from difflab.artifacts import ArtifactCache, diffusion_settings, settings_key
+from difflab.artifacts import ArtifactCache, diffusion_settings, obtain
 from difflab.config import validate
 from difflab.errors import UserError
 from difflab.evaluate.visualize import class_rows, save_loss_curve
+from difflab.latent import LatentSpace, load_latent_space, obtain_autoencoder, obtain_latent_space
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
+from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
 from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
 
 log = logging.getLogger("difflab")
@@ -56,8 +58,9 @@ def write_loss_csv(path: Path, train: list, val: list) -> None:
     path.write_text("step,split,loss\n" + "\n".join(rows) + "\n")
 
 
-def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer) -> tuple[dict, DiffusionModel]:
-    stage = DiffusionStage(cfg, run_dir, device, writer)
+def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer,
+                    latent: Optional[LatentSpace] = None) -> tuple[dict, DiffusionModel]:
+    stage = DiffusionStage(cfg, run_dir, device, writer, latent)
     writer.add_text("schedule/alpha_bar_T", f"{stage.process.alpha_bar_T:.6g}")
     writer.add_scalar("schedule/alpha_bar_T", stage.process.alpha_bar_T, 0)
 
@@ -86,26 +89,23 @@ def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer
 
 
 def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    """Train (or take from the artifact cache) the diffusion model, then sample from it."""
-    cache, settings = ArtifactCache(cfg.paths.cache_dir), diffusion_settings(cfg)
-    key = settings_key(settings)
+    """Train (or take from the artifact cache) the diffusion model, then sample from it. A latent
+    model first obtains its autoencoder (given, cached, or trained now), whose key enters its own."""
+    latent, latent_record = obtain_latent_space(cfg, run_dir, device) if cfg.autoencoder.name != "none" else (None, {})
     writer = _writer(run_dir)
-    # The lock makes parallel sweep jobs that need the same model wait for the one training it.
-    with cache.lock("diffusion", key):
-        cached = cache.find("diffusion", key) if cfg.train.reuse and not cfg.train.resume else None
-        if cached is not None:
-            record = cache.record("diffusion", key)
-            log.info("reusing the diffusion model trained with these settings by %s (%s); train.reuse=false trains anew",
-                     record["run_dir"], cached)
-            model = load_diffusion_model(str(cached), device)
-            metrics = {**record["metrics"], "trained": False, "checkpoint": str(cached)}
-        else:
-            metrics, model = train_diffusion(cfg, run_dir, device, writer)
-            stored = cache.store("diffusion", key, run_dir / "checkpoints" / "last.pt",
-                                 {"metrics": metrics, "run_dir": str(run_dir), "settings": settings})
-            log.info("stored the trained model in the artifact cache: %s", stored)
-            metrics["trained"] = True
-    metrics.update({"stage": "diffusion", "artifact_key": key})
+
+    def train() -> tuple[Path, dict]:
+        metrics, _ = train_diffusion(cfg, run_dir, device, writer, latent)
+        return run_dir / "checkpoints" / "last.pt", {"metrics": metrics, "run_dir": str(run_dir)}
+
+    artifact = obtain(ArtifactCache(cfg.paths.cache_dir), "diffusion",
+                      diffusion_settings(cfg, latent_record.get("autoencoder_key")), train,
+                      reuse=cfg.train.reuse and not cfg.train.resume, what="diffusion model")
+    model = load_diffusion_model(str(artifact.path), device)
+    metrics = {**artifact.record["metrics"], **latent_record, "trained": artifact.trained}
+    if not artifact.trained:
+        metrics["checkpoint"] = str(artifact.path)
+    metrics.update({"stage": "diffusion", "artifact_key": artifact.key})
     metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"]))
     writer.close()
     return metrics
@@ -120,7 +120,26 @@ def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     return metrics
 
 
-MODES = {"diffusion": run_diffusion, "sample": run_sample}
+def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    """Train the autoencoder (or take it from ckpt.autoencoder or the cache) and measure it."""
+    artifact = obtain_autoencoder(cfg, run_dir, device)
+    metrics = {**artifact.record.get("metrics", {}), "stage": "reconstruction", "trained": artifact.trained,
+               "autoencoder_source": artifact.source, "artifact_key": artifact.key}
+    if not artifact.trained:  # the training run measured it; a reused one is measured here
+        metrics["checkpoint"] = str(artifact.path)
+        from difflab.data import load_splits
+
+        space = load_latent_space(artifact.path, cfg, device,
+                                  "ckpt.autoencoder" if artifact.source == "given" else "the cached autoencoder")
+        writer = _writer(run_dir)
+        images = held_out_images(*load_splits(cfg.dataset, cfg.paths.cache_dir))
+        metrics.update(evaluate_autoencoder(space.autoencoder, images, run_dir, device, writer))
+        metrics.update({"latent_shape": list(space.shape), "latent_scale": space.scale})
+        writer.close()
+    return metrics
+
+
+MODES = {"diffusion": run_diffusion, "sample": run_sample, "reconstruction": run_reconstruction}
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:

@@ -122,7 +122,7 @@ def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, d
     return generate(
         lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0),
         model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
-        gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
+        decode=model.decode, gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
     )
 
 

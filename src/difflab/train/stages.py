@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +19,9 @@ from difflab.errors import UserError
 from difflab.models import build_unet, count_parameters
 from difflab.train.checkpoint import load_checkpoint
 from difflab.train.loop import StepBatches, Trainer, TrainResult
+
+if TYPE_CHECKING:
+    from difflab.latent import LatentSpace
 
 log = logging.getLogger("difflab.stages")
 
@@ -39,13 +42,18 @@ class DiffusionModel:
     shape: tuple[int, int, int]  # C, H, W of what the network denoises
     num_classes: int  # 0 = unconditional
     trained_with_label_dropout: bool
+    latent: Optional[LatentSpace] = None  # None = pixel space
 
     def denoiser(self, y: Optional[Tensor], guidance: DictConfig, clip_x0: bool) -> GuidedDenoiser:
         cfg_scale = guidance.scale if guidance.name == "cfg" else 1.0
         return GuidedDenoiser(
             net=self.net, process=self.process, y=y, null_class=self.num_classes,
-            cfg_scale=cfg_scale, clip_x0=clip_x0,
+            cfg_scale=cfg_scale, clip_x0=clip_x0 and self.latent is None,  # latents have no [-1, 1] range
         )
+
+    def decode(self, x: Tensor) -> Tensor:
+        """What the network denoises -> images in [-1, 1]."""
+        return x if self.latent is None else self.latent.decode(x)
 
 
 def _model_meta(shape: tuple[int, int, int], num_classes: int, label_dropout: float) -> dict:
@@ -57,15 +65,17 @@ def _build_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int) -
 
 
 class DiffusionStage:
-    """Trains the denoising network on the data set, in pixel space."""
+    """Trains the denoising network on the data set, in pixel space or in `latent` space."""
 
     name = "diffusion"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None,
+                 latent: Optional[LatentSpace] = None):
         self.cfg, self.run_dir, self.device, self.writer = cfg, run_dir, device, writer
+        self.latent = latent
         self.train_data, self.val_data = load_splits(cfg.dataset, cfg.paths.cache_dir)
         self.num_classes = self.train_data.num_classes if cfg.objective.class_conditional else 0
-        self.shape = tuple(self.train_data.images.shape[1:])
+        self.shape = latent.shape if latent else tuple(self.train_data.images.shape[1:])
         self.process = build_process(cfg)
         self.label_dropout = cfg.guidance.p_uncond if (cfg.guidance.name == "cfg" and self.num_classes) else 0.0
         self.net = _build_net(cfg, self.shape, self.num_classes)
@@ -76,11 +86,20 @@ class DiffusionStage:
         # Training images live on the device as uint8: a batch is one index_select.
         self.images = self.train_data.images.to(device)
         self.labels = self.train_data.labels.to(device)
+        # Un-augmented images always give the same latents: encode them once, not every step.
+        aug = cfg.dataset.augmentation
+        self.train_latents = (latent.encode_dataset(self.train_data.images, cfg, device)
+                              if latent and not (aug.hflip or aug.crop_padding) else None)
+
+    def to_model_space(self, x: Tensor) -> Tensor:
+        return x if self.latent is None else self.latent.encode(x)
 
     def batch(self, step: int, batches: StepBatches) -> tuple[Tensor, Tensor]:
         idx = batches.indices(step).to(self.device)
+        if self.train_latents is not None:
+            return self.train_latents[idx], self.labels[idx]
         x = augment_batch(to_model_range(self.images[idx]), self.cfg.dataset.augmentation)
-        return x, self.labels[idx]
+        return self.to_model_space(x), self.labels[idx]
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         x0, y = batch
@@ -99,7 +118,7 @@ class DiffusionStage:
         if n == 0:
             return None
         gen = torch.Generator().manual_seed(12345)
-        x0 = to_model_range(self.val_data.images[:n]).to(self.device)
+        x0 = self.to_model_space(to_model_range(self.val_data.images[:n]).to(self.device))
         y = self.val_data.labels[:n].to(self.device) if self.num_classes else None
         t = torch.randint(0, self.process.T, (n,), generator=gen).to(self.device)
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
@@ -120,7 +139,8 @@ class DiffusionStage:
     def fit(self, image_fn=None) -> tuple[Trainer, TrainResult]:
         cfg = self.cfg
         extra = {"config": OmegaConf.to_container(cfg, resolve=True), "stage": self.name,
-                 "meta": _model_meta(self.shape, self.num_classes, self.label_dropout)}
+                 "meta": _model_meta(self.shape, self.num_classes, self.label_dropout),
+                 "autoencoder": self.latent.state() if self.latent else None}
         trainer = Trainer(self.net, cfg.train, self.run_dir / "checkpoints", self.device, self.writer, extra)
         resumed = trainer.maybe_resume(cfg.train.resume)
         batches = StepBatches(len(self.train_data), cfg.train.batch_size, cfg.seed)
@@ -130,7 +150,8 @@ class DiffusionStage:
         return trainer, result
 
     def model(self, net: nn.Module) -> DiffusionModel:
-        return DiffusionModel(net.eval(), self.process, self.cfg, self.shape, self.num_classes, self.label_dropout > 0)
+        return DiffusionModel(net.eval(), self.process, self.cfg, self.shape, self.num_classes, self.label_dropout > 0,
+                              self.latent)
 
 
 def load_diffusion_model(path: str, device: torch.device) -> DiffusionModel:
@@ -143,5 +164,10 @@ def load_diffusion_model(path: str, device: torch.device) -> DiffusionModel:
     shape = tuple(meta["shape"])
     net = _build_net(cfg, shape, meta["num_classes"])
     net.load_state_dict(state["ema"]["model"])
+    latent = None
+    if state.get("autoencoder"):
+        from difflab.latent import LatentSpace
+
+        latent = LatentSpace.from_state(state["autoencoder"], device)
     return DiffusionModel(net.to(device).eval(), build_process(cfg), cfg, shape, meta["num_classes"],
-                          meta["label_dropout"] > 0)
+                          meta["label_dropout"] > 0, latent)
