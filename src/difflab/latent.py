@@ -128,7 +128,7 @@ def obtain_autoencoder(cfg: DictConfig, stage_dir: Path, device: torch.device) -
     from difflab.train.reconstruction import train_autoencoder
 
     if cfg.autoencoder.name == "none":
-        raise UserError("This needs an autoencoder, but autoencoder=none: add autoencoder=kl or autoencoder=vq.")
+        raise UserError(f"mode={cfg.mode.name} needs an autoencoder, but autoencoder=none: add autoencoder=kl or autoencoder=vq.")
     return obtain(ArtifactCache(cfg.paths.cache_dir), "autoencoder", autoencoder_settings(cfg),
                   lambda: train_autoencoder(cfg, stage_dir, device), reuse=cfg.train.reuse,
                   given=cfg.ckpt.autoencoder, given_name="ckpt.autoencoder", what=f"{cfg.autoencoder.name} autoencoder")
