@@ -5,6 +5,7 @@ the PatchGAN's hinge loss and adaptive weight, and a tiny KL and VQ autoencoder 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -184,3 +185,17 @@ def test_tiny_autoencoder_reconstructs_better_after_training(hydra_cfg, tmp_path
         assert 0 < metrics["codebook_usage"] <= 1 and metrics["codebook_perplexity"] >= 1
     saved = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
     assert saved["latent_scale"] == metrics["latent_scale"] and saved["stage"] == "autoencoder"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["mode=reconstruction"], "mode=reconstruction trains an autoencoder, but autoencoder=none"),
+    (["ckpt.autoencoder=/tmp/ae.pt"], "ckpt.autoencoder is given but autoencoder=none"),
+    (["autoencoder=vq", "autoencoder.codebook_ema=1.0"], "autoencoder.codebook_ema=1.0 must be in [0, 1)"),
+    (["autoencoder=kl", "autoencoder.train.max_steps=0"], "autoencoder.train.max_steps=0 must be positive"),
+])
+def test_autoencoder_settings_are_validated(hydra_cfg, overrides, needle):
+    from difflab.config import validate
+    from difflab.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(needle)):
+        validate(hydra_cfg(*overrides))

@@ -30,16 +30,23 @@ def _assert_clean_error(proc, *needles):
 
 @pytest.fixture(scope="module")
 def latent(tmp_path_factory, shapes_dir):
-    """One latent diffusion run with nothing cached: it trains the autoencoder first."""
+    """Two latent diffusion runs started together with nothing cached, differing only in a
+    diffusion setting: one trains the autoencoder first, the other waits and takes it from the
+    cache. Returns (base folder, the run that trained it, the run that reused it)."""
     base = tmp_path_factory.mktemp("latent")
-    run_dir = base / "first"
-    proc = run_py(*_base(shapes_dir, base / "cache"), "autoencoder=kl", f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return base, run_dir
+    runs = {"a": [], "b": ["train.lr=5e-4"]}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "run.py"), *_base(shapes_dir, base / "cache"), "autoencoder=kl",
+                               *extra, f"hydra.run.dir={base / name}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for name, extra in runs.items()]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    trained = [name for name in runs if read_metrics(base / name)["autoencoder_trained"]]
+    assert len(trained) == 1, "the shared autoencoder must be trained exactly once"
+    return base, base / trained[0], base / ({"a", "b"} - set(trained)).pop()
 
 
 def test_latent_diffusion_trains_its_autoencoder_first_and_samples_images(latent):
-    _, run_dir = latent
+    _, run_dir, _ = latent
     m = read_metrics(run_dir)
     assert m["autoencoder_source"] == "trained" and m["autoencoder_trained"] is True and m["trained"] is True
     assert m["latent_shape"] == [2, 4, 4] and m["latent_scale"] > 0
@@ -50,12 +57,10 @@ def test_latent_diffusion_trains_its_autoencoder_first_and_samples_images(latent
     data = np.load(run_dir / "samples" / "samples.npz")
     assert data["images"].shape == (8, 16, 16, 1) and data["images"].dtype == np.uint8  # decoded, as in pixel space
     assert (run_dir / "samples" / "grid.png").is_file() and (run_dir / "samples" / "denoising.gif").is_file()
-    cache = latent[0] / "cache" / "artifacts"
-    assert len(list((cache / "latents").glob("*/record.json"))) == 1  # encoded once, no augmentation
 
 
 def test_sample_mode_decodes_a_latent_model(latent, tmp_path):
-    _, run_dir = latent
+    _, run_dir, _ = latent
     out = tmp_path / "sample"
     proc = run_py("mode=sample", f"ckpt={run_dir}/checkpoints/last.pt", "sample.num_images=6", "device=cpu",
                   "train.threads=1", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={out}")
@@ -65,26 +70,25 @@ def test_sample_mode_decodes_a_latent_model(latent, tmp_path):
 
 
 def test_cached_autoencoder_is_reused_and_a_changed_setting_trains_anew(latent, shapes_dir):
-    base, first = latent
-    m1 = read_metrics(first)
-    second, third = base / "second", base / "third"
-    # another diffusion setting, the same autoencoder settings: the autoencoder comes from the cache
-    proc = run_py(*_base(shapes_dir, base / "cache"), "autoencoder=kl", "train.lr=5e-4", f"hydra.run.dir={second}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m2 = read_metrics(second)
+    base, first, second = latent
+    m1, m2 = read_metrics(first), read_metrics(second)
+    # another diffusion setting, the same autoencoder settings: the autoencoder came from the cache
     assert m2["autoencoder_source"] == "cache" and m2["autoencoder_trained"] is False
     assert m2["autoencoder_key"] == m1["autoencoder_key"] and m2["latent_scale"] == m1["latent_scale"]
     assert m2["trained"] is True and m2["artifact_key"] != m1["artifact_key"]
     assert not (second / "autoencoder").exists()
     assert "reusing the kl autoencoder made with these settings by" in (second / "train.log").read_text()
+    latents = base / "cache" / "artifacts" / "latents"
+    assert len(list(latents.glob("*/record.json"))) == 1  # both encoded the training set once, together
     # a changed autoencoder setting trains a new one, and with it a new diffusion model and latents
+    third = base / "third"
     proc = run_py(*_base(shapes_dir, base / "cache"), "autoencoder=kl", "autoencoder.kl_weight=1e-5",
                   f"hydra.run.dir={third}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     m3 = read_metrics(third)
     assert m3["autoencoder_trained"] is True and m3["autoencoder_key"] != m1["autoencoder_key"]
     assert m3["trained"] is True and m3["artifact_key"] != m1["artifact_key"]
-    assert len(list((base / "cache" / "artifacts" / "latents").glob("*/record.json"))) == 2
+    assert len(list(latents.glob("*/record.json"))) == 2
 
 
 def test_reconstruction_mode_vq_with_discriminator_then_given_checkpoint(tmp_path, shapes_dir):
@@ -116,16 +120,8 @@ def test_reconstruction_mode_vq_with_discriminator_then_given_checkpoint(tmp_pat
     assert "using the vq autoencoder given by ckpt.autoencoder=" in (given / "train.log").read_text()
 
 
-def test_concurrent_runs_train_a_shared_autoencoder_once(tmp_path, shapes_dir):
-    base = [*_base(shapes_dir, tmp_path / "cache"), "mode=reconstruction", "autoencoder=kl"]
-    procs = [subprocess.Popen([sys.executable, str(REPO / "run.py"), *base, f"hydra.run.dir={tmp_path / str(n)}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in (1, 2)]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    assert sorted(read_metrics(tmp_path / str(n))["trained"] for n in (1, 2)) == [False, True]
-
-
 def test_bad_ckpt_autoencoder(latent, tmp_path, shapes_dir):
-    _, run_dir = latent
+    _, run_dir, _ = latent
     base = [*_base(shapes_dir, tmp_path / "cache"), "autoencoder=kl"]
     _assert_clean_error(run_py(*base, f"ckpt.autoencoder={tmp_path}/nope.pt", f"hydra.run.dir={tmp_path}/a"),
                         "error: The kl autoencoder file", "does not exist")
@@ -134,8 +130,3 @@ def test_bad_ckpt_autoencoder(latent, tmp_path, shapes_dir):
     _assert_clean_error(run_py(*base, "autoencoder.latent_channels=3",
                                f"ckpt.autoencoder={run_dir}/autoencoder/checkpoints/last.pt", f"hydra.run.dir={tmp_path}/c"),
                         "2x4x4 latents", "make 3x4x4 latents")
-
-
-def test_reconstruction_without_an_autoencoder(tmp_path, shapes_dir):
-    _assert_clean_error(run_py(*_base(shapes_dir, tmp_path / "cache"), "mode=reconstruction", f"hydra.run.dir={tmp_path}/a"),
-                        "mode=reconstruction needs an autoencoder, but autoencoder=none")

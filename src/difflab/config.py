@@ -260,6 +260,8 @@ def validate(cfg) -> None:
     if cfg.sample.num_images < 0:
         raise UserError(f"sample.num_images={cfg.sample.num_images} must be 0 or more: use e.g. 100.")
     validate_autoencoder(cfg.autoencoder)
+    if cfg.mode.name == "reconstruction" and cfg.autoencoder.name == "none":
+        raise UserError("mode=reconstruction trains an autoencoder, but autoencoder=none: add autoencoder=kl or autoencoder=vq.")
     if cfg.ckpt.autoencoder and cfg.autoencoder.name == "none" and cfg.mode.name != "sample":
         raise UserError("ckpt.autoencoder is given but autoencoder=none: add the autoencoder=kl or autoencoder=vq it was trained as.")
     if cfg.schedule.zero_terminal_snr and cfg.objective.prediction == "eps":
