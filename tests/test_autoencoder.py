@@ -175,7 +175,7 @@ def test_tiny_autoencoder_reconstructs_better_after_training(hydra_cfg, tmp_path
                     "train.val_every=40", "train.checkpoint_every=40", "train.ema.decay=0.9", *extra)
     stage = AutoencoderStage(cfg, tmp_path / name, torch.device("cpu"))
     val = stage.make_val_fn()
-    at_start = val(stage.module)
+    at_start = val(stage.module.eval())
     _, metrics = stage.fit()
     assert metrics["steps"] == 40
     assert metrics["best_val_loss"] < 0.7 * at_start, (at_start, metrics["best_val_loss"])

@@ -18,9 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from difflab.artifacts import Artifact, ArtifactCache, dataset_settings, file_digest, obtain, train_settings
+from difflab.data import to_model_range
 from difflab.errors import UserError
 from difflab.models.autoencoder import Autoencoder, build_autoencoder
 from difflab.train.checkpoint import atomic_save, load_checkpoint
+from difflab.train.reconstruction import autoencoder_train_config, train_autoencoder
 
 log = logging.getLogger("difflab")
 
@@ -30,8 +32,6 @@ ENCODE_BATCH = 256
 def autoencoder_settings(cfg: DictConfig) -> dict:
     """Everything that determines a trained autoencoder: its config, the data set, the training
     settings it is trained with and the seed."""
-    from difflab.train.reconstruction import autoencoder_train_config
-
     autoencoder = OmegaConf.to_container(cfg.autoencoder, resolve=True)
     autoencoder.pop("train")  # enters through the merged train block below
     return {"dataset": dataset_settings(cfg), "autoencoder": autoencoder,
@@ -76,8 +76,6 @@ class LatentSpace:
         """The scaled latents of a whole (un-augmented) training set, encoded once and kept in the
         artifact cache under a key of the autoencoder file and the images' bytes, so any change
         to either encodes anew."""
-        from difflab.data import to_model_range
-
         cache = ArtifactCache(cfg.paths.cache_dir)
         images_digest = hashlib.sha256(images_uint8.contiguous().numpy().tobytes()).hexdigest()[:16]
         settings = {"autoencoder_file": self.identity, "latent_scale": self.scale, "images": images_digest}
@@ -125,8 +123,6 @@ def _dims(shape) -> str:
 def obtain_autoencoder(cfg: DictConfig, stage_dir: Path, device: torch.device) -> Artifact:
     """ckpt.autoencoder when given, else the cached autoencoder of these settings, else one
     trained now in stage_dir (and cached)."""
-    from difflab.train.reconstruction import train_autoencoder
-
     if cfg.autoencoder.name == "none":
         raise UserError(f"mode={cfg.mode.name} needs an autoencoder, but autoencoder=none: add autoencoder=kl or autoencoder=vq.")
     return obtain(ArtifactCache(cfg.paths.cache_dir), "autoencoder", autoencoder_settings(cfg),

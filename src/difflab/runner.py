@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from difflab.artifacts import ArtifactCache, diffusion_settings, obtain
 from difflab.config import validate
+from difflab.data import load_splits
 from difflab.errors import UserError
 from difflab.evaluate.visualize import class_rows, save_loss_curve
 from difflab.latent import LatentSpace, load_latent_space, obtain_autoencoder, obtain_latent_space
@@ -127,8 +128,6 @@ def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> 
                "autoencoder_source": artifact.source, "artifact_key": artifact.key}
     if not artifact.trained:  # the training run measured it; a reused one is measured here
         metrics["checkpoint"] = str(artifact.path)
-        from difflab.data import load_splits
-
         space = load_latent_space(artifact.path, cfg, device,
                                   "ckpt.autoencoder" if artifact.source == "given" else "the cached autoencoder")
         writer = _writer(run_dir)

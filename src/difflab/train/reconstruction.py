@@ -50,7 +50,8 @@ class AutoencoderWithLoss(nn.Module):
 
 @torch.no_grad()
 def reconstruct(autoencoder: Autoencoder, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Optional[Tensor]]:
-    """decode(encode(x)) in batches (the posterior mean for KL, quantised for VQ), plus the VQ codes."""
+    """decode(encode(x)) in batches (the posterior mean for KL, quantised for VQ), plus the VQ codes.
+    Give it a model in eval mode: a VQ codebook in training mode would update on what it measures."""
     out, codes = [], []
     for xb in x.split(batch_size):
         z = autoencoder.encode(xb)
@@ -154,7 +155,9 @@ class AutoencoderStage:
         extra = {"config": OmegaConf.to_container(cfg, resolve=True), "stage": self.name,
                  "meta": {"image_shape": list(self.image_shape), "latent_shape": list(self.autoencoder.latent_shape)}}
         trainer = Trainer(self.module, tcfg, self.stage_dir / "checkpoints", self.device, self.writer, extra)
-        resumed = trainer.maybe_resume(tcfg.resume)
+        # train.resume=PATH inside a latent diffusion run names the diffusion checkpoint, not this one.
+        own_resume = tcfg.resume if tcfg.resume == "auto" or cfg.mode.name == "reconstruction" else None
+        resumed = trainer.maybe_resume(own_resume)
         batches = StepBatches(len(self.train_data), tcfg.batch_size, cfg.seed)
         result = trainer.fit(self.loss, lambda s: self.batch(s, batches), tcfg.batch_size, self.make_val_fn())
         autoencoder = trainer.ema.model.autoencoder.eval()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -16,12 +16,10 @@ from torch import Tensor, nn
 from difflab.data import ImageData, augment_batch, load_splits, to_model_range
 from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, make_betas
 from difflab.errors import UserError
+from difflab.latent import LatentSpace
 from difflab.models import build_unet, count_parameters
 from difflab.train.checkpoint import load_checkpoint
 from difflab.train.loop import StepBatches, Trainer, TrainResult
-
-if TYPE_CHECKING:
-    from difflab.latent import LatentSpace
 
 log = logging.getLogger("difflab.stages")
 
@@ -164,10 +162,6 @@ def load_diffusion_model(path: str, device: torch.device) -> DiffusionModel:
     shape = tuple(meta["shape"])
     net = _build_net(cfg, shape, meta["num_classes"])
     net.load_state_dict(state["ema"]["model"])
-    latent = None
-    if state.get("autoencoder"):
-        from difflab.latent import LatentSpace
-
-        latent = LatentSpace.from_state(state["autoencoder"], device)
+    latent = LatentSpace.from_state(state["autoencoder"], device) if state.get("autoencoder") else None
     return DiffusionModel(net.to(device).eval(), build_process(cfg), cfg, shape, meta["num_classes"],
                           meta["label_dropout"] > 0, latent)
