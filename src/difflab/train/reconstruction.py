@@ -165,12 +165,14 @@ class AutoencoderStage:
         trainer.extra_state["latent_scale"] = scale
         trainer.save("last.pt")
         save_loss_curve(result.loss_history, self.stage_dir / "loss_curve.png", trainer.val_history)
+        measured = evaluate_autoencoder(autoencoder, held_out_images(self.train_data, self.val_data), self.stage_dir,
+                                        self.device, self.writer, result.step)
         metrics = {
             "final_loss": result.final_loss, "best_val_loss": result.best_val_loss, "steps": result.step,
             "train_images_per_s": result.images_per_s, "train_wall_time_s": result.wall_time_s,
             "num_params": self.num_params, "latent_shape": list(self.autoencoder.latent_shape),
             "latent_scale": scale, "resumed_from": resumed, "checkpoint": str(self.stage_dir / "checkpoints" / "last.pt"),
-            **evaluate_autoencoder(autoencoder, held_out_images(self.train_data, self.val_data), self.stage_dir, self.device, self.writer, result.step),
+            **measured,
         }
         return trainer, metrics
 
