@@ -1,4 +1,5 @@
-"""The latent space a latent diffusion model works in: a trained autoencoder and its scale.
+"""The latent space a latent diffusion model works in: a trained autoencoder and its scale;
+and mode=reconstruction, the run that trains (or measures) that autoencoder alone.
 
 Where the autoencoder comes from (ckpt.autoencoder, the artifact cache, or training it first
 in the same run) is decided by `obtain_latent_space`; a diffusion checkpoint embeds the
@@ -16,13 +17,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
 
 from difflab.artifacts import Artifact, ArtifactCache, dataset_settings, file_digest, obtain, train_settings
-from difflab.data import to_model_range
+from difflab.data import load_splits, to_model_range
 from difflab.errors import UserError
 from difflab.models.autoencoder import Autoencoder, build_autoencoder
 from difflab.train.checkpoint import atomic_save, load_checkpoint
-from difflab.train.reconstruction import autoencoder_train_config, train_autoencoder
+from difflab.train.reconstruction import (autoencoder_train_config, evaluate_autoencoder, held_out_images,
+                                          train_autoencoder)
 
 log = logging.getLogger("difflab")
 
@@ -116,6 +119,11 @@ def load_latent_space(path: Path, cfg: DictConfig, device: torch.device, given_n
                        float(state["latent_scale"]), file_digest(Path(path)))
 
 
+def load_artifact(artifact: Artifact, cfg: DictConfig, device: torch.device) -> LatentSpace:
+    name = "ckpt.autoencoder" if artifact.source == "given" else "the cached autoencoder"
+    return load_latent_space(artifact.path, cfg, device, name)
+
+
 def _dims(shape) -> str:
     return "x".join(map(str, shape))
 
@@ -133,10 +141,24 @@ def obtain_autoencoder(cfg: DictConfig, stage_dir: Path, device: torch.device) -
 def obtain_latent_space(cfg: DictConfig, run_dir: Path, device: torch.device) -> tuple[LatentSpace, dict]:
     """The latent space of a latent diffusion run, and what its metrics.json says about it."""
     artifact = obtain_autoencoder(cfg, run_dir / "autoencoder", device)
-    space = load_latent_space(artifact.path, cfg, device,
-                              "ckpt.autoencoder" if artifact.source == "given" else "the cached autoencoder")
+    space = load_artifact(artifact, cfg, device)
     record = {"autoencoder_source": artifact.source, "autoencoder_trained": artifact.trained,
               "autoencoder_key": artifact.key, "autoencoder_checkpoint": str(artifact.path),
               "latent_shape": list(space.shape), "latent_scale": space.scale}
     return space, record
 
+
+def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    """Train the autoencoder (or take it from ckpt.autoencoder or the cache) and measure it."""
+    artifact = obtain_autoencoder(cfg, run_dir, device)
+    metrics = {**artifact.record.get("metrics", {}), "stage": "reconstruction", "trained": artifact.trained,
+               "autoencoder_source": artifact.source, "artifact_key": artifact.key}
+    if not artifact.trained:  # the training run measured it; a reused one is measured here
+        metrics["checkpoint"] = str(artifact.path)
+        space = load_artifact(artifact, cfg, device)
+        writer = SummaryWriter(str(run_dir / "tb"))
+        images = held_out_images(*load_splits(cfg.dataset, cfg.paths.cache_dir))
+        metrics.update(evaluate_autoencoder(space.autoencoder, images, run_dir, device, writer))
+        metrics.update({"latent_shape": list(space.shape), "latent_scale": space.scale})
+        writer.close()
+    return metrics

@@ -14,13 +14,11 @@ from omegaconf import DictConfig
 
 from difflab.artifacts import ArtifactCache, diffusion_settings, obtain
 from difflab.config import validate
-from difflab.data import load_splits
 from difflab.errors import UserError
 from difflab.evaluate.visualize import class_rows, save_loss_curve
-from difflab.latent import LatentSpace, load_latent_space, obtain_autoencoder, obtain_latent_space
+from difflab.latent import LatentSpace, obtain_latent_space, run_reconstruction
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
-from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
 from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
 
 log = logging.getLogger("difflab")
@@ -118,23 +116,6 @@ def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     model = load_diffusion_model(cfg.ckpt.model, device)
     metrics = {"stage": "sample", "checkpoint": str(Path(cfg.ckpt.model).expanduser().resolve())}
     metrics.update(sample_and_write(model, cfg, run_dir, device))
-    return metrics
-
-
-def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    """Train the autoencoder (or take it from ckpt.autoencoder or the cache) and measure it."""
-    artifact = obtain_autoencoder(cfg, run_dir, device)
-    metrics = {**artifact.record.get("metrics", {}), "stage": "reconstruction", "trained": artifact.trained,
-               "autoencoder_source": artifact.source, "artifact_key": artifact.key}
-    if not artifact.trained:  # the training run measured it; a reused one is measured here
-        metrics["checkpoint"] = str(artifact.path)
-        space = load_latent_space(artifact.path, cfg, device,
-                                  "ckpt.autoencoder" if artifact.source == "given" else "the cached autoencoder")
-        writer = _writer(run_dir)
-        images = held_out_images(*load_splits(cfg.dataset, cfg.paths.cache_dir))
-        metrics.update(evaluate_autoencoder(space.autoencoder, images, run_dir, device, writer))
-        metrics.update({"latent_shape": list(space.shape), "latent_scale": space.scale})
-        writer.close()
     return metrics
 
 
