@@ -29,8 +29,19 @@ def hydra_ctx():
     GlobalHydra.instance().clear()
 
 
+# Options valid only beside another group's option: the partner replaces that group's choice.
+PARTNERS = {"mode=reconstruction": ("autoencoder", "kl")}
+
+
+def _with_partners(overrides: list[str]) -> list[str]:
+    for option, (group, partner) in PARTNERS.items():
+        if option in overrides:
+            overrides = [o for o in overrides if not o.startswith(f"{group}=")] + [f"{group}={partner}"]
+    return overrides
+
+
 def _compose(overrides: list[str]):
-    cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose(config_name="config", overrides=_with_partners(overrides))
     if cfg.dataset.name == "folder":
         cfg.dataset.root = "/tmp/images"  # the one mandatory value a user must give
     validate(cfg)
@@ -76,6 +87,15 @@ def test_combinations_compose(hydra_ctx):
 def test_issue_example_composes(hydra_ctx):
     cfg = _compose(["dataset=mnist", "mode=diffusion", "schedule=cosine", "sampler=ddim", "sampler.steps=50"])
     assert cfg.schedule.name == "cosine" and cfg.sampler.steps == 50
+
+
+def test_latent_examples_compose(hydra_ctx):
+    """The README's latent diffusion commands, seed 000's geometry and seed 002's options."""
+    cfg = _compose(["dataset=mnist", "autoencoder=kl", "mode=reconstruction", "autoencoder.train.max_steps=50"])
+    assert cfg.autoencoder.name == "kl" and cfg.autoencoder.train.max_steps == 50 and cfg.autoencoder.train.lr == 1e-3
+    cfg = _compose(["dataset=mnist", "autoencoder=vq", "autoencoder.discriminator.enabled=true", "ckpt.autoencoder=/a.pt"])
+    assert cfg.autoencoder.discriminator.enabled and cfg.autoencoder.commitment == 0.25 and cfg.ckpt.autoencoder == "/a.pt"
+    assert {"none", "kl", "vq"} <= set(options("autoencoder")) and "reconstruction" in options("mode")
 
 
 def test_ckpt_shorthand():

@@ -117,3 +117,17 @@ def test_classifier_needs_labelled_data(tmp_path):
         Image.fromarray(np.full((16, 16), i * 20, np.uint8)).save(flat / f"{i}.png")
     proc = run_py(*tiny_overrides(flat, tmp_path / "cache"), "mode=classifier", f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 2 and "at least 2 classes" in proc.stderr
+
+
+def test_joint_in_latent_space_guides_with_a_latent_classifier(shapes_dir, tmp_path):
+    """With an autoencoder, the classifier reads (scaled) latents: trained, guided and scored there."""
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "mode=joint", "autoencoder=kl",
+                  "autoencoder.channels=16", "autoencoder.train.max_steps=4", "autoencoder.train.batch_size=8",
+                  f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(tmp_path / "run")
+    assert m["stage"] == "joint" and m["latent_shape"] == [2, 4, 4]
+    assert 0 <= m["sample_class_accuracy_t0"] <= 1
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["ema"]["model"]["classifier.conv_in.weight"].shape[1] == 2  # latent channels in
+    assert np.load(tmp_path / "run" / "classifier_guided_samples" / "samples.npz")["images"].shape == (8, 16, 16, 1)

@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
+
+from difflab.errors import UserError
+
+log = logging.getLogger("difflab")
 
 # train.* keys that change how a run is watched or resumed, never the weights it ends with.
 OBSERVATION_KEYS = ("resume", "progress", "log_every", "val_every", "val_batches", "image_every",
                     "checkpoint_every", "keep_checkpoints", "threads", "reuse", "compile")
 
 
-def _dataset_settings(cfg: DictConfig) -> dict:
+def dataset_settings(cfg: DictConfig) -> dict:
+    """The data set as far as it determines trained weights (not where it is read from, nor
+    how much of it is held out for the validation loss)."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.pop("val_size")
     dataset.pop("download")
@@ -34,24 +42,29 @@ def _dataset_settings(cfg: DictConfig) -> dict:
     return dataset
 
 
-def _train_settings(train: DictConfig) -> dict:
-    settings = {k: v for k, v in OmegaConf.to_container(train, resolve=True).items() if k not in OBSERVATION_KEYS}
+def train_settings(train_cfg: DictConfig) -> dict:
+    settings = {k: v for k, v in OmegaConf.to_container(train_cfg, resolve=True).items() if k not in OBSERVATION_KEYS}
     if not settings["ema"]["decays"]:  # no extra EMA copies: the key models trained before copies existed had
         del settings["ema"]["decays"]
     return settings
 
 
-def diffusion_settings(cfg: DictConfig) -> dict:
+def _autoencoder_settings(autoencoder_key: Optional[str]) -> dict:
+    """A latent model is determined by its autoencoder, named by that one's own key."""
+    return {"key": autoencoder_key} if autoencoder_key else {"name": "none"}
+
+
+def diffusion_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -> dict:
     """Everything that determines a trained diffusion model, and nothing that only affects
     sampling (sampler, guidance scale, sample.*, eval.*) or bookkeeping."""
     return {
-        "dataset": _dataset_settings(cfg),
-        "autoencoder": OmegaConf.to_container(cfg.autoencoder, resolve=True),
+        "dataset": dataset_settings(cfg),
+        "autoencoder": _autoencoder_settings(autoencoder_key),
         "unet": OmegaConf.to_container(cfg.unet, resolve=True),
         "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
         "objective": OmegaConf.to_container(cfg.objective, resolve=True),
         "label_dropout": cfg.guidance.p_uncond if cfg.guidance.name == "cfg" else 0.0,
-        "train": _train_settings(cfg.train),
+        "train": train_settings(cfg.train),
         "seed": cfg.seed,
     }
 
@@ -60,29 +73,29 @@ def diffusion_settings(cfg: DictConfig) -> dict:
 CLASSIFIER_USE_KEYS = ("weight", "accuracy_bands", "max_steps", "batch_size", "lr")
 
 
-def classifier_settings(cfg: DictConfig) -> dict:
-    """Everything that determines a classifier trained by mode=classifier: the data it sees,
-    the schedule that noises it, its network and its training (classifier.{max_steps,...}
-    replace the train block's)."""
+def classifier_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -> dict:
+    """Everything that determines a classifier trained by mode=classifier: the data it sees
+    (through which autoencoder), the schedule that noises it, its network and its training
+    (classifier.{max_steps,...} replace the train block's)."""
     from difflab.train.classifier_stages import classifier_train_cfg
 
     network = {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items()
                if k not in CLASSIFIER_USE_KEYS}
     return {
-        "dataset": _dataset_settings(cfg),
-        "autoencoder": OmegaConf.to_container(cfg.autoencoder, resolve=True),
+        "dataset": dataset_settings(cfg),
+        "autoencoder": _autoencoder_settings(autoencoder_key),
         "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
         "classifier": network,
-        "train": _train_settings(classifier_train_cfg(cfg)),
+        "train": train_settings(classifier_train_cfg(cfg)),
         "seed": cfg.seed,
     }
 
 
-def joint_settings(cfg: DictConfig) -> dict:
+def joint_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -> dict:
     """A joint model is the diffusion model's settings plus the classifier's network and weight."""
     network = {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items()
                if k not in ("accuracy_bands", "max_steps", "batch_size", "lr")}
-    return {**diffusion_settings(cfg), "classifier": network}
+    return {**diffusion_settings(cfg, autoencoder_key), "classifier": network}
 
 
 FORMAT_VERSION = 1  # bump when a change to the code makes stored weights unusable
@@ -91,6 +104,15 @@ FORMAT_VERSION = 1  # bump when a change to the code makes stored weights unusab
 def settings_key(settings: dict) -> str:
     payload = json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """A file's identity by content, for artifacts derived from a given (not cached) file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 class ArtifactCache:
@@ -126,3 +148,50 @@ class ArtifactCache:
         tmp_record.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         os.replace(tmp_record, folder / "record.json")
         return folder / "model.pt"
+
+
+@dataclass
+class Artifact:
+    """What `obtain` found or made: the weights file and how it came to be."""
+
+    path: Path
+    key: str
+    source: str  # "given" (an explicit path), "cache" or "trained" (by this run, then stored)
+    record: dict  # what the training run stored beside the weights (metrics, run_dir); {} when given
+
+    @property
+    def trained(self) -> bool:
+        return self.source == "trained"
+
+
+TrainFn = Callable[[], tuple[Path, dict]]  # trains the stage -> (checkpoint file, record to store)
+
+
+def obtain(cache: ArtifactCache, stage: str, settings: dict, train: TrainFn, *, reuse: bool = True,
+           given: Optional[str] = None, given_name: str = "a path", what: Optional[str] = None) -> Artifact:
+    """The artifact of `stage` for `settings`: the file `given` explicitly, else the cached one,
+    else the result of `train()`, stored in the cache. The lookup and the training run under the
+    key's file lock, so parallel jobs that need the same artifact train it once. Logs one line
+    saying which of the three it did, naming the artifact `what` (default: the stage's name);
+    `reuse=False` trains anew (and replaces the cached entry)."""
+    what = what or stage
+    if given:
+        path = Path(given).expanduser().resolve()
+        if not path.is_file():
+            raise UserError(f"The {what} file {path} given by {given_name} does not exist: point {given_name} "
+                            "to a .pt file inside a run's checkpoints/ folder, or leave it out to train one.")
+        log.info("using the %s given by %s=%s", what, given_name, path)
+        return Artifact(path, f"file-{file_digest(path)}", "given", {})
+    key = settings_key(settings)
+    with cache.lock(stage, key):
+        cached = cache.find(stage, key) if reuse else None
+        if cached is not None:
+            record = cache.record(stage, key)
+            log.info("reusing the %s made with these settings by %s (%s); train.reuse=false trains anew",
+                     what, record.get("run_dir"), cached)
+            return Artifact(cached, key, "cache", record)
+        log.info("no %s made with these settings in the artifact cache yet: making it now (key %s)", what, key)
+        checkpoint, record = train()
+        stored = cache.store(stage, key, checkpoint, {**record, "settings": settings})
+        log.info("stored the %s in the artifact cache: %s", what, stored)
+        return Artifact(stored, key, "trained", record)

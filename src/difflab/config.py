@@ -32,8 +32,41 @@ class DatasetConfig:
 
 
 @dataclass
+class DiscriminatorConfig:
+    enabled: bool = False  # the optional adversarial term (PatchGAN, hinge loss)
+    channels: int = 64
+    num_layers: int = 2  # stride-2 levels; 2 suits 28-32 px images, 3 is pix2pix's 70x70 patches
+    weight: float = 0.5  # disc_weight, times the adaptive weight
+    start: int = 0  # disc_start: the step from which the adversarial term and the discriminator train
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """The autoencoder's own training length and optimiser settings; null = the train.* value.
+    Everything else (precision, EMA, grad clip, logging, checkpoints, resume, reuse) is train.*."""
+
+    max_steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+
+
+@dataclass
 class AutoencoderConfig:
-    name: str = "none"
+    name: str = "none"  # none | kl | vq
+    channels: int = 32
+    channel_mults: List[int] = field(default_factory=lambda: [1, 2, 2])  # down-sampling 2^(len - 1)
+    num_res_blocks: int = 1
+    attention: bool = True  # an attention block in the middle, at the latent resolution
+    norm_groups: int = 8
+    latent_channels: int = 2  # vq: the codebook vectors' dimension
+    kl_weight: float = 1e-6  # kl
+    codebook_size: int = 256  # vq
+    commitment: float = 0.25  # vq: beta
+    codebook_ema: float = 0.99  # vq: EMA decay of the codebook updates; 0 = learn it by the codebook loss
+    restart_dead_codes: bool = True  # vq: move unused codes onto encoder outputs
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    train: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
 
 
 @dataclass
@@ -215,11 +248,11 @@ GROUP_SCHEMAS = {
 
 CHOICES = {
     "dataset.name": ("mnist", "fashion_mnist", "cifar10", "cifar100", "folder"),
-    "autoencoder.name": ("none",),
+    "autoencoder.name": ("none", "kl", "vq"),
     "schedule.name": ("linear", "cosine", "dns"),
     "sampler.name": ("ddpm", "ddim", "dpmpp_2m"),
     "guidance.name": ("none", "classifier", "cfg"),
-    "mode.name": ("diffusion", "classifier", "joint", "sample"),
+    "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample"),
     "objective.prediction": ("eps", "x0", "v"),
     "objective.loss": ("l2", "l1"),
     "train.lr_schedule": ("cosine", "constant"),
@@ -228,7 +261,8 @@ CHOICES = {
 
 POSITIVE = ("train.max_steps", "train.batch_size", "train.log_every", "train.val_every",
             "train.checkpoint_every", "sample.batch_size", "dataset.image_size", "dataset.channels",
-            "schedule.T", "classifier.max_steps", "classifier.batch_size", "classifier.accuracy_bands")
+            "schedule.T", "autoencoder.channels", "autoencoder.latent_channels", "autoencoder.codebook_size",
+            "classifier.max_steps", "classifier.batch_size", "classifier.accuracy_bands")
 
 
 def validate(cfg) -> None:
@@ -258,8 +292,25 @@ def validate(cfg) -> None:
             raise UserError(f"EMA decay {decay} (train.ema.decay / train.ema.decays) must be in [0, 1): use e.g. 0.999.")
     if cfg.sample.num_images < 0:
         raise UserError(f"sample.num_images={cfg.sample.num_images} must be 0 or more: use e.g. 100.")
+    validate_autoencoder(cfg.autoencoder)
+    if cfg.mode.name == "reconstruction" and cfg.autoencoder.name == "none":
+        raise UserError("mode=reconstruction trains an autoencoder, but autoencoder=none: add autoencoder=kl or autoencoder=vq.")
+    if cfg.ckpt.autoencoder and cfg.autoencoder.name == "none" and cfg.mode.name != "sample":
+        raise UserError("ckpt.autoencoder is given but autoencoder=none: add the autoencoder=kl or autoencoder=vq it was trained as.")
     if cfg.schedule.zero_terminal_snr and cfg.objective.prediction == "eps":
         raise UserError("schedule.zero_terminal_snr=true leaves x0 undefined at the last step for eps prediction: add objective.prediction=v.")
+
+
+def validate_autoencoder(ae) -> None:
+    from difflab.errors import UserError
+
+    if ae.kl_weight < 0 or ae.commitment < 0 or ae.discriminator.weight < 0:
+        raise UserError("autoencoder.kl_weight, .commitment and .discriminator.weight must be 0 or more: use e.g. 1e-6, 0.25, 0.5.")
+    if not 0 <= ae.codebook_ema < 1:
+        raise UserError(f"autoencoder.codebook_ema={ae.codebook_ema} must be in [0, 1): use 0.99, or 0 to learn the codebook by its loss.")
+    for key, value in ae.train.items():
+        if value is not None and value <= 0 and key != "warmup_steps":
+            raise UserError(f"autoencoder.train.{key}={value} must be positive: set a number above 0, or null for train.{key}.")
 
 
 def register_configs() -> None:

@@ -12,11 +12,12 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, settings_key
+from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, obtain, settings_key
 from difflab.config import validate
 from difflab.errors import UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies
 from difflab.evaluate.visualize import class_rows, save_accuracy_curve, save_loss_curve
+from difflab.latent import LatentSpace, obtain_latent_space, run_reconstruction
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
 from difflab.train.classifier_stages import ClassifierStage, JointStage, accuracy_by_band, load_classifier
@@ -58,9 +59,17 @@ def write_loss_csv(path: Path, train: list, val: list) -> None:
     path.write_text("step,split,loss\n" + "\n".join(rows) + "\n")
 
 
-def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer) -> tuple[dict, DiffusionModel]:
+def _resumes(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether this run continues a training: resume=auto with no checkpoint in this folder starts
+    afresh (e.g. a re-run sweep job that had reused a model), so it may reuse a cached one."""
+    resume = cfg.train.resume
+    return bool(resume) and (resume != "auto" or (run_dir / "checkpoints" / "last.pt").is_file())
+
+
+def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer,
+                    latent: Optional[LatentSpace] = None) -> tuple[dict, DiffusionModel]:
     """Train the diffusion model (mode=joint: with the classifier beside it)."""
-    stage = (JointStage if cfg.mode.name == "joint" else DiffusionStage)(cfg, run_dir, device, writer)
+    stage = (JointStage if cfg.mode.name == "joint" else DiffusionStage)(cfg, run_dir, device, writer, latent)
     writer.add_text("schedule/alpha_bar_T", f"{stage.process.alpha_bar_T:.6g}")
     writer.add_scalar("schedule/alpha_bar_T", stage.process.alpha_bar_T, 0)
 
@@ -94,33 +103,27 @@ def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer
 
 
 def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    """Train (or take from the artifact cache) the diffusion model, then sample from it.
-    mode=joint does the same for the diffusion model and classifier trained together."""
+    """Train (or take from the artifact cache) the diffusion model, then sample from it; mode=joint
+    does the same for the diffusion model and classifier trained together. A latent model first
+    obtains its autoencoder (given, cached, or trained now), whose key enters its own."""
     joint = cfg.mode.name == "joint"
-    stage_name = "joint" if joint else "diffusion"
-    cache, settings = ArtifactCache(cfg.paths.cache_dir), (joint_settings if joint else diffusion_settings)(cfg)
-    key = settings_key(settings)
+    latent, latent_record = obtain_latent_space(cfg, run_dir, device) if cfg.autoencoder.name != "none" else (None, {})
     writer = _writer(run_dir)
-    # The lock makes parallel sweep jobs that need the same model wait for the one training it.
-    with cache.lock(stage_name, key):
-        # resume=auto with no checkpoint in this folder starts afresh (e.g. a re-run sweep job that reused), so may reuse
-        resumes = cfg.train.resume and (cfg.train.resume != "auto" or (run_dir / "checkpoints" / "last.pt").is_file())
-        cached = cache.find(stage_name, key) if cfg.train.reuse and not resumes else None
-        if cached is not None:
-            record = cache.record(stage_name, key)
-            log.info("reusing the %s model trained with these settings by %s (%s); train.reuse=false trains anew",
-                     stage_name, record["run_dir"], cached)
-            model = load_diffusion_model(str(cached), device)
-            metrics = {**record["metrics"], "trained": False, "checkpoint": str(cached)}
-        else:
-            metrics, model = train_diffusion(cfg, run_dir, device, writer)
-            stored = cache.store(stage_name, key, run_dir / "checkpoints" / "last.pt",
-                                 {"metrics": metrics, "run_dir": str(run_dir), "settings": settings})
-            log.info("stored the trained model in the artifact cache: %s", stored)
-            metrics["trained"] = True
-    metrics.update({"stage": stage_name, "artifact_key": key})
-    own_classifier = metrics["checkpoint"] if joint else None
-    classifier = guidance_classifier(cfg, model, device, own_classifier)
+
+    def train() -> tuple[Path, dict]:
+        metrics, _ = train_diffusion(cfg, run_dir, device, writer, latent)
+        return run_dir / "checkpoints" / "last.pt", {"metrics": metrics, "run_dir": str(run_dir)}
+
+    settings = (joint_settings if joint else diffusion_settings)(cfg, latent_record.get("autoencoder_key"))
+    artifact = obtain(ArtifactCache(cfg.paths.cache_dir), cfg.mode.name, settings, train,
+                      reuse=cfg.train.reuse and not _resumes(cfg, run_dir),
+                      what="joint diffusion model and classifier" if joint else "diffusion model")
+    model = load_diffusion_model(str(artifact.path), device)
+    metrics = {**artifact.record["metrics"], **latent_record, "trained": artifact.trained}
+    if not artifact.trained:
+        metrics["checkpoint"] = str(artifact.path)
+    metrics.update({"stage": cfg.mode.name, "artifact_key": artifact.key})
+    classifier = guidance_classifier(cfg, model, device, str(artifact.path) if joint else None)
     metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"], classifier))
     if cfg.train.ema.decays:
         metrics["ema"] = evaluate_ema_copies(cfg, run_dir, Path(metrics["checkpoint"]), model, device)
@@ -141,18 +144,13 @@ def report_accuracy(by_band: dict[str, float], run_dir: Path, writer) -> dict[st
 
 
 def run_classifier(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    """Train (or take from the artifact cache) the noise-aware classifier of classifier guidance."""
-    cache, settings = ArtifactCache(cfg.paths.cache_dir), classifier_settings(cfg)
-    key = settings_key(settings)
-    with cache.lock("classifier", key):
-        cached = cache.find("classifier", key) if cfg.train.reuse and not cfg.train.resume else None
-        if cached is not None:
-            record = cache.record("classifier", key)
-            log.info("reusing the classifier trained with these settings by %s (%s); train.reuse=false trains anew",
-                     record["run_dir"], cached)
-            return {**record["metrics"], "trained": False, "checkpoint": str(cached), "artifact_key": key}
+    """Train (or take from the artifact cache) the noise-aware classifier of classifier guidance,
+    in the latent space of the run's autoencoder when it has one."""
+    latent, latent_record = obtain_latent_space(cfg, run_dir, device) if cfg.autoencoder.name != "none" else (None, {})
+
+    def train() -> tuple[Path, dict]:
         writer = _writer(run_dir)
-        stage = ClassifierStage(cfg, run_dir, device, writer)
+        stage = ClassifierStage(cfg, run_dir, device, writer, latent)
         trainer, result = stage.fit()
         trainer.save("last.pt")
         save_loss_curve(result.loss_history, run_dir / "loss_curve.png", trainer.val_history)
@@ -161,7 +159,6 @@ def run_classifier(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict
                                   run_dir, writer)
         writer.close()
         metrics = {
-            "stage": "classifier",
             "final_loss": result.final_loss,
             "best_val_loss": result.best_val_loss,
             "steps": result.step,
@@ -173,10 +170,16 @@ def run_classifier(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict
             "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
             "resumed_from": result.resumed_from,
         }
-        stored = cache.store("classifier", key, run_dir / "checkpoints" / "last.pt",
-                             {"metrics": metrics, "run_dir": str(run_dir), "settings": settings})
-        log.info("stored the trained classifier in the artifact cache: %s", stored)
-    return {**metrics, "trained": True, "artifact_key": key}
+        return run_dir / "checkpoints" / "last.pt", {"metrics": metrics, "run_dir": str(run_dir)}
+
+    artifact = obtain(ArtifactCache(cfg.paths.cache_dir), "classifier",
+                      classifier_settings(cfg, latent.identity if latent else None), train,
+                      reuse=cfg.train.reuse and not _resumes(cfg, run_dir), what="noise-aware classifier")
+    metrics = {**artifact.record["metrics"], **latent_record, "stage": "classifier", "trained": artifact.trained,
+               "artifact_key": artifact.key}
+    if not artifact.trained:
+        metrics["checkpoint"] = str(artifact.path)
+    return metrics
 
 
 def guidance_classifier(cfg: DictConfig, model: DiffusionModel, device: torch.device,
@@ -192,7 +195,8 @@ def guidance_classifier(cfg: DictConfig, model: DiffusionModel, device: torch.de
     if path is None:
         lookup = OmegaConf.merge(model.cfg, {"classifier": cfg.classifier, "seed": cfg.seed,
                                              "paths": cfg.paths})
-        found = ArtifactCache(cfg.paths.cache_dir).find("classifier", settings_key(classifier_settings(lookup)))
+        settings = classifier_settings(lookup, model.latent.identity if model.latent else None)
+        found = ArtifactCache(cfg.paths.cache_dir).find("classifier", settings_key(settings))
         if found is None:
             raise UserError("guidance=classifier needs a noise-aware classifier for this data set and schedule and none "
                             "was found: train one with `python run.py mode=classifier` and the same dataset/schedule "
@@ -215,7 +219,8 @@ def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     return metrics
 
 
-MODES = {"diffusion": run_diffusion, "joint": run_diffusion, "classifier": run_classifier, "sample": run_sample}
+MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "joint": run_diffusion,
+         "classifier": run_classifier, "sample": run_sample}
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:

@@ -123,7 +123,7 @@ def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, d
     return generate(
         lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0, classifier),
         model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
-        gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
+        decode=model.decode, gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
     )
 
 
@@ -133,9 +133,13 @@ def _classifier_classes(classifier: Optional[torch.nn.Module]) -> int:
 
 
 @torch.no_grad()
-def class_accuracy(classifier: torch.nn.Module, result: SampleResult, device: torch.device) -> float:
-    """Share of samples the noise-aware classifier, read at t=0, assigns to the requested class."""
+def class_accuracy(classifier: torch.nn.Module, model: DiffusionModel, result: SampleResult,
+                   device: torch.device) -> float:
+    """Share of samples the noise-aware classifier, read at t=0 (on the re-encoded latents in
+    latent space), assigns to the requested class."""
     x = to_model_range(result.images).to(device)
+    if model.latent is not None:
+        x = model.latent.encode(x)
     logits = classifier(x, torch.zeros(len(x), dtype=torch.long, device=device))
     return float((logits.argmax(1).cpu() == result.labels).float().mean())
 
@@ -151,7 +155,7 @@ def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, devi
     metrics = write_samples(result, run_dir / "samples", writer, step)
     if classifier is not None and result.labels is not None:
         write_samples(replace(result, frames=[]), run_dir / "classifier_guided_samples")  # seed 000's folder name
-        metrics["sample_class_accuracy_t0"] = class_accuracy(classifier, result, device)
+        metrics["sample_class_accuracy_t0"] = class_accuracy(classifier, model, result, device)
         log.info("classifier guidance scale %g: %.1f%% of samples read as their class by the classifier at t=0",
                  cfg.guidance.scale, 100 * metrics["sample_class_accuracy_t0"])
     return metrics

@@ -13,6 +13,7 @@ Conventions, chosen for speed:
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +73,10 @@ class ResBlock(nn.Module):
 
     The embedding is added as a per-channel bias (DDPM's form; scale-shift would add parameters
     and miss the DDPM parameter count). A 1x1 conv maps the skip path when the width changes.
+    With emb_dim=0 the block takes no embedding (the autoencoders, which know no timestep).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0,
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int = 0, dropout: float = 0.0,
                  norm_groups: int = 32):
         super().__init__()
         self.in_layers = nn.Sequential(
@@ -82,7 +84,7 @@ class ResBlock(nn.Module):
             nn.SiLU(),
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
         )
-        self.emb_proj = nn.Linear(emb_dim, out_channels)
+        self.emb_proj = nn.Linear(emb_dim, out_channels) if emb_dim else None
         self.out_layers = nn.Sequential(
             nn.GroupNorm(norm_groups, out_channels),
             nn.SiLU(),
@@ -92,10 +94,12 @@ class ResBlock(nn.Module):
         )
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """x: (B, in, H, W); emb: (B, emb_dim), already SiLU-activated -> (B, out, H, W)."""
+    def forward(self, x: Tensor, emb: Optional[Tensor] = None) -> Tensor:
+        """x: (B, in, H, W); emb: (B, emb_dim), already SiLU-activated, or None when emb_dim=0
+        -> (B, out, H, W)."""
         h = self.in_layers(x)
-        h = h + rearrange(self.emb_proj(emb), "b c -> b c 1 1")
+        if self.emb_proj is not None:
+            h = h + rearrange(self.emb_proj(emb), "b c -> b c 1 1")
         return self.skip(x) + self.out_layers(h)
 
 

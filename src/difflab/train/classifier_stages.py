@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from difflab.errors import UserError
+from difflab.latent import LatentSpace
 from difflab.models import NoisyClassifier, build_classifier, count_parameters
 from difflab.train.checkpoint import load_checkpoint
 from difflab.train.loop import Trainer, TrainResult
@@ -38,12 +39,14 @@ def _classifier_meta(shape: tuple, num_classes: int) -> dict:
 
 
 class ClassifierStage(NoisyDataStage):
-    """Trains p(y | x_t, t) on inputs noised by the run's schedule at uniformly drawn t."""
+    """Trains p(y | x_t, t) on inputs noised by the run's schedule at uniformly drawn t (latents
+    when the run has an autoencoder)."""
 
     name = "classifier"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None):
-        super().__init__(cfg, run_dir, device, writer)
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None,
+                 latent: Optional[LatentSpace] = None):
+        super().__init__(cfg, run_dir, device, writer, latent)
         self.num_classes = self.train_data.num_classes
         _require_classes(self.num_classes, "mode=classifier")
         self.net = build_classifier(cfg.classifier, self.shape[0], self.shape[1], self.num_classes)
@@ -86,8 +89,9 @@ class JointStage(DiffusionStage):
 
     name = "joint"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None):
-        super().__init__(cfg, run_dir, device, writer)
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None,
+                 latent: Optional[LatentSpace] = None):
+        super().__init__(cfg, run_dir, device, writer, latent)
         _require_classes(self.train_data.num_classes, "mode=joint")
         classifier = build_classifier(cfg.classifier, self.shape[0], self.shape[1], self.train_data.num_classes)
         self.joint = JointModule(self.net, classifier)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from difflab.data import augment_batch, load_splits, to_model_range
 from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, make_betas
 from difflab.errors import UserError
+from difflab.latent import LatentSpace
 from difflab.models import build_unet, count_parameters
 from difflab.train.checkpoint import load_checkpoint
 from difflab.train.loop import StepBatches, Trainer, TrainResult
@@ -39,6 +40,7 @@ class DiffusionModel:
     shape: tuple[int, int, int]  # C, H, W of what the network denoises
     num_classes: int  # 0 = unconditional
     trained_with_label_dropout: bool
+    latent: Optional[LatentSpace] = None  # None = pixel space
 
     def denoiser(self, y: Optional[Tensor], guidance: DictConfig, clip_x0: bool,
                  classifier: Optional[nn.Module] = None) -> GuidedDenoiser:
@@ -47,8 +49,12 @@ class DiffusionModel:
             net=self.net, process=self.process, y=y, null_class=self.num_classes,
             cfg_scale=guidance.scale if guidance.name == "cfg" else 1.0,
             classifier=classifier, classifier_scale=guidance.scale if guidance.name == "classifier" else 0.0,
-            clip_x0=clip_x0,
+            clip_x0=clip_x0 and self.latent is None,  # latents have no [-1, 1] range
         )
+
+    def decode(self, x: Tensor) -> Tensor:
+        """What the network denoises -> images in [-1, 1]."""
+        return x if self.latent is None else self.latent.decode(x)
 
 
 def _model_meta(shape: tuple[int, int, int], num_classes: int, label_dropout: float) -> dict:
@@ -61,22 +67,34 @@ def _build_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int) -
 
 class NoisyDataStage:
     """What every stage that learns on noised data shares: the data set as uint8 tensors on the
-    device (a batch is one index_select) and the run's Gaussian process."""
+    device (a batch is one index_select), in pixel space or encoded into `latent` space, and
+    the run's Gaussian process."""
 
     name = ""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None,
+                 latent: Optional[LatentSpace] = None):
         self.cfg, self.run_dir, self.device, self.writer = cfg, run_dir, device, writer
+        self.latent = latent
         self.train_data, self.val_data = load_splits(cfg.dataset, cfg.paths.cache_dir)
-        self.shape = tuple(self.train_data.images.shape[1:])
+        self.shape = latent.shape if latent else tuple(self.train_data.images.shape[1:])
         self.process = build_process(cfg)
         self.images = self.train_data.images.to(device)
         self.labels = self.train_data.labels.to(device)
+        # Un-augmented images always give the same latents: encode them once, not every step.
+        aug = cfg.dataset.augmentation
+        self.train_latents = (latent.encode_dataset(self.train_data.images, cfg, device)
+                              if latent and not (aug.hflip or aug.crop_padding) else None)
+
+    def to_model_space(self, x: Tensor) -> Tensor:
+        return x if self.latent is None else self.latent.encode(x)
 
     def batch(self, step: int, batches: StepBatches) -> tuple[Tensor, Tensor]:
         idx = batches.indices(step).to(self.device)
+        if self.train_latents is not None:
+            return self.train_latents[idx], self.labels[idx]
         x = augment_batch(to_model_range(self.images[idx]), self.cfg.dataset.augmentation)
-        return x, self.labels[idx]
+        return self.to_model_space(x), self.labels[idx]
 
     def fixed_val_batch(self) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Held-out images with fixed timesteps and noise, so validation values are comparable
@@ -85,7 +103,7 @@ class NoisyDataStage:
         if n == 0:
             return None
         gen = torch.Generator().manual_seed(12345)
-        x0 = to_model_range(self.val_data.images[:n]).to(self.device)
+        x0 = self.to_model_space(to_model_range(self.val_data.images[:n]).to(self.device))
         y = self.val_data.labels[:n].to(self.device)
         t = torch.randint(0, self.process.T, (n,), generator=gen).to(self.device)
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
@@ -94,7 +112,8 @@ class NoisyDataStage:
     def train(self, model: nn.Module, train_cfg: DictConfig, meta: dict, loss, val_fn,
               image_fn=None) -> tuple[Trainer, TrainResult]:
         """Fit `model` with the loop, resuming when train.resume says so."""
-        extra = {"config": OmegaConf.to_container(self.cfg, resolve=True), "stage": self.name, "meta": meta}
+        extra = {"config": OmegaConf.to_container(self.cfg, resolve=True), "stage": self.name, "meta": meta,
+                 "autoencoder": self.latent.state() if self.latent else None}
         trainer = Trainer(model, train_cfg, self.run_dir / "checkpoints", self.device, self.writer, extra)
         resumed = trainer.maybe_resume(self.cfg.train.resume)
         batches = StepBatches(len(self.train_data), train_cfg.batch_size, self.cfg.seed)
@@ -104,12 +123,13 @@ class NoisyDataStage:
 
 
 class DiffusionStage(NoisyDataStage):
-    """Trains the denoising network on the data set, in pixel space."""
+    """Trains the denoising network on the data set, in pixel or latent space."""
 
     name = "diffusion"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None):
-        super().__init__(cfg, run_dir, device, writer)
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None,
+                 latent: Optional[LatentSpace] = None):
+        super().__init__(cfg, run_dir, device, writer, latent)
         self.num_classes = self.train_data.num_classes if cfg.objective.class_conditional else 0
         self.label_dropout = cfg.guidance.p_uncond if (cfg.guidance.name == "cfg" and self.num_classes) else 0.0
         self.net = _build_net(cfg, self.shape, self.num_classes)
@@ -154,7 +174,8 @@ class DiffusionStage(NoisyDataStage):
         return self.train(self.net, self.cfg.train, meta, self.loss, self.make_val_fn(), image_fn)
 
     def model(self, net: nn.Module) -> DiffusionModel:
-        return DiffusionModel(net.eval(), self.process, self.cfg, self.shape, self.num_classes, self.label_dropout > 0)
+        return DiffusionModel(net.eval(), self.process, self.cfg, self.shape, self.num_classes, self.label_dropout > 0,
+                              self.latent)
 
 
 def load_diffusion_model(path: str, device: torch.device) -> DiffusionModel:
@@ -170,5 +191,6 @@ def load_diffusion_model(path: str, device: torch.device) -> DiffusionModel:
     if state["stage"] == "joint":  # the UNet half of a JointModule
         weights = {k.removeprefix("unet."): v for k, v in weights.items() if k.startswith("unet.")}
     net.load_state_dict(weights)
+    latent = LatentSpace.from_state(state["autoencoder"], device) if state.get("autoencoder") else None
     return DiffusionModel(net.to(device).eval(), build_process(cfg), cfg, shape, meta["num_classes"],
-                          meta["label_dropout"] > 0)
+                          meta["label_dropout"] > 0, latent)
