@@ -46,6 +46,7 @@ def tiny_overrides(data_dir: Path, cache_dir: Path) -> list[str]:
         "train.checkpoint_every=3", "train.image_every=3", "train.warmup_steps=2", "train.progress=false",
         "sample.num_images=8", "sample.batch_size=4", "sample.gif_images=2", "sample.gif_frames=3",
         f"paths.cache_dir={cache_dir}", "device=cpu",
+        "eval.num_samples=0",  # tests of evaluation turn it on with eval.classifier_steps tiny
     ]
 
 

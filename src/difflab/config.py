@@ -142,7 +142,12 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 0  # 0 = no evaluation at the end of training
+    num_samples: int = 500  # samples measured at the end of training and by mode=evaluate; 0 = none
+    batch_size: int = 250  # images per feature-extractor batch
+    extractors: List[str] = field(default_factory=lambda: ["inception", "classifier"])
+    inception_weights: Optional[str] = None  # null = torch's hub cache; missing = Inception metrics skipped
+    classifier_steps: int = 1000  # training of the data set's evaluation classifier (once, then cached)
+    classifier_batch_size: int = 128
 
 
 @dataclass
@@ -194,7 +199,7 @@ CHOICES = {
     "schedule.name": ("linear", "cosine", "dns"),
     "sampler.name": ("ddpm", "ddim", "dpmpp_2m"),
     "guidance.name": ("none", "cfg"),
-    "mode.name": ("diffusion", "sample"),
+    "mode.name": ("diffusion", "sample", "evaluate"),
     "objective.prediction": ("eps", "x0", "v"),
     "objective.loss": ("l2", "l1"),
     "train.lr_schedule": ("cosine", "constant"),
@@ -203,7 +208,7 @@ CHOICES = {
 
 POSITIVE = ("train.max_steps", "train.batch_size", "train.log_every", "train.val_every",
             "train.checkpoint_every", "sample.batch_size", "dataset.image_size", "dataset.channels",
-            "schedule.T")
+            "schedule.T", "eval.batch_size", "eval.classifier_steps", "eval.classifier_batch_size")
 
 
 def validate(cfg) -> None:
@@ -224,6 +229,8 @@ def validate(cfg) -> None:
         raise UserError(f"train.lr={cfg.train.lr} must be positive: use e.g. train.lr=2e-4.")
     if not 0 <= cfg.guidance.p_uncond < 1:
         raise UserError(f"guidance.p_uncond={cfg.guidance.p_uncond} must be in [0, 1): use 0.1.")
+    if cfg.eval.num_samples < 0:
+        raise UserError(f"eval.num_samples={cfg.eval.num_samples} must be 0 (no evaluation) or more: use e.g. 500.")
     if cfg.sample.num_images < 0:
         raise UserError(f"sample.num_images={cfg.sample.num_images} must be 0 or more: use e.g. 100.")
     if cfg.schedule.zero_terminal_snr and cfg.objective.prediction == "eps":

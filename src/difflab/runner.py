@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from difflab.artifacts import ArtifactCache, diffusion_settings, settings_key
 from difflab.config import validate
 from difflab.errors import UserError
+from difflab.evaluate.metrics import evaluate_model
 from difflab.evaluate.visualize import class_rows, save_loss_curve
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
@@ -107,6 +108,9 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
             metrics["trained"] = True
     metrics.update({"stage": "diffusion", "artifact_key": key})
     metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"]))
+    if cfg.eval.num_samples > 0:
+        metrics.update(evaluate_model(model, cfg, device, metrics["checkpoint"],
+                                      lambda n: sample_images(model, cfg, n, "balanced", device), writer, metrics["steps"]))
     writer.close()
     return metrics
 
@@ -120,7 +124,22 @@ def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     return metrics
 
 
-MODES = {"diffusion": run_diffusion, "sample": run_sample}
+def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    if not cfg.ckpt.model:
+        raise UserError("mode=evaluate needs a trained model: add ckpt=<run folder>/checkpoints/last.pt.")
+    if cfg.eval.num_samples <= 0:
+        raise UserError(f"mode=evaluate with eval.num_samples={cfg.eval.num_samples} has nothing to measure: add e.g. eval.num_samples=2000.")
+    model = load_diffusion_model(cfg.ckpt.model, device)
+    checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
+    writer = _writer(run_dir)
+    metrics = {"stage": "evaluate", "checkpoint": checkpoint}
+    metrics.update(evaluate_model(model, cfg, device, checkpoint,
+                                  lambda n: sample_images(model, cfg, n, "balanced", device), writer))
+    writer.close()
+    return metrics
+
+
+MODES = {"diffusion": run_diffusion, "sample": run_sample, "evaluate": run_evaluate}
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
