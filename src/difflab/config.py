@@ -206,6 +206,8 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 
+EVAL_EXTRACTORS = ("inception", "classifier")
+
 POSITIVE = ("train.max_steps", "train.batch_size", "train.log_every", "train.val_every",
             "train.checkpoint_every", "sample.batch_size", "dataset.image_size", "dataset.channels",
             "schedule.T", "eval.batch_size", "eval.classifier_steps", "eval.classifier_batch_size")
@@ -229,6 +231,9 @@ def validate(cfg) -> None:
         raise UserError(f"train.lr={cfg.train.lr} must be positive: use e.g. train.lr=2e-4.")
     if not 0 <= cfg.guidance.p_uncond < 1:
         raise UserError(f"guidance.p_uncond={cfg.guidance.p_uncond} must be in [0, 1): use 0.1.")
+    unknown = [name for name in cfg.eval.extractors if name not in EVAL_EXTRACTORS]
+    if unknown:
+        raise UserError(f"eval.extractors has {unknown[0]}, not an extractor: list some of {', '.join(EVAL_EXTRACTORS)}, e.g. eval.extractors=[classifier].")
     if cfg.eval.num_samples < 0:
         raise UserError(f"eval.num_samples={cfg.eval.num_samples} must be 0 (no evaluation) or more: use e.g. 500.")
     if cfg.sample.num_images < 0:

@@ -31,13 +31,12 @@ from difflab.evaluate.feature_classifier import load_classifier_file
 
 log = logging.getLogger("difflab.evaluate")
 
-EXTRACTORS = ("inception", "classifier")
 INCEPTION_FILE = Path(URL_INCEPTION_V3).name  # weights-inception-2015-12-05-6726825d.pth
 
 
 @dataclass
 class Extractor:
-    kind: str  # inception | classifier
+    kind: str  # inception | classifier (config.EVAL_EXTRACTORS)
     name: str  # as registered with torch-fidelity
     weights: Path
 
