@@ -81,3 +81,12 @@ def test_issue_example_composes(hydra_ctx):
 def test_ckpt_shorthand():
     assert _rewrite_ckpt_shorthand(["mode=sample", "ckpt=/a/last.pt", "ckpt.autoencoder=/b.pt"]) == [
         "mode=sample", "ckpt.model=/a/last.pt", "ckpt.autoencoder=/b.pt"]
+
+
+def test_evaluation_keys_compose(hydra_ctx):
+    cfg = _compose(["mode=evaluate", "ckpt.model=/a/last.pt", "eval.num_samples=2000", "eval.batch_size=100",
+                    "eval.extractors=[classifier]", "eval.inception_weights=/w/inception.pth",
+                    "eval.classifier_steps=300", "eval.classifier_batch_size=64"])
+    assert cfg.mode.name == "evaluate" and cfg.eval.num_samples == 2000 and list(cfg.eval.extractors) == ["classifier"]
+    assert cfg.eval.inception_weights == "/w/inception.pth" and cfg.eval.classifier_steps == 300
+    assert list(_compose([]).eval.extractors) == ["inception", "classifier"]

@@ -65,12 +65,13 @@ def test_evaluate_mode_reproduces_the_training_runs_numbers(trained, tmp_path):
     run_dir, cache = trained
     out = tmp_path / "evaluate"
     proc = run_py("mode=evaluate", f"ckpt={run_dir}/checkpoints/last.pt", *EVAL, "sampler.steps=5",
-                  "sample.batch_size=4", f"eval.inception_weights={tmp_path}/nope.pth", f"paths.cache_dir={cache}",
+                  "sample.batch_size=4", "sample.num_images=4", "sample.gif=false", f"eval.inception_weights={tmp_path}/nope.pth", f"paths.cache_dir={cache}",
                   "device=cpu", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     m, first = read_metrics(out), read_metrics(run_dir)
     assert m["stage"] == "evaluate" and m["checkpoint"] == str(run_dir / "checkpoints" / "last.pt")
     assert m["eval"]["checkpoint"] == m["checkpoint"] and m["eval"]["num_samples"] == 12
+    assert m["num_images"] == 4 and (out / "samples" / "grid.png").is_file()
     for key in ("fd_classifier", "kid_classifier", "real_fd_classifier", "class_accuracy"):
         assert m[key] == first[key], key
     assert m["eval"]["extractors"]["classifier"]["trained_now"] is False
@@ -92,6 +93,7 @@ def test_evaluate_mode_with_inception_weights(trained, stand_in_inception, tmp_p
     out = tmp_path / "evaluate"
     proc = run_py("mode=evaluate", f"ckpt={run_dir}/checkpoints/last.pt", "eval.num_samples=4", "eval.batch_size=4",
                   "eval.extractors=[inception]", f"eval.inception_weights={stand_in_inception}", "sampler.steps=2",
+                  "sample.num_images=0",
                   f"paths.cache_dir={cache}", "device=cpu", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_metrics(out)
@@ -117,6 +119,7 @@ def test_evaluate_without_checkpoint(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("eval.extractors=[clip]", "eval.extractors has clip, not an extractor"),
     ("eval.num_samples=-1", "eval.num_samples=-1 must be 0"),
+    ("eval.num_samples=2", "eval.num_samples=2 must be 0 \\(no evaluation\\) or at least 4"),
     ("eval.batch_size=0", "eval.batch_size=0 must be positive"),
     ("eval.num_samples=0", "mode=evaluate with eval.num_samples=0 has nothing to measure"),
     ("eval.num_samples=4", "x.pt does not exist: point to a .pt file"),  # the checkpoint is missing

@@ -234,8 +234,8 @@ def validate(cfg) -> None:
     unknown = [name for name in cfg.eval.extractors if name not in EVAL_EXTRACTORS]
     if unknown:
         raise UserError(f"eval.extractors has {unknown[0]}, not an extractor: list some of {', '.join(EVAL_EXTRACTORS)}, e.g. eval.extractors=[classifier].")
-    if cfg.eval.num_samples < 0:
-        raise UserError(f"eval.num_samples={cfg.eval.num_samples} must be 0 (no evaluation) or more: use e.g. 500.")
+    if cfg.eval.num_samples < 0 or 0 < cfg.eval.num_samples < 4:
+        raise UserError(f"eval.num_samples={cfg.eval.num_samples} must be 0 (no evaluation) or at least 4: use e.g. 500.")
     if cfg.sample.num_images < 0:
         raise UserError(f"sample.num_images={cfg.sample.num_images} must be 0 or more: use e.g. 100.")
     if cfg.schedule.zero_terminal_snr and cfg.objective.prediction == "eps":

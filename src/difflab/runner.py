@@ -133,6 +133,7 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
     writer = _writer(run_dir)
     metrics = {"stage": "evaluate", "checkpoint": checkpoint}
+    metrics.update(sample_and_write(model, cfg, run_dir, device, writer))  # a grid of what is measured
     metrics.update(evaluate_model(model, cfg, device, checkpoint,
                                   lambda n: sample_images(model, cfg, n, "balanced", device), writer))
     writer.close()

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("difflab.evaluate")
 
 REFERENCE_SEED = 1  # which training images form the reference set
+MIN_IMAGES = 4  # precision/recall look at each image's 3 nearest neighbours
 FIDELITY_SEED = 2020  # torch-fidelity's default: KID subsets and IS splits
 
 # torch-fidelity's result keys -> metrics.json keys, per extractor
@@ -54,7 +55,7 @@ def fidelity_metrics(images: Tensor, reference: Tensor, extractor: Extractor, de
     inception = extractor.kind == "inception"
     raw = torch_fidelity.calculate_metrics(
         input1=FidelityImages(images), input2=FidelityImages(reference), fid=True, kid=True, isc=inception,
-        prc=inception, feature_extractor=extractor.name, feature_extractor_weights_path=str(extractor.weights),
+        prc=inception and min(len(images), len(reference)) >= MIN_IMAGES, feature_extractor=extractor.name, feature_extractor_weights_path=str(extractor.weights),
         cuda=device.type == "cuda", batch_size=batch_size, save_cpu_ram=True, verbose=False, cache=True,
         cache_root=cache_root, input1_cache_name=names[0], input2_cache_name=names[1],
         kid_subset_size=max(2, min(1000, len(images), len(reference)) // 2), isc_splits=min(10, len(images)),
@@ -101,7 +102,7 @@ def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device,
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(REFERENCE_SEED))[:n]
     reference = train.images[pick]
     tag = f"difflab-{data_cfg.dataset.name}-{settings_key(classifier_settings(data_cfg)['dataset'])[:8]}"
-    ref_name, held_name = f"{tag}-train{n}-seed{REFERENCE_SEED}", f"{tag}-heldout{len(held_out)}"
+    ref_name, held_name = f"{tag}-train{len(reference)}-seed{REFERENCE_SEED}", f"{tag}-heldout{len(held_out)}"
     metrics: dict = {}
     produced_by: dict[str, str] = {}
     cache_root = str(OmegaConf.select(data_cfg, "paths.cache_dir")) + "/fidelity"
@@ -109,7 +110,7 @@ def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device,
         generated = fidelity_metrics(samples.images, reference, ex, device, cfg.eval.batch_size, cache_root,
                                      (None, ref_name))
         real = fidelity_metrics(held_out.images, reference, ex, device, cfg.eval.batch_size, cache_root,
-                                (held_name, ref_name)) if len(held_out) > 1 else {}
+                                (held_name, ref_name)) if len(held_out) >= MIN_IMAGES else {}
         metrics.update(generated)
         metrics.update({f"real_{k}": v for k, v in real.items()})
         produced_by.update({k: ex.kind for k in generated} | {f"real_{k}": ex.kind for k in real})
