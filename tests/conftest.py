@@ -47,6 +47,7 @@ def tiny_overrides(data_dir: Path, cache_dir: Path) -> list[str]:
         "sample.num_images=8", "sample.batch_size=4", "sample.gif_images=2", "sample.gif_frames=3",
         "classifier.channels=16", "classifier.norm_groups=8", "classifier.max_steps=6", "classifier.batch_size=8",
         f"paths.cache_dir={cache_dir}", "device=cpu",
+        "eval.num_samples=0",  # tests of evaluation turn it on with eval.classifier_steps tiny
     ]
 
 

@@ -133,3 +133,12 @@ def test_ema_decays_are_checked(hydra_ctx):
     assert list(_compose(["train.ema.decays=[0.9,0.999]"]).train.ema.decays) == [0.9, 0.999]
     with pytest.raises(UserError, match="train.ema.decays"):
         _compose(["train.ema.decays=[0.9,1.5]"])
+
+
+def test_evaluation_keys_compose(hydra_ctx):
+    cfg = _compose(["mode=evaluate", "ckpt.model=/a/last.pt", "eval.num_samples=2000", "eval.batch_size=100",
+                    "eval.extractors=[classifier]", "eval.inception_weights=/w/inception.pth",
+                    "eval.classifier_steps=300", "eval.classifier_batch_size=64"])
+    assert cfg.mode.name == "evaluate" and cfg.eval.num_samples == 2000 and list(cfg.eval.extractors) == ["classifier"]
+    assert cfg.eval.inception_weights == "/w/inception.pth" and cfg.eval.classifier_steps == 300
+    assert list(_compose([]).eval.extractors) == ["inception", "classifier"]

@@ -199,7 +199,12 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 0  # 0 = no evaluation at the end of training
+    num_samples: int = 500  # samples measured at the end of training and by mode=evaluate; 0 = none
+    batch_size: int = 250  # images per feature-extractor batch
+    extractors: List[str] = field(default_factory=lambda: ["inception", "classifier"])
+    inception_weights: Optional[str] = None  # null = torch's hub cache; missing = Inception metrics skipped
+    classifier_steps: int = 1000  # training of the data set's evaluation classifier (once, then cached)
+    classifier_batch_size: int = 128
 
 
 @dataclass
@@ -252,17 +257,20 @@ CHOICES = {
     "schedule.name": ("linear", "cosine", "dns"),
     "sampler.name": ("ddpm", "ddim", "dpmpp_2m"),
     "guidance.name": ("none", "classifier", "cfg"),
-    "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample"),
+    "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate"),
     "objective.prediction": ("eps", "x0", "v"),
     "objective.loss": ("l2", "l1"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 
+EVAL_EXTRACTORS = ("inception", "classifier")
+
 POSITIVE = ("train.max_steps", "train.batch_size", "train.log_every", "train.val_every",
             "train.checkpoint_every", "sample.batch_size", "dataset.image_size", "dataset.channels",
             "schedule.T", "autoencoder.channels", "autoencoder.latent_channels", "autoencoder.codebook_size",
-            "classifier.max_steps", "classifier.batch_size", "classifier.accuracy_bands")
+            "classifier.max_steps", "classifier.batch_size", "classifier.accuracy_bands",
+            "eval.batch_size", "eval.classifier_steps", "eval.classifier_batch_size")
 
 
 def validate(cfg) -> None:
@@ -290,6 +298,11 @@ def validate(cfg) -> None:
     for decay in [cfg.train.ema.decay, *cfg.train.ema.decays]:
         if not 0 <= decay < 1:
             raise UserError(f"EMA decay {decay} (train.ema.decay / train.ema.decays) must be in [0, 1): use e.g. 0.999.")
+    unknown = [name for name in cfg.eval.extractors if name not in EVAL_EXTRACTORS]
+    if unknown:
+        raise UserError(f"eval.extractors has {unknown[0]}, not an extractor: list some of {', '.join(EVAL_EXTRACTORS)}, e.g. eval.extractors=[classifier].")
+    if cfg.eval.num_samples < 0 or 0 < cfg.eval.num_samples < 4:
+        raise UserError(f"eval.num_samples={cfg.eval.num_samples} must be 0 (no evaluation) or at least 4: use e.g. 500.")
     if cfg.sample.num_images < 0:
         raise UserError(f"sample.num_images={cfg.sample.num_images} must be 0 or more: use e.g. 100.")
     validate_autoencoder(cfg.autoencoder)

@@ -16,6 +16,7 @@ from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_sett
 from difflab.config import validate
 from difflab.errors import UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies
+from difflab.evaluate.metrics import evaluate_model
 from difflab.evaluate.visualize import class_rows, save_accuracy_curve, save_loss_curve
 from difflab.latent import LatentSpace, obtain_latent_space, run_reconstruction
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
@@ -125,6 +126,10 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     metrics.update({"stage": cfg.mode.name, "artifact_key": artifact.key})
     classifier = guidance_classifier(cfg, model, device, str(artifact.path) if joint else None)
     metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"], classifier))
+    if cfg.eval.num_samples > 0:
+        metrics.update(evaluate_model(model, cfg, device, metrics["checkpoint"],
+                                      lambda n: sample_images(model, cfg, n, "balanced", device, classifier=classifier),
+                                      writer, metrics["steps"]))
     if cfg.train.ema.decays:
         metrics["ema"] = evaluate_ema_copies(cfg, run_dir, Path(metrics["checkpoint"]), model, device)
     writer.close()
@@ -219,8 +224,26 @@ def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     return metrics
 
 
+def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    if not cfg.ckpt.model:
+        raise UserError("mode=evaluate needs a trained model: add ckpt=<run folder>/checkpoints/last.pt.")
+    if cfg.eval.num_samples <= 0:
+        raise UserError(f"mode=evaluate with eval.num_samples={cfg.eval.num_samples} has nothing to measure: add e.g. eval.num_samples=2000.")
+    model = load_diffusion_model(cfg.ckpt.model, device)
+    checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
+    writer = _writer(run_dir)
+    metrics = {"stage": "evaluate", "checkpoint": checkpoint}
+    classifier = guidance_classifier(cfg, model, device)
+    metrics.update(sample_and_write(model, cfg, run_dir, device, writer, classifier=classifier))  # what is measured
+    metrics.update(evaluate_model(model, cfg, device, checkpoint,
+                                  lambda n: sample_images(model, cfg, n, "balanced", device, classifier=classifier),
+                                  writer))
+    writer.close()
+    return metrics
+
+
 MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "joint": run_diffusion,
-         "classifier": run_classifier, "sample": run_sample}
+         "classifier": run_classifier, "sample": run_sample, "evaluate": run_evaluate}
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:

@@ -81,10 +81,15 @@ def ddim(denoiser: Denoiser, process: GaussianDiffusion, x: Tensor, ts: list[int
     return x
 
 
+LOWER_ORDER_FINAL_BELOW = 15  # fewer steps than this: the last two steps are first order
+
+
 def dpmpp_2m(denoiser: Denoiser, process: GaussianDiffusion, x: Tensor, ts: list[int],
              on_step: OnStep | None = None, **_) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in data prediction; the first step and the
-    final step to clean data are first order."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in data prediction. The first step and the
+    final step to clean data are first order, and with fewer than 15 steps so is the one
+    before it (diffusers' lower_order_final): the multistep correction is least reliable
+    where the steps are longest, close to the data."""
     x0_prev, h_prev = None, None
     for i, t, ab_t, ab_s in _pairs(process, ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -94,7 +99,8 @@ def dpmpp_2m(denoiser: Denoiser, process: GaussianDiffusion, x: Tensor, ts: list
         else:
             alpha_s, sigma_s, sigma_t = math.sqrt(ab_s), math.sqrt(1 - ab_s), math.sqrt(1 - ab_t)
             h = 0.5 * math.log(ab_s / (1 - ab_s)) - 0.5 * math.log(ab_t / (1 - ab_t))
-            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
+            first_order = x0_prev is None or (len(ts) < LOWER_ORDER_FINAL_BELOW and i == len(ts) - 2)
+            d = x0 if first_order else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
             x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
         if on_step:

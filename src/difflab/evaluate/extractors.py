@@ -1,0 +1,130 @@
+"""The feature extractors torch-fidelity computes metrics with, registered under names that
+identify their weights, so its feature and statistics cache never mixes two sets of weights.
+
+- Inception-v3 (torch-fidelity's own network): when its weights file is at hand, from
+  `eval.inception_weights` or torch's hub cache; offline without it, it is skipped.
+- The data set's evaluation classifier (feature_classifier.py), trained here, always at hand.
+
+Both receive uint8 3-channel images at the data set's size: Inception resizes to 299 inside,
+the classifier converts back to its own channels and size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch_fidelity
+from einops import repeat
+from torch import Tensor
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from difflab.data.transforms import fit_images
+from difflab.errors import UserError
+from difflab.evaluate.feature_classifier import load_classifier_file
+
+log = logging.getLogger("difflab.evaluate")
+
+INCEPTION_FILE = Path(URL_INCEPTION_V3).name  # weights-inception-2015-12-05-6726825d.pth
+
+
+@dataclass
+class Extractor:
+    kind: str  # inception | classifier (config.EVAL_EXTRACTORS)
+    name: str  # as registered with torch-fidelity
+    weights: Path
+
+
+class FidelityImages(Dataset):
+    """uint8 N,C,H,W images as torch-fidelity reads them: 3 channels, grey repeated."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        image = self.images[i]
+        return repeat(image, "1 h w -> 3 h w") if image.shape[0] == 1 else image
+
+
+class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
+    """The evaluation classifier seen through torch-fidelity: 'features' (128-d, for FD, KID)
+    and 'logits'. The weights file comes as feature_extractor_weights_path."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str = None, **_):
+        super().__init__(name, features_list)
+        self.net, meta = load_classifier_file(feature_extractor_weights_path, torch.device("cpu"))
+        self.channels, self.image_size = meta["channels"], meta["image_size"]
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "logits" if metric == "isc" else "features"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros((1, 3, 28, 28), dtype=torch.uint8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        images = fit_images(x.cpu(), self.channels, self.image_size).to(x.device)
+        features, logits = self.net(images.float() / 127.5 - 1.0)
+        out = {"features": features, "logits": logits}
+        return tuple(out[name] for name in self.features_list)
+
+
+def _register(name: str, cls: type) -> None:
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(name, cls)
+
+
+def classifier_extractor(path: Path, key: str) -> Extractor:
+    name = f"difflab-classifier-{key}"
+    _register(name, ClassifierFeatures)
+    return Extractor("classifier", name, path)
+
+
+def find_inception_weights(configured: Optional[str]) -> tuple[Optional[Path], str]:
+    """(weights file, "") when one is at hand, else (None, why not)."""
+    if configured:
+        path = Path(configured).expanduser()
+        return (path, "") if path.is_file() else (None, f"eval.inception_weights={configured} does not exist")
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if path.is_file():
+        return path, ""
+    return None, f"{INCEPTION_FILE} is not in torch's hub cache ({path.parent}); pass eval.inception_weights=PATH"
+
+
+def inception_extractor(path: Path) -> Extractor:
+    """Checks the file is an Inception state dict (read with weights_only=True, before
+    torch-fidelity reads it without), and registers it under a name of its content's hash."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        fc = state["fc.weight"]
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise UserError(f"eval.inception_weights={path} is not torch-fidelity's Inception state dict ({type(e).__name__}): "
+                        f"use its {INCEPTION_FILE}, or drop the key to skip the Inception metrics.") from None
+    if tuple(fc.shape) != (1008, 2048):
+        raise UserError(f"eval.inception_weights={path} has a {tuple(fc.shape)} fc layer, not Inception's (1008, 2048): "
+                        f"use torch-fidelity's {INCEPTION_FILE}.")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    name = f"inception-v3-{digest.hexdigest()[:12]}"
+    _register(name, FeatureExtractorInceptionV3)
+    return Extractor("inception", name, path)

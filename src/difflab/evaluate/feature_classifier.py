@@ -1,0 +1,163 @@
+"""The evaluation classifier: a small CNN trained on a data set's clean training images. Its
+penultimate layer is the feature space of the Frechet distance and KID that need no download
+(the Inception weights may not be had offline), and its predictions read the class of
+class-conditional samples.
+
+It is not the noise-aware classifier of classifier guidance: it sees clean real images only,
+never noised or generated ones. It is trained on first use and kept in the artifact cache under
+a key of the data settings and its own training settings, and never the run's seed, so every
+run on a data set is measured with the same extractor.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from difflab.artifacts import ArtifactCache, diffusion_settings, settings_key
+from difflab.config import EMAConfig, TrainConfig
+from difflab.data import ImageData, load_splits, to_model_range
+from difflab.models import count_parameters
+from difflab.train.checkpoint import atomic_save, load_checkpoint
+from difflab.train.loop import StepBatches, Trainer
+
+log = logging.getLogger("difflab.evaluate")
+
+STAGE = "feature_classifier"  # its folder in the artifact cache
+FEATURES = 128
+TRAIN_SEED = 0  # fixed: the extractor must not change with the run's seed
+TEST_IMAGES = 10_000  # its test accuracy is measured on up to this many held-out images
+
+
+class FeatureClassifier(nn.Module):
+    """Three conv layers, then a 128-d feature layer and a linear head; any image size (the
+    feature map is pooled to 4 x 4). The features are layer-normalised: on the scale of
+    Inception's, where KID's cubic kernel (x.y / d + 1)^3 stays well conditioned, and taken
+    before the ReLU, so no unit is constant zero and their covariance stays full rank."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * width * 16, FEATURES),
+            nn.LayerNorm(FEATURES, elementwise_affine=False),
+        )
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(FEATURES, num_classes))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(features, logits) of images in model range [-1, 1]."""
+        features = self.body(x)
+        return features, self.head(features)
+
+
+@dataclass
+class LoadedClassifier:
+    net: FeatureClassifier
+    channels: int
+    image_size: int
+    num_classes: int
+    path: Path
+    key: str
+    test_accuracy: float | None
+    trained_now: bool
+    train_seconds: float
+
+
+def real_splits(cfg: DictConfig, held_out: int) -> tuple[ImageData, ImageData]:
+    """(train, held-out) real images: the held-out ones come from the official test split (a
+    folder: its validation share), a seeded pick of up to `held_out` of them."""
+    return load_splits(OmegaConf.merge(cfg, {"dataset": {"val_size": held_out}}).dataset, cfg.paths.cache_dir)
+
+
+def classifier_settings(cfg: DictConfig) -> dict:
+    return {"dataset": diffusion_settings(cfg)["dataset"], "network": {"width": 32, "features": FEATURES, "norm": "layer"},
+            "steps": cfg.eval.classifier_steps, "batch_size": cfg.eval.classifier_batch_size,
+            "seed": TRAIN_SEED}
+
+
+def _train_config(steps: int, batch_size: int) -> DictConfig:
+    return OmegaConf.structured(TrainConfig(
+        max_steps=steps, batch_size=batch_size, lr=2e-3, warmup_steps=min(50, steps // 10), precision="fp32",
+        ema=EMAConfig(decay=0.99), log_every=max(1, steps // 5), val_every=steps, image_every=0,
+        checkpoint_every=steps, keep_checkpoints=0, progress=False,
+    ))
+
+
+@torch.no_grad()
+def accuracy(net: FeatureClassifier, images: Tensor, labels: Tensor, device: torch.device,
+             batch_size: int = 1000) -> float:
+    """Share of uint8 images the classifier assigns to their label."""
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        logits = net(to_model_range(images[i:i + batch_size]).to(device))[1]
+        correct += int((logits.argmax(1).cpu() == labels[i:i + batch_size]).sum())
+    return correct / max(len(images), 1)
+
+
+def _train(cfg: DictConfig, device: torch.device, folder: Path) -> tuple[dict, dict]:
+    """Fit the classifier on the training split; (checkpoint state, metrics)."""
+    train, held_out = real_splits(cfg, TEST_IMAGES)
+    settings = classifier_settings(cfg)
+    tcfg = _train_config(settings["steps"], settings["batch_size"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TRAIN_SEED)
+        net = FeatureClassifier(train.images.shape[1], train.num_classes)
+        trainer = Trainer(net, tcfg, folder, device)
+        images, labels = train.images.to(device), train.labels.to(device)
+        batches = StepBatches(len(train), min(tcfg.batch_size, len(train)), TRAIN_SEED)
+
+        def loss(model: nn.Module, idx: Tensor) -> Tensor:
+            return F.cross_entropy(model(to_model_range(images[idx]))[1], labels[idx])
+
+        result = trainer.fit(loss, lambda step: batches.indices(step).to(device), batches.batch_size)
+    ema = trainer.ema.model.eval()
+    test_accuracy = accuracy(ema, held_out.images, held_out.labels, device) if len(held_out) else None
+    meta = {"channels": train.images.shape[1], "image_size": train.images.shape[2], "num_classes": train.num_classes}
+    metrics = {"test_accuracy": test_accuracy, "test_images": len(held_out), "steps": result.step,
+               "final_loss": result.final_loss, "train_wall_time_s": result.wall_time_s,
+               "num_params": count_parameters(ema)}
+    state = {"config": settings, "stage": STAGE, "meta": meta, "model": ema.state_dict(), "metrics": metrics}
+    return state, metrics
+
+
+def load_classifier_file(path: str | Path, device: torch.device) -> tuple[FeatureClassifier, dict]:
+    """The network and meta of a stored evaluation classifier (weights_only load)."""
+    state = load_checkpoint(path, "evaluation classifier")
+    meta = state["meta"]
+    net = FeatureClassifier(meta["channels"], meta["num_classes"])
+    net.load_state_dict(state["model"])
+    return net.to(device).eval(), {**meta, **state["metrics"]}
+
+
+def feature_classifier(cfg: DictConfig, device: torch.device) -> LoadedClassifier:
+    """The data set's evaluation classifier from the artifact cache, trained first if missing
+    (parallel jobs wait on a lock for the one training it)."""
+    cache, settings = ArtifactCache(cfg.paths.cache_dir), classifier_settings(cfg)
+    key = settings_key(settings)
+    trained_now, seconds = False, 0.0
+    with cache.lock(STAGE, key):
+        path = cache.find(STAGE, key)
+        if path is None:
+            log.info("training the evaluation classifier for %s (%d steps; once per data set, then cached)",
+                     cfg.dataset.name, settings["steps"])
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory(dir=cache.root) as tmp:
+                state, metrics = _train(cfg, device, Path(tmp) / "checkpoints")
+                atomic_save(state, Path(tmp) / "model.pt")
+                path = cache.store(STAGE, key, Path(tmp) / "model.pt", {"metrics": metrics, "settings": settings})
+            trained_now, seconds = True, time.perf_counter() - t0
+    net, meta = load_classifier_file(path, device)
+    log.info("evaluation classifier %s: test accuracy %s on %d held-out images", path,
+             "n/a" if meta["test_accuracy"] is None else f"{meta['test_accuracy']:.4f}", meta["test_images"])
+    return LoadedClassifier(net, meta["channels"], meta["image_size"], meta["num_classes"], path, key,
+                            meta["test_accuracy"], trained_now, seconds)

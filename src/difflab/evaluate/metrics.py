@@ -1,0 +1,136 @@
+"""Sample quality through torch-fidelity, the same code path for every extractor:
+
+- Inception (when its weights are at hand): FID, KID, Inception Score, precision and recall;
+- the data set's evaluation classifier: the same Frechet distance and KID in its feature space,
+  and the class accuracy of class-conditional samples.
+
+Each is computed for the generated samples and, as the reference a reader needs, for a held-out
+real sample of equal size, both against the same seeded pick of real training images. The real
+images' features and statistics are cached by torch-fidelity under names of the data set,
+split, size and extractor, in paths.cache_dir/fidelity.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch_fidelity
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from difflab.artifacts import settings_key
+from difflab.evaluate.extractors import (Extractor, FidelityImages, classifier_extractor,
+                                         find_inception_weights, inception_extractor)
+from difflab.evaluate.feature_classifier import LoadedClassifier, accuracy, classifier_settings, feature_classifier, real_splits
+
+if TYPE_CHECKING:
+    from difflab.sampling import SampleResult
+    from difflab.train.stages import DiffusionModel
+
+log = logging.getLogger("difflab.evaluate")
+
+REFERENCE_SEED = 1  # which training images form the reference set
+MIN_IMAGES = 4  # precision/recall look at each image's 3 nearest neighbours
+FIDELITY_SEED = 2020  # torch-fidelity's default: KID subsets and IS splits
+
+# torch-fidelity's result keys -> metrics.json keys, per extractor
+KEYS = {
+    "inception": {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid",
+                  "kernel_inception_distance_std": "kid_std", "inception_score_mean": "inception_score",
+                  "inception_score_std": "inception_score_std", "precision": "precision", "recall": "recall"},
+    "classifier": {"frechet_inception_distance": "fd_classifier", "kernel_inception_distance_mean": "kid_classifier",
+                   "kernel_inception_distance_std": "kid_classifier_std"},
+}
+
+
+def fidelity_metrics(images: Tensor, reference: Tensor, extractor: Extractor, device: torch.device, batch_size: int,
+                     cache_root: str, names: tuple[Optional[str], Optional[str]] = (None, None)) -> dict[str, float]:
+    """FD and KID of uint8 `images` against `reference` in the extractor's feature space (with
+    Inception also IS, precision and recall), under difflab's metric names. A named input's
+    features are cached; an unnamed one (generated samples) never is. KID averages over subsets
+    of half the samples (at most 1000), so its std says how much it varies."""
+    inception = extractor.kind == "inception"
+    raw = torch_fidelity.calculate_metrics(
+        input1=FidelityImages(images), input2=FidelityImages(reference), fid=True, kid=True, isc=inception,
+        prc=inception and min(len(images), len(reference)) >= MIN_IMAGES, feature_extractor=extractor.name, feature_extractor_weights_path=str(extractor.weights),
+        cuda=device.type == "cuda", batch_size=batch_size, save_cpu_ram=True, verbose=False, cache=True,
+        cache_root=cache_root, input1_cache_name=names[0], input2_cache_name=names[1],
+        kid_subset_size=max(2, min(1000, len(images), len(reference)) // 2), isc_splits=min(10, len(images)),
+        rng_seed=FIDELITY_SEED,
+    )
+    return {ours: float(raw[theirs]) for theirs, ours in KEYS[extractor.kind].items() if theirs in raw}
+
+
+def _extractors(cfg: DictConfig, num_classes: int, device: torch.device) -> tuple[list[Extractor], Optional[LoadedClassifier], dict]:
+    """The extractors eval.extractors asks for that can be had here, the evaluation classifier,
+    and for each extractor what it is (or why it was skipped)."""
+    chosen, classifier, about = [], None, {}
+    if "inception" in cfg.eval.extractors:
+        path, why_not = find_inception_weights(cfg.eval.inception_weights)
+        if path is None:
+            log.info("Inception metrics (FID, KID, IS, precision/recall) skipped: %s", why_not)
+            about["inception"] = {"skipped": why_not}
+        else:
+            chosen.append(inception_extractor(path))
+            about["inception"] = {"name": chosen[-1].name, "weights": str(path)}
+    if "classifier" in cfg.eval.extractors:
+        if num_classes == 0:
+            log.info("classifier metrics skipped: the data set has no classes to train an evaluation classifier on")
+            about["classifier"] = {"skipped": "the data set has no classes"}
+        else:
+            classifier = feature_classifier(cfg, device)
+            chosen.append(classifier_extractor(classifier.path, classifier.key))
+            about["classifier"] = {"name": chosen[-1].name, "weights": str(classifier.path),
+                                   "test_accuracy": classifier.test_accuracy, "trained_now": classifier.trained_now}
+    return chosen, classifier, about
+
+
+def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device, checkpoint: str,
+                   sample: Callable[[int], SampleResult], writer=None, step: int = 0) -> dict:
+    """Sample cfg.eval.num_samples images with `sample(n)` and measure them; returns the
+    metrics.json entries (flat numbers, plus an `eval` block saying how each was produced)."""
+    # The data set is the one the model learnt; paths and eval.* are this run's.
+    data_cfg = OmegaConf.merge(model.cfg, {"paths": cfg.paths, "eval": cfg.eval})
+    n = cfg.eval.num_samples
+    train, held_out = real_splits(data_cfg, n)
+    extractors, classifier, about = _extractors(data_cfg, train.num_classes, device)
+    samples = sample(n)
+    t0 = time.perf_counter()
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(REFERENCE_SEED))[:n]
+    reference = train.images[pick]
+    tag = f"difflab-{data_cfg.dataset.name}-{settings_key(classifier_settings(data_cfg)['dataset'])[:8]}"
+    ref_name, held_name = f"{tag}-train{len(reference)}-seed{REFERENCE_SEED}", f"{tag}-heldout{len(held_out)}"
+    metrics: dict = {}
+    produced_by: dict[str, str] = {}
+    cache_root = str(OmegaConf.select(data_cfg, "paths.cache_dir")) + "/fidelity"
+    for ex in extractors:
+        generated = fidelity_metrics(samples.images, reference, ex, device, cfg.eval.batch_size, cache_root,
+                                     (None, ref_name))
+        real = fidelity_metrics(held_out.images, reference, ex, device, cfg.eval.batch_size, cache_root,
+                                (held_name, ref_name)) if len(held_out) >= MIN_IMAGES else {}
+        metrics.update(generated)
+        metrics.update({f"real_{k}": v for k, v in real.items()})
+        produced_by.update({k: ex.kind for k in generated} | {f"real_{k}": ex.kind for k in real})
+    if classifier is not None and samples.labels is not None:
+        metrics["class_accuracy"] = accuracy(classifier.net, samples.images, samples.labels, device)
+        metrics["real_class_accuracy"] = classifier.test_accuracy
+        produced_by.update({"class_accuracy": "classifier", "real_class_accuracy": "classifier"})
+    feature_seconds = time.perf_counter() - t0
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    if writer is not None:
+        for key, value in metrics.items():
+            writer.add_scalar(f"eval/{key}", value, step)
+    log.info("evaluation of %d samples (%.1f s sampling, %.1f s features): %s", n, samples.seconds, feature_seconds,
+             ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "no extractor available")
+    return {**metrics, "eval_sampling_seconds": samples.seconds, "eval_feature_seconds": feature_seconds, "eval": {
+        "checkpoint": checkpoint, "num_samples": n, "labels": "balanced" if samples.labels is not None else None,
+        "sampler": cfg.sampler.name, "sampler_steps": cfg.sampler.steps, "guidance": cfg.guidance.name,
+        "guidance_scale": cfg.guidance.scale, "seed": cfg.seed,
+        "reference": f"{data_cfg.dataset.name} training split, {len(reference)} images (seed {REFERENCE_SEED})",
+        "held_out": f"{data_cfg.dataset.name} held-out split, {len(held_out)} images",
+        "extractors": about, "produced_by": produced_by,
+        "classifier_train_seconds": classifier.train_seconds if classifier is not None else 0.0,
+    }}
