@@ -195,7 +195,7 @@ def guidance_classifier(cfg: DictConfig, model: DiffusionModel, device: torch.de
     if cfg.guidance.name != "classifier":
         return None
     path = cfg.ckpt.classifier or own
-    if path is None and cfg.mode.name == "sample" and model.cfg.mode.name == "joint":
+    if path is None and cfg.mode.name in ("sample", "evaluate") and model.cfg.mode.name == "joint":
         path = cfg.ckpt.model  # a joint checkpoint carries its classifier
     if path is None:
         lookup = OmegaConf.merge(model.cfg, {"classifier": cfg.classifier, "seed": cfg.seed,

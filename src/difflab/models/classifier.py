@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.models.layers import TimestepEmbedding, check_norm_groups
-from difflab.models.unet import build_down_path
+from difflab.models.unet import build_down_path, network_shape
 
 
 class NoisyClassifier(nn.Module):
@@ -46,15 +46,5 @@ class NoisyClassifier(nn.Module):
 
 def build_classifier(cfg, in_channels: int, image_size: int, num_classes: int) -> NoisyClassifier:
     """A NoisyClassifier from the `classifier` config block (ClassifierConfig)."""
-    return NoisyClassifier(
-        in_channels=in_channels,
-        image_size=image_size,
-        num_classes=num_classes,
-        channels=cfg.channels,
-        channel_mults=list(cfg.channel_mults),
-        num_res_blocks=cfg.num_res_blocks,
-        attention_resolutions=list(cfg.attention_resolutions),
-        head_channels=cfg.head_channels,
-        dropout=cfg.dropout,
-        norm_groups=cfg.norm_groups,
-    )
+    return NoisyClassifier(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
+                           **network_shape(cfg))

@@ -149,20 +149,16 @@ class UNet(nn.Module):
         return h[..., : self.image_size, : self.image_size] if self.pad else h
 
 
+def network_shape(cfg) -> dict:
+    """The keyword arguments a `unet` or `classifier` config node gives its network."""
+    return {"channels": cfg.channels, "channel_mults": list(cfg.channel_mults), "num_res_blocks": cfg.num_res_blocks,
+            "attention_resolutions": list(cfg.attention_resolutions), "head_channels": cfg.head_channels,
+            "dropout": cfg.dropout, "norm_groups": cfg.norm_groups}
+
+
 def build_unet(cfg, in_channels: int, image_size: int, num_classes: int) -> UNet:
     """A UNet from a `unet` config group node (UNetConfig fields; `name` is ignored)."""
-    return UNet(
-        in_channels=in_channels,
-        image_size=image_size,
-        channels=cfg.channels,
-        channel_mults=list(cfg.channel_mults),
-        num_res_blocks=cfg.num_res_blocks,
-        attention_resolutions=list(cfg.attention_resolutions),
-        head_channels=cfg.head_channels,
-        dropout=cfg.dropout,
-        norm_groups=cfg.norm_groups,
-        num_classes=num_classes,
-    )
+    return UNet(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **network_shape(cfg))
 
 
 def count_parameters(module: nn.Module) -> int:
