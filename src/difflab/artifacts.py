@@ -69,8 +69,14 @@ def diffusion_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -
     }
 
 
-# classifier.* keys that change how the classifier is used or reported, not the weights it ends with.
-CLASSIFIER_USE_KEYS = ("weight", "accuracy_bands", "max_steps", "batch_size", "lr")
+# classifier.* keys that never enter a key: reporting, and the separate mode=classifier training
+# (which enters through its train block). classifier.weight shapes only a joint model.
+CLASSIFIER_REPORT_KEYS = ("accuracy_bands", "max_steps", "batch_size", "lr")
+
+
+def _classifier_network(cfg: DictConfig, with_weight: bool) -> dict:
+    node = OmegaConf.to_container(cfg.classifier, resolve=True)
+    return {k: v for k, v in node.items() if k not in CLASSIFIER_REPORT_KEYS and (with_weight or k != "weight")}
 
 
 def classifier_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -> dict:
@@ -79,8 +85,7 @@ def classifier_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) 
     (classifier.{max_steps,...} replace the train block's)."""
     from difflab.train.classifier_stages import classifier_train_cfg
 
-    network = {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items()
-               if k not in CLASSIFIER_USE_KEYS}
+    network = _classifier_network(cfg, with_weight=False)
     return {
         "dataset": dataset_settings(cfg),
         "autoencoder": _autoencoder_settings(autoencoder_key),
@@ -93,8 +98,7 @@ def classifier_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) 
 
 def joint_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -> dict:
     """A joint model is the diffusion model's settings plus the classifier's network and weight."""
-    network = {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items()
-               if k not in ("accuracy_bands", "max_steps", "batch_size", "lr")}
+    network = _classifier_network(cfg, with_weight=True)
     return {**diffusion_settings(cfg, autoencoder_key), "classifier": network}
 
 

@@ -60,6 +60,19 @@ def write_loss_csv(path: Path, train: list, val: list) -> None:
     path.write_text("step,split,loss\n" + "\n".join(rows) + "\n")
 
 
+def finish_training(trainer, result, run_dir: Path) -> None:
+    """The files every training stage leaves: last.pt, the loss curve and its CSV."""
+    trainer.save("last.pt")
+    save_loss_curve(result.loss_history, run_dir / "loss_curve.png", trainer.val_history)
+    write_loss_csv(run_dir / "losses.csv", result.loss_history, trainer.val_history)
+
+
+def balanced_sampler(model: DiffusionModel, cfg: DictConfig, device: torch.device, classifier):
+    """n -> n class-balanced samples drawn as the run samples (its sampler and guidance): what
+    the evaluation measures."""
+    return lambda n: sample_images(model, cfg, n, "balanced", device, classifier=classifier)
+
+
 def _resumes(cfg: DictConfig, run_dir: Path) -> bool:
     """Whether this run continues a training: resume=auto with no checkpoint in this folder starts
     afresh (e.g. a re-run sweep job that had reused a model), so it may reuse a cached one."""
@@ -79,9 +92,7 @@ def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer
         writer.add_image("samples/grid", class_rows(result.images, result.labels, per_row=4), step)
 
     trainer, result = stage.fit(grid_to_tensorboard)
-    trainer.save("last.pt")
-    save_loss_curve(result.loss_history, run_dir / "loss_curve.png", trainer.val_history)
-    write_loss_csv(run_dir / "losses.csv", result.loss_history, trainer.val_history)
+    finish_training(trainer, result, run_dir)
     metrics = {
         "final_loss": result.final_loss,
         "best_val_loss": result.best_val_loss,
@@ -128,7 +139,7 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     metrics.update(sample_and_write(model, cfg, run_dir, device, writer, metrics["steps"], classifier))
     if cfg.eval.num_samples > 0:
         metrics.update(evaluate_model(model, cfg, device, metrics["checkpoint"],
-                                      lambda n: sample_images(model, cfg, n, "balanced", device, classifier=classifier),
+                                      balanced_sampler(model, cfg, device, classifier),
                                       writer, metrics["steps"]))
     if cfg.train.ema.decays:
         metrics["ema"] = evaluate_ema_copies(cfg, run_dir, Path(metrics["checkpoint"]), model, device)
@@ -157,9 +168,7 @@ def run_classifier(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict
         writer = _writer(run_dir)
         stage = ClassifierStage(cfg, run_dir, device, writer, latent)
         trainer, result = stage.fit()
-        trainer.save("last.pt")
-        save_loss_curve(result.loss_history, run_dir / "loss_curve.png", trainer.val_history)
-        write_loss_csv(run_dir / "losses.csv", result.loss_history, trainer.val_history)
+        finish_training(trainer, result, run_dir)
         by_band = report_accuracy(accuracy_by_band(stage, trainer.ema.model, cfg.classifier.accuracy_bands),
                                   run_dir, writer)
         writer.close()
@@ -236,7 +245,7 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     classifier = guidance_classifier(cfg, model, device)
     metrics.update(sample_and_write(model, cfg, run_dir, device, writer, classifier=classifier))  # what is measured
     metrics.update(evaluate_model(model, cfg, device, checkpoint,
-                                  lambda n: sample_images(model, cfg, n, "balanced", device, classifier=classifier),
+                                  balanced_sampler(model, cfg, device, classifier),
                                   writer))
     writer.close()
     return metrics
