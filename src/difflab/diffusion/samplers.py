@@ -119,5 +119,8 @@ def run_sampler(name: str, denoiser: Denoiser, process: GaussianDiffusion, noise
     if name not in SAMPLER_FNS:
         raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}.")
     ts = respaced_timesteps(process.T, steps)
-    with torch.no_grad():
+    # inference_mode skips autograd's version counters and views bookkeeping; classifier guidance
+    # differentiates the classifier, which tensors made under inference_mode cannot enter.
+    guided = getattr(denoiser, "classifier", None) is not None
+    with torch.no_grad() if guided else torch.inference_mode():
         return SAMPLER_FNS[name](denoiser, process, noise, ts, eta=eta, generator=generator, on_step=on_step)

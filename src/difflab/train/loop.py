@@ -137,11 +137,10 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ckpt_dir = Path(ckpt_dir)
         self.extra_state = extra_state or {}  # e.g. the config and shapes, for loading later
-        fused = device.type == "cuda"
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-            **({"fused": True} if fused else {"foreach": True}),
-        )
+        # The fused kernel is one pass over the weights (CPU and CUDA): 5x faster than foreach
+        # on the CPU for ddpm_cifar (16 vs 81 ms a step, benchmarks/results/profile_*.json).
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                     weight_decay=cfg.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule, cfg.min_lr_ratio)
         )
