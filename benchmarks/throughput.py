@@ -1,9 +1,14 @@
 """Training and sampling throughput of difflab's networks; prints one JSON object.
 
 Each case runs in its own subprocess so its peak memory (max RSS on the CPU, max allocated on
-CUDA) is its own. Usage:
+CUDA) is its own. The forward FLOPs per image are counted (torch.utils.flop_counter), so the
+training FLOP rate (3x forward per image) and, given the device's peak, the model FLOP
+utilisation (MFU) come out too. Usage:
 
     python benchmarks/throughput.py [--device cpu|cuda] [--cases small,ddpm_cifar] [--steps 5]
+    # the GPU matrix of issue 7 (fp32 eager, bf16 eager, bf16 compiled; H100 dense bf16 ~800 TFLOP/s measured):
+    python benchmarks/throughput.py --device cuda --cases ddpm_cifar --train-batch 128 --channels-last \
+        --precision fp32,bf16,bf16+compile --peak-tflops 800
 """
 
 from __future__ import annotations
@@ -25,7 +30,20 @@ CASES = {
 }
 
 
-def measure(case: str, device: str, steps: int, sample_steps: int, precision: str) -> dict:
+def forward_flops(net, shape, classes: int, device) -> float:
+    """Multiply-adds x 2 of one image's forward pass, as counted by torch's FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, *shape, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device) if classes else None
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x, torch.zeros(1, dtype=torch.long, device=device), y)
+    return float(counter.get_total_flops())
+
+
+def measure(case: str, device: str, steps: int, sample_steps: int, precision: str, train_batch: int | None,
+            channels_last: bool, peak_tflops: float | None) -> dict:
     import resource
 
     import torch
@@ -35,13 +53,19 @@ def measure(case: str, device: str, steps: int, sample_steps: int, precision: st
     from difflab.models import build_unet, count_parameters
 
     unet_name, shape, classes, train_bs, sample_bs = CASES[case]
+    train_bs = train_batch or train_bs
     cfg = OmegaConf.load(REPO / "conf" / "unet" / f"{unet_name}.yaml")
     dev = torch.device(device)
     net = build_unet(cfg, shape[0], shape[1], classes).to(dev)
+    flops = forward_flops(net, shape, classes, dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
     process = GaussianDiffusion(make_betas("linear", 1000))
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=True)
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
-    x = torch.randn(train_bs, *shape, device=dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)  # as the trainer
+    compiled = precision.endswith("+compile")
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision.removesuffix("+compile")]
+    model = torch.compile(net) if compiled else net
+    x = torch.randn(train_bs, *shape, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (train_bs,), device=dev) if classes else None
 
     def sync():
@@ -50,12 +74,13 @@ def measure(case: str, device: str, steps: int, sample_steps: int, precision: st
 
     def train_step():
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            loss = process.training_loss(lambda xt, t: net(xt, t, y), x).mean()
+            loss = process.training_loss(lambda xt, t: model(xt, t, y), x).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    train_step()  # warm-up: allocator, kernels
+    for _ in range(3 if compiled else 1):  # warm-up: allocator, kernels, compilation
+        train_step()
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -81,10 +106,13 @@ def measure(case: str, device: str, steps: int, sample_steps: int, precision: st
         ddim_s = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    train_tflops = train_ips * 3 * flops / 1e12  # backward ~ 2x forward
     return {
-        "case": case, "device": device, "precision": precision, "threads": torch.get_num_threads(),
-        "params": count_parameters(net), "shape": list(shape), "train_batch": train_bs,
-        "train_images_per_s": round(train_ips, 2), "forward_batch": sample_bs,
+        "case": case, "device": device, "precision": precision, "channels_last": channels_last,
+        "threads": torch.get_num_threads(), "params": count_parameters(net), "shape": list(shape),
+        "forward_gflop_per_image": round(flops / 1e9, 3), "train_batch": train_bs,
+        "train_images_per_s": round(train_ips, 2), "train_tflops": round(train_tflops, 4),
+        **({"mfu": round(train_tflops / peak_tflops, 4)} if peak_tflops else {}), "forward_batch": sample_bs,
         "forward_images_per_s": round(forward_ips, 2),
         f"ddim{sample_steps}_images_per_s": round(sample_bs / ddim_s, 3),
         "peak_memory_mb": round(peak / 2**20, 1),
@@ -97,18 +125,28 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--sample-steps", type=int, default=50)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="fp32",
+                    help="comma-separated: fp32, bf16, bf16+compile (torch.compile of the network)")
+    ap.add_argument("--train-batch", type=int, help="training batch (default: the case's)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak, for the model FLOP utilisation")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.device, args.steps, args.sample_steps, args.precision)))
+        case, precision = args.one.split(":")
+        print(json.dumps(measure(case, args.device, args.steps, args.sample_steps, precision, args.train_batch,
+                                 args.channels_last, args.peak_tflops)))
         return
     results = []
     for case in args.cases.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", case, "--device", args.device, "--steps",
-                              str(args.steps), "--sample-steps", str(args.sample_steps), "--precision",
-                              args.precision], capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for precision in args.precision.split(","):
+            cmd = [sys.executable, __file__, "--one", f"{case}:{precision}", "--device", args.device, "--steps",
+                   str(args.steps), "--sample-steps", str(args.sample_steps)]
+            cmd += ["--channels-last"] if args.channels_last else []
+            cmd += ["--train-batch", str(args.train_batch)] if args.train_batch else []
+            cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(json.dumps({"benchmark": "throughput", "results": results}, indent=2))
 
 
