@@ -31,6 +31,11 @@ class ModelConfigError(UserError, ValueError):
     """An impossible network shape; a ValueError for callers, a UserError for run.py's message."""
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """A 4-d map stored channels_last (and not also plain contiguous, as 1x1 maps are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero a layer's parameters so that the residual branch it ends starts as the identity."""
     for p in module.parameters():
@@ -91,7 +96,7 @@ class Dropout(nn.Module):
         n = x.numel()
         bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         bits = bits.view(torch.int16)[:n]
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if is_channels_last(x):
             b, c, h, w = x.shape  # a mask in x's own layout keeps the multiply a streaming pass
             mask = bits.view(b, h, w, c).permute(0, 3, 1, 2)
         else:
@@ -103,15 +108,17 @@ class Dropout(nn.Module):
 
 
 class PointwiseConv(nn.Conv2d):
-    """A 1x1 convolution (same parameters and checkpoints as nn.Conv2d(c_in, c_out, 1)); on NCHW
-    maps it runs as a batched matrix product, which avoids oneDNN's reorders to and from its
-    blocked layout (channels_last maps need none, so they keep the convolution)."""
+    """A 1x1 convolution (same parameters and checkpoints as nn.Conv2d(c_in, c_out, 1)). On NCHW
+    maps in bf16/fp16 it runs as a batched matrix product, which skips oneDNN's reorders to and
+    from its blocked layout; channels_last maps need no reorder, and in fp32 the matrix product
+    would go to the BLAS, slower than oneDNN on this CPU (benchmarks/results/), so both keep the
+    convolution."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not x.is_contiguous():
+        if x.dtype == torch.float32 or not x.is_contiguous():
             return super().forward(x)
         b, c, h, w = x.shape
         weight = self.weight.flatten(1)
@@ -184,10 +191,19 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(nn.Linear(channels, channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        height = x.shape[-2]
-        tokens = rearrange(self.norm(x), "b c x y -> b (x y) c")  # a view when x is channels_last
-        q, k, v = rearrange(self.qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        b, c, height, width = x.shape
+        if is_channels_last(x):
+            # The projections as 1x1 convolutions of the map (oneDNN), which on channels_last
+            # is already the token matrix: no copies, and faster than the BLAS's fp32 GEMM here.
+            qkv = F.conv2d(self.norm(x), self.qkv.weight[:, :, None, None], self.qkv.bias)
+            tokens = qkv.permute(0, 2, 3, 1).reshape(b, height * width, 3 * c)
+        else:
+            tokens = self.qkv(rearrange(self.norm(x), "b c x y -> b (x y) c"))
+        q, k, v = rearrange(tokens, "b n (three h d) -> three b h n d", three=3, h=self.heads)
         out = rearrange(attention(q, k, v), "b h n d -> b n (h d)")
+        if is_channels_last(x):
+            out = out.reshape(b, height, width, c).permute(0, 3, 1, 2)
+            return x + F.conv2d(out, self.proj_out.weight[:, :, None, None], self.proj_out.bias)
         return x + rearrange(self.proj_out(out), "b (x y) c -> b c x y", x=height)
 
 
@@ -235,8 +251,7 @@ class Upsample(nn.Module):
         # Padded by one, a 2x2 conv gives (h+1)x(w+1) outputs per phase; phase (a, b) is the
         # window starting at (a, b): rows i-1,i for even and i,i+1 for odd output rows.
         phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias).unflatten(1, (2, 2, -1))
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        if channels_last:  # interleave into (b, h, 2, w, 2, c) so the result is channels_last
+        if is_channels_last(x):  # interleave into (b, h, 2, w, 2, c) so the result is channels_last
             out = x.new_empty(b, h, 2, w, 2, c)
             for i in range(2):
                 for j in range(2):
