@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -143,7 +142,10 @@ def memory_child(which: str, channels_last: bool, steps: int) -> float:
     x0 = torch.randn(TRAIN_BATCH, *SHAPE)
     for _ in range(steps):
         subject.train_step(x0, alpha_bar)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child started from a
+    # large parent would report the parent's peak.
+    status = Path("/proc/self/status").read_text()
+    return round(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024, 1)
 
 
 def main() -> None:
