@@ -152,3 +152,22 @@ def test_torchrun_refuses_what_it_cannot_do(tmp_path: Path, shapes_dir: Path, ex
     result = torchrun(*tiny_overrides(shapes_dir, tmp_path / "cache"), f"hydra.run.dir={tmp_path / 'run'}", *extra)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_latent_diffusion_uses_the_cached_autoencoder(tmp_path: Path, shapes_dir: Path) -> None:
+    """The autoencoder is made once in one process; under torchrun rank 0 encodes the latent cache
+    while the other waits, then both train the latent model."""
+    from conftest import run_py
+    from test_latent_run import AE
+
+    base = [*tiny_overrides(shapes_dir, tmp_path / "cache"), *AE, "autoencoder=kl"]
+    refused = torchrun(*base, f"hydra.run.dir={tmp_path / 'refused'}")
+    assert refused.returncode != 0 and "cannot be trained under torchrun" in refused.stderr
+    made = run_py(*base, "mode=reconstruction", f"hydra.run.dir={tmp_path / 'ae'}")
+    assert made.returncode == 0, made.stderr[-3000:]
+    result = torchrun(*base, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["autoencoder_source"] == "cache" and metrics["trained"] and metrics["steps"] == 6
+    assert (tmp_path / "run" / "samples" / "samples.npz").is_file()

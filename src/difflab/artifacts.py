@@ -216,11 +216,14 @@ def _obtain_on_all_ranks(cache: ArtifactCache, stage: str, key: str, settings: d
             record = distributed.broadcast(cache.record(stage, key) if main else None)
             log.info("reusing the %s made with these settings by %s (%s)", what, record.get("run_dir"), cached)
             return Artifact(Path(cached), key, "cache", record)
-        if stage not in distributed.DDP_STAGES:
+        if stage in distributed.DDP_STAGES:
+            log.info("no %s made with these settings yet: training it on %d processes (key %s)", what,
+                     distributed.world_size(), key)
+            checkpoint, record = train()
+        elif stage in distributed.RANK0_STAGES:  # not a training: rank 0 makes it, the others wait
+            checkpoint, record = train() if main else (None, {})
+        else:
             raise UserError(f"The {what} is not in the artifact cache yet and cannot be trained under torchrun: "
                             f"make it first in one process (python run.py with the same settings), then rerun.")
-        log.info("no %s made with these settings yet: training it on %d processes (key %s)", what,
-                 distributed.world_size(), key)
-        checkpoint, record = train()
         stored = cache.store(stage, key, checkpoint, {**record, "settings": settings}) if main else None
         return Artifact(Path(distributed.broadcast(stored)), key, "trained", record)

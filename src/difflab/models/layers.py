@@ -8,10 +8,12 @@ Conventions, chosen for speed:
   nothing and early training is faster and more stable.
 - Nothing assumes a memory format: feature maps may be NCHW or channels_last, and the attention
   reshapes are views when they are channels_last.
-- Work is not wasted (issue 7, measured in benchmarks/): Upsample computes its nearest+conv3x3 as
-  four 2x2 convolutions at the low resolution (the same function, ~half the FLOPs), Dropout draws
-  16 random bits per element instead of a float, and attention on the CPU runs in fp32 even under
-  bf16 autocast, where PyTorch's bf16 CPU kernel is ~3x slower on short sequences.
+- Work is not wasted (issue 7, measured in benchmarks/, each rewrite tested against the plain
+  formulation in tests/test_fast_layers.py): Upsample computes its nearest+conv3x3 as four 2x2
+  convolutions at the low resolution (the same function, ~half the FLOPs); Dropout draws 16
+  random bits per element instead of a float; 1x1 skips run as batched matmuls in bf16;
+  attention's projections are 1x1 convolutions on channels_last maps, and on the CPU its softmax
+  runs in fp32 even under bf16 autocast, where PyTorch's bf16 CPU kernel is ~3x slower.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ import torch.distributed as dist
 # Stages whose loss calls the network once per step through its forward, which is what
 # DistributedDataParallel hooks to average gradients.
 DDP_STAGES = ("diffusion", "classifier")
+# Artifacts rank 0 makes alone while the others wait (no training: the encoded latent cache).
+RANK0_STAGES = ("latents",)
 
 
 def launched() -> bool:
