@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -23,7 +23,6 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.errors import UserError
-from difflab.train import distributed
 
 log = logging.getLogger("difflab")
 
@@ -188,8 +187,6 @@ def obtain(cache: ArtifactCache, stage: str, settings: dict, train: TrainFn, *, 
         log.info("using the %s given by %s=%s", what, given_name, path)
         return Artifact(path, f"file-{file_digest(path)}", "given", {})
     key = settings_key(settings)
-    if distributed.active():
-        return _obtain_on_all_ranks(cache, stage, key, settings, train, reuse, what)
     with cache.lock(stage, key):
         cached = cache.find(stage, key) if reuse else None
         if cached is not None:
@@ -202,28 +199,3 @@ def obtain(cache: ArtifactCache, stage: str, settings: dict, train: TrainFn, *, 
         stored = cache.store(stage, key, checkpoint, {**record, "settings": settings})
         log.info("stored the %s in the artifact cache: %s", what, stored)
         return Artifact(stored, key, "trained", record)
-
-
-def _obtain_on_all_ranks(cache: ArtifactCache, stage: str, key: str, settings: dict, train: TrainFn, reuse: bool,
-                         what: str) -> Artifact:
-    """obtain() under torchrun: rank 0 looks the artifact up (holding the key's lock throughout)
-    and tells the others; when it must be made, every rank trains it with DDP and rank 0 stores
-    it. Only stages whose training runs under DDP can be made this way."""
-    main = distributed.is_main()
-    with cache.lock(stage, key) if main else nullcontext():
-        cached = distributed.broadcast(cache.find(stage, key) if main and reuse else None)
-        if cached is not None:
-            record = distributed.broadcast(cache.record(stage, key) if main else None)
-            log.info("reusing the %s made with these settings by %s (%s)", what, record.get("run_dir"), cached)
-            return Artifact(Path(cached), key, "cache", record)
-        if stage in distributed.DDP_STAGES:
-            log.info("no %s made with these settings yet: training it on %d processes (key %s)", what,
-                     distributed.world_size(), key)
-            checkpoint, record = train()
-        elif stage in distributed.RANK0_STAGES:  # not a training: rank 0 makes it, the others wait
-            checkpoint, record = train() if main else (None, {})
-        else:
-            raise UserError(f"The {what} is not in the artifact cache yet and cannot be trained under torchrun: "
-                            f"make it first in one process (python run.py with the same settings), then rerun.")
-        stored = cache.store(stage, key, checkpoint, {**record, "settings": settings}) if main else None
-        return Artifact(Path(distributed.broadcast(stored)), key, "trained", record)

@@ -39,33 +39,6 @@ def _rewrite_ckpt_shorthand(argv: list[str]) -> list[str]:
     return [re.sub(r"^ckpt=", "ckpt.model=", a) for a in argv]
 
 
-def _distributed_overrides(argv: list[str]) -> list[str]:
-    """Under torchrun: one run folder for all ranks, and only rank 0 writes Hydra's files
-    (.hydra/, train.log); the others log warnings to the console only."""
-    from difflab.train import distributed
-
-    if any(a in ("-m", "--multirun") for a in argv):
-        print("error: a sweep (-m) cannot run under torchrun: launch one torchrun per job instead "
-              "(see README, Scaling out), or drop -m.", file=sys.stderr)
-        sys.exit(2)
-    distributed.start()
-    extra = []
-    if not any(a.startswith("hydra.run.dir=") for a in argv):
-        extra.append(f"hydra.run.dir={distributed.run_dir_for_all_ranks()}")
-    if not distributed.is_main():
-        extra += ["hydra.output_subdir=null", "hydra.job_logging.handlers.file.filename=/dev/null",
-                  "hydra.job_logging.root.level=WARNING"]
-    return extra
-
-
 def main() -> None:
-    from difflab.train import distributed
-
-    argv = _rewrite_ckpt_shorthand(sys.argv[1:])
-    if distributed.launched():
-        argv += _distributed_overrides(argv)
-    sys.argv = [sys.argv[0], *argv]
-    try:
-        _hydra_main()
-    finally:
-        distributed.finish(wait=False)  # normally already left after training (runner)
+    sys.argv = [sys.argv[0], *_rewrite_ckpt_shorthand(sys.argv[1:])]
+    _hydra_main()

@@ -21,7 +21,6 @@ from difflab.evaluate.visualize import class_rows, save_accuracy_curve, save_los
 from difflab.latent import LatentSpace, obtain_latent_space, run_reconstruction
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
-from difflab.train import distributed
 from difflab.train.classifier_stages import ClassifierStage, JointStage, accuracy_by_band, load_classifier
 from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
 
@@ -39,27 +38,10 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device={name} is not a device: use auto, cpu, cuda or cuda:N.") from None
 
 
-class _NoWriter:
-    """TensorBoard's writer interface, writing nothing: the ranks other than 0 under torchrun."""
-
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
-
-
 def _writer(run_dir: Path):
-    if not distributed.is_main():
-        return _NoWriter()
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(run_dir / "tb"))
-
-
-def leave_group_after_training() -> bool:
-    """Under torchrun, once the run's model is trained: every rank leaves the process group and
-    only rank 0 goes on to sample, evaluate and write (True there, and in a single process)."""
-    main = distributed.is_main()
-    distributed.finish()
-    return main
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
@@ -110,8 +92,6 @@ def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer
         writer.add_image("samples/grid", class_rows(result.images, result.labels, per_row=4), step)
 
     trainer, result = stage.fit(grid_to_tensorboard)
-    if not distributed.is_main():  # rank 0 writes the files and metrics of the training
-        return {}, stage.model(trainer.ema.model)
     finish_training(trainer, result, run_dir)
     metrics = {
         "final_loss": result.final_loss,
@@ -150,8 +130,6 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     artifact = obtain(ArtifactCache(cfg.paths.cache_dir), cfg.mode.name, settings, train,
                       reuse=cfg.train.reuse and not _resumes(cfg, run_dir),
                       what="joint diffusion model and classifier" if joint else "diffusion model")
-    if not leave_group_after_training():
-        return {}
     model = load_diffusion_model(str(artifact.path), device)
     metrics = {**artifact.record["metrics"], **latent_record, "trained": artifact.trained}
     if not artifact.trained:
@@ -190,8 +168,6 @@ def run_classifier(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict
         writer = _writer(run_dir)
         stage = ClassifierStage(cfg, run_dir, device, writer, latent)
         trainer, result = stage.fit()
-        if not distributed.is_main():
-            return run_dir / "checkpoints" / "last.pt", {"metrics": {}}
         finish_training(trainer, result, run_dir)
         by_band = report_accuracy(accuracy_by_band(stage, trainer.ema.model, cfg.classifier.accuracy_bands),
                                   run_dir, writer)
@@ -213,8 +189,6 @@ def run_classifier(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict
     artifact = obtain(ArtifactCache(cfg.paths.cache_dir), "classifier",
                       classifier_settings(cfg, latent.identity if latent else None), train,
                       reuse=cfg.train.reuse and not _resumes(cfg, run_dir), what="noise-aware classifier")
-    if not leave_group_after_training():
-        return {}
     metrics = {**artifact.record["metrics"], **latent_record, "stage": "classifier", "trained": artifact.trained,
                "artifact_key": artifact.key}
     if not artifact.trained:
@@ -284,9 +258,6 @@ MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "join
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     """Run what cfg.mode asks for in run_dir; returns the sweep objective (lower is better)."""
     validate(cfg)
-    if distributed.active() and cfg.mode.name not in distributed.DDP_STAGES:
-        raise UserError(f"mode={cfg.mode.name} does not run under torchrun (only mode=diffusion and mode=classifier "
-                        f"train with DDP): run it as a single process, python run.py ... mode={cfg.mode.name}.")
     overrides: list[str] = []
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
@@ -300,8 +271,6 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     log.info("run folder %s, mode=%s, device=%s", run_dir, cfg.mode.name, device)
     t0 = time.perf_counter()
     metrics = MODES[cfg.mode.name](cfg, run_dir, device)
-    if not distributed.is_main():
-        return None
     metrics["wall_time_s"] = time.perf_counter() - t0
     write_metrics(run_dir, metrics)
     write_hparams(run_dir / "tb", overrides_to_hparams(overrides), metrics)

@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 
 from difflab.errors import UserError
 from difflab.runner import write_metrics
-from difflab.train import distributed
 
 log = logging.getLogger("difflab")
 
@@ -41,8 +40,6 @@ def launcher_threads(launcher: DictConfig) -> Optional[int]:
 
 def run_recorded(run: Callable[[DictConfig], Optional[float]], cfg: DictConfig) -> Optional[float]:
     """`run(cfg)` with its outcome written to the run folder's metrics.json."""
-    if not distributed.is_main():  # under torchrun rank 0 keeps the record
-        return run(cfg)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN

@@ -9,7 +9,6 @@ weights as one that was never interrupted.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import time
@@ -22,7 +21,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from difflab.errors import UserError
-from difflab.train import distributed
 from difflab.train.checkpoint import atomic_save, load_checkpoint
 from difflab.train.ema import EMA, extra_decays
 
@@ -35,22 +33,13 @@ ImageFn = Callable[[nn.Module, int], None]  # (eval model, step) -> logs a sampl
 
 class StepBatches:
     """Batch k of an endless stream of shuffled epochs, as a pure function of k (no state to
-    save for resume). Each epoch is a fresh permutation seeded by (seed, epoch).
-
-    Under torchrun `batch_size` stays the global batch and each rank takes its own contiguous
-    part of it (what a DistributedSampler does: every epoch's permutation split across the
-    ranks, no image twice per epoch), so a run means the same on any number of processes."""
+    save for resume). Each epoch is a fresh permutation seeded by (seed, epoch)."""
 
     def __init__(self, size: int, batch_size: int, seed: int):
         if size < batch_size:
             raise UserError(f"The data set has {size} images, fewer than train.batch_size={batch_size}: lower train.batch_size.")
-        world = distributed.world_size()
-        if batch_size % world:
-            raise UserError(f"train.batch_size={batch_size} does not split evenly over {world} processes: "
-                            f"make it a multiple of {world} (it is the global batch under torchrun).")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.per_epoch = size // batch_size
-        self.shard = slice(distributed.rank() * batch_size // world, (distributed.rank() + 1) * batch_size // world)
         self._epoch, self._perm = -1, torch.empty(0)
 
     def indices(self, step: int) -> Tensor:
@@ -58,7 +47,7 @@ class StepBatches:
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.size, generator=gen)
-        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size][self.shard]
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
@@ -160,30 +149,12 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
         self.ema_copies = {d: EMA(self.model, d, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
                            for d in extra_decays(cfg.ema.decay, cfg.ema.decays)}
-        self.forward_model = self._forward_model(cfg.compile)
-        if distributed.rank():  # rank 0 keeps the single-process stream; the others draw their own noise
-            torch.manual_seed(torch.initial_seed() + distributed.seed_offset())
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.step = 0
         self.best_val: Optional[float] = None
         self.loss_history: list[tuple[int, float]] = []
         self.val_history: list[tuple[int, float]] = []
         self.stopper = EarlyStopper(cfg.early_stop.threshold, cfg.early_stop.window)
-
-    def _forward_model(self, compile_: bool) -> nn.Module:
-        """What the loss calls: the model, under torchrun wrapped in DistributedDataParallel
-        (gradients averaged over the ranks during backward), optionally compiled. `self.model`
-        stays the bare module, so EMA, checkpoints and sampling never see the wrapper."""
-        model = self.model
-        if distributed.active():
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
-                if self.device.type == "cuda" else None
-            # No buffer sync each forward: the networks' buffers are constants (frequencies, taps).
-            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                       inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
-            model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **no_sync)
-        return torch.compile(model) if compile_ else model
 
     # ---- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -219,13 +190,9 @@ class Trainer:
         self.val_history = [(int(s), float(v)) for s, v in state["val_history"]]
 
     def save(self, name: str) -> None:
-        """Rank 0 writes (under torchrun every rank holds the same weights and EMA)."""
-        if distributed.is_main():
-            atomic_save(self.state_dict(), self.ckpt_dir / name)
+        atomic_save(self.state_dict(), self.ckpt_dir / name)
 
     def _save_periodic(self) -> None:
-        if not distributed.is_main():
-            return
         self.save("last.pt")
         self.save(f"step_{self.step:08d}.pt")
         periodic = sorted(self.ckpt_dir.glob("step_*.pt"))
@@ -245,8 +212,6 @@ class Trainer:
             self.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError) as e:
             raise UserError(f"The checkpoint {path} does not match this run's model or stage ({type(e).__name__}): resume with the config it was trained with.") from None
-        if distributed.rank():  # the checkpoint holds rank 0's random stream
-            torch.manual_seed(torch.initial_seed() + distributed.seed_offset(self.step))
         log.info("resumed from %s at step %d", path, self.step)
         return str(path)
 
@@ -292,7 +257,7 @@ class Trainer:
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_t0, last_loss, early = 0, time.perf_counter(), float("nan"), False
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress or not distributed.is_main(), desc="train",
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, desc="train",
                    dynamic_ncols=True, leave=False)
         while self.step < cfg.max_steps:
             loss, grad_norm = self._train_step(loss_fn, get_batch(self.step))
@@ -301,7 +266,7 @@ class Trainer:
             bar.update(1)
             at_end = self.step == cfg.max_steps
             if self.step % cfg.log_every == 0 or at_end:
-                last_loss = float(distributed.mean_over_ranks(window_loss)) / window_steps
+                last_loss = float(window_loss) / window_steps
                 self._check_finite(last_loss)
                 ips = window_steps * batch_size / (time.perf_counter() - window_t0)
                 self.loss_history.append((self.step, last_loss))
@@ -316,8 +281,7 @@ class Trainer:
                 early = cfg.early_stop.enabled and self.stopper.should_stop(last_loss)
                 window_loss.zero_()
                 window_steps, window_t0 = 0, time.perf_counter()
-            main = distributed.is_main()  # validation and grids are rank 0's, as are all files
-            if main and val_fn is not None and (self.step % cfg.val_every == 0 or at_end or early):
+            if val_fn is not None and (self.step % cfg.val_every == 0 or at_end or early):
                 val = val_fn(self.ema.model)
                 self.val_history.append((self.step, val))
                 self._scalar("val/loss", val)
@@ -325,7 +289,7 @@ class Trainer:
                 if self.best_val is None or val < self.best_val:
                     self.best_val = val
                     self.save("best.pt")
-            if main and image_fn is not None and cfg.image_every and (self.step % cfg.image_every == 0 or at_end):
+            if image_fn is not None and cfg.image_every and (self.step % cfg.image_every == 0 or at_end):
                 image_fn(self.ema.model, self.step)
                 self.model.train()
             if self.step % cfg.checkpoint_every == 0 or at_end or early:
