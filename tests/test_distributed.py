@@ -3,13 +3,16 @@ with the gloo backend, as on a machine without GPUs."""
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_metrics, run_py, tiny_overrides
 from omegaconf import OmegaConf
 
 from difflab.config import TrainConfig
@@ -105,3 +108,70 @@ def test_ddp_steps_on_half_batches_equal_steps_on_the_whole_batch(tmp_path):
     ddp_ckpt = torch.load(tmp_path / "ckpt_rank0" / "last.pt", weights_only=True)
     single_ckpt = torch.load(tmp_path / "single" / "last.pt", weights_only=True)
     assert ddp_ckpt.keys() == single_ckpt.keys() and ddp_ckpt["model"].keys() == single_ckpt["model"].keys()
+
+
+# ---- torchrun run.py end to end -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, shapes_dir) -> Path:
+    """`torchrun --nproc_per_node=2 run.py <tiny>` with Hydra's own run folder name."""
+    base = tmp_path_factory.mktemp("ddp")
+    proc = run_py(*tiny_overrides(shapes_dir, base / "cache"), cwd=base, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((base / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs  # both ranks named the same folder
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_in_one_run_folder_written_by_rank_0(ddp_run):
+    from difflab.train.stages import load_diffusion_model
+
+    for rel in [".hydra/config.yaml", "checkpoints/last.pt", "checkpoints/best.pt", "checkpoints/step_00000003.pt",
+                "metrics.json", "samples/samples.npz", "samples/grid.png", "loss_curve.png", "train.log"]:
+        assert (ddp_run / rel).is_file(), rel
+    m = read_metrics(ddp_run)
+    assert m["status"] == "completed" and m["trained"] is True and m["steps"] == 6
+    assert math.isfinite(m["final_loss"]) and m["final_loss"] > 0
+    assert (ddp_run / "train.log").read_text().count("step 6 loss") == 1  # one log, rank 0's
+    load_diffusion_model(str(ddp_run / "checkpoints" / "last.pt"), torch.device("cpu"))  # a single process's format
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_exactly_and_continues(ddp_run, shapes_dir, tmp_path):
+    """Killed after its step-3 checkpoint and resumed, a torchrun run ends with the weights of
+    the uninterrupted one (every rank's randomness is a function of the step); the finished run
+    continues to a larger train.max_steps from its last step."""
+    tiny = tiny_overrides(shapes_dir, tmp_path / "cache")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(ddp_run / "checkpoints" / "step_00000003.pt", resumed / "checkpoints" / "last.pt")
+    proc = run_py(*tiny, "train.resume=auto", f"hydra.run.dir={resumed}", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(ddp_run / "checkpoints" / "step_00000006.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        state_a, state_b = (a[key], b[key]) if key == "model" else (a[key]["model"], b[key]["model"])
+        for name, tensor in state_a.items():
+            assert torch.equal(tensor, state_b[name]), (key, name)
+
+    proc = run_py(*tiny, "train.max_steps=8", "train.resume=auto", f"hydra.run.dir={ddp_run}", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(ddp_run)
+    assert m["steps"] == 8 and m["resumed_from"] == str(ddp_run / "checkpoints" / "last.pt")
+    assert "at step 6" in (ddp_run / "train.log").read_text()
+    assert (ddp_run / "samples" / "samples.npz").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, sentence", [
+    (["train.batch_size=7"], "error: train.batch_size=7 is the global batch and does not split evenly over the 2 "
+                             "torchrun processes: use a multiple of 2."),
+    (["mode=sample", "ckpt=none.pt"], "error: mode=sample trains nothing"),
+    (["+sweep=samplers"], "error: A sweep (-m or a named sweep) cannot run inside torchrun"),
+])
+def test_torchrun_refuses_with_one_sentence(args, sentence, shapes_dir, tmp_path):
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), *args, cwd=tmp_path, nproc=2)
+    assert proc.returncode != 0
+    assert sentence in proc.stderr, proc.stderr[-3000:]
