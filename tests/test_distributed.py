@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def test_ranks_split_every_global_batch_without_overlap():
 
 # ---- one DDP step = one step on the whole batch -------------------------------------------------
 
-def _problem() -> tuple[torch.nn.Module, callable]:
+def _problem() -> tuple[torch.nn.Module, Callable]:
     """A small UNet and a loss with no randomness in it (MSE of the output at fixed t against a
     fixed target), so only the batches and the gradient averaging decide the weights. In float64:
     in float32, AdamW's first step g / (|g| + eps) turns the rounding differences of gradients
@@ -134,6 +135,8 @@ def test_torchrun_trains_in_one_run_folder_written_by_rank_0(ddp_run):
     assert m["status"] == "completed" and m["trained"] is True and m["steps"] == 6
     assert math.isfinite(m["final_loss"]) and m["final_loss"] > 0
     assert (ddp_run / "train.log").read_text().count("step 6 loss") == 1  # one log, rank 0's
+    writers = {f.name.rsplit(".", 2)[1] for f in (ddp_run / "tb").glob("events.out.tfevents.*")}
+    assert len(writers) == 1  # TensorBoard files of one process id
     load_diffusion_model(str(ddp_run / "checkpoints" / "last.pt"), torch.device("cpu"))  # a single process's format
 
 
@@ -162,6 +165,24 @@ def test_torchrun_resumes_exactly_and_continues(ddp_run, shapes_dir, tmp_path):
     assert m["steps"] == 8 and m["resumed_from"] == str(ddp_run / "checkpoints" / "last.pt")
     assert "at step 6" in (ddp_run / "train.log").read_text()
     assert (ddp_run / "samples" / "samples.npz").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_latent_diffusion_trains_autoencoder_and_model_together(shapes_dir, tmp_path):
+    """Two DDP trainings in one run: a VQ autoencoder whose discriminator joins at step 2 (so
+    DDP must allow parameters without gradients), then the diffusion model on the latents rank 0
+    encoded alone and stored for the others."""
+    run_dir = tmp_path / "run"
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "autoencoder=vq", "autoencoder.channels=16",
+                  "autoencoder.train.max_steps=4", "autoencoder.train.batch_size=8", "autoencoder.train.warmup_steps=1",
+                  "autoencoder.discriminator.enabled=true", "autoencoder.discriminator.start=2",
+                  "train.max_steps=4", f"hydra.run.dir={run_dir}", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(run_dir)
+    assert m["autoencoder_source"] == "trained" and m["trained"] is True and m["steps"] == 4
+    assert (run_dir / "autoencoder" / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / "samples" / "samples.npz").is_file()
+    assert len(list((tmp_path / "cache" / "artifacts" / "latents").glob("*/model.pt"))) == 1
 
 
 @pytest.mark.slow
