@@ -5,7 +5,9 @@ WORLD_SIZE in their environment; cli.main() joins them into one process group be
 runs, and the rest of difflab asks this module who it is. Who does what:
 
 - every rank trains: DDP averages the gradients, each rank takes its own slice of every global
-  batch (train.batch_size is the global batch), all ranks keep identical weights and EMAs;
+  batch (train.batch_size is the global batch), all ranks keep identical weights and EMAs
+  (buffers such as the VQ codebook's EMA or BatchNorm statistics are rank 0's: DDP copies them
+  to the others before every forward);
 - rank 0 alone writes: the run folder (.hydra/, train.log, metrics.json, tb/, checkpoints,
   samples), the artifact cache, validation and sample grids; sampling and evaluation after
   training are rank 0's too, the other ranks leave when training is done.
