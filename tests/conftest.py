@@ -51,10 +51,12 @@ def tiny_overrides(data_dir: Path, cache_dir: Path) -> list[str]:
     ]
 
 
-def run_py(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_py(*args: str, cwd: Path | None = None, timeout: int = 300, nproc: int = 1) -> subprocess.CompletedProcess:
+    """`python run.py ARGS`; with nproc > 1 `torchrun --standalone --nproc_per_node=NPROC run.py ARGS`."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
     env.pop("PYTEST_CURRENT_TEST", None)
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd or REPO, env=env,
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.run([sys.executable, *torchrun, str(REPO / "run.py"), *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

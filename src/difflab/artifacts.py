@@ -3,11 +3,15 @@ determine them, so a run whose model was already trained with the same settings 
 sampling-only settings, a re-run, a later stage needing a prerequisite) reuses it.
 
 Layout: {cache_dir}/artifacts/<stage>/<key>/{model.pt, record.json}. A file lock per key makes
-parallel jobs that need the same artifact wait for the one that trains it.
+parallel jobs that need the same artifact wait for the one that trains it. Under torchrun only
+rank 0 reads, locks and writes the cache; the other ranks follow its decisions (see `obtain`).
+The number of processes is not part of a key: like the device, it changes how a model is
+trained, not the settings it is trained with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +27,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.errors import UserError
+from difflab.train import distributed as dist
 
 log = logging.getLogger("difflab")
 
@@ -172,12 +177,17 @@ TrainFn = Callable[[], tuple[Path, dict]]  # trains the stage -> (checkpoint fil
 
 
 def obtain(cache: ArtifactCache, stage: str, settings: dict, train: TrainFn, *, reuse: bool = True,
-           given: Optional[str] = None, given_name: str = "a path", what: Optional[str] = None) -> Artifact:
+           given: Optional[str] = None, given_name: str = "a path", what: Optional[str] = None,
+           collective: bool = True) -> Artifact:
     """The artifact of `stage` for `settings`: the file `given` explicitly, else the cached one,
     else the result of `train()`, stored in the cache. The lookup and the training run under the
     key's file lock, so parallel jobs that need the same artifact train it once. Logs one line
     saying which of the three it did, naming the artifact `what` (default: the stage's name);
-    `reuse=False` trains anew (and replaces the cached entry)."""
+    `reuse=False` trains anew (and replaces the cached entry).
+
+    Under torchrun every rank calls this and all take rank 0's branch: rank 0 alone takes the
+    lock, looks and stores; `train()` runs on every rank (DDP training needs them all) or, with
+    collective=False, on rank 0 alone; every rank returns what rank 0 stored."""
     what = what or stage
     if given:
         path = Path(given).expanduser().resolve()
@@ -187,15 +197,19 @@ def obtain(cache: ArtifactCache, stage: str, settings: dict, train: TrainFn, *, 
         log.info("using the %s given by %s=%s", what, given_name, path)
         return Artifact(path, f"file-{file_digest(path)}", "given", {})
     key = settings_key(settings)
-    with cache.lock(stage, key):
-        cached = cache.find(stage, key) if reuse else None
+    with cache.lock(stage, key) if dist.is_main() else contextlib.nullcontext():
+        cached = dist.from_main(lambda: cache.find(stage, key) if reuse else None)
         if cached is not None:
             record = cache.record(stage, key)
             log.info("reusing the %s made with these settings by %s (%s); train.reuse=false trains anew",
                      what, record.get("run_dir"), cached)
             return Artifact(cached, key, "cache", record)
         log.info("no %s made with these settings in the artifact cache yet: making it now (key %s)", what, key)
-        checkpoint, record = train()
-        stored = cache.store(stage, key, checkpoint, {**record, "settings": settings})
+        checkpoint, record = train() if collective or dist.is_main() else (None, {})
+
+        def store() -> tuple[Path, dict]:
+            return cache.store(stage, key, checkpoint, {**record, "settings": settings}), record
+
+        stored, record = dist.from_main(store)  # the other ranks wait until it is stored
         log.info("stored the %s in the artifact cache: %s", what, stored)
         return Artifact(stored, key, "trained", record)

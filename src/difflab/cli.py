@@ -1,24 +1,70 @@
-"""Hydra entry point: composes the config, runs it, and turns a UserError into one line."""
+"""Hydra entry point: composes the config, runs it, and turns a UserError into one line.
+
+Under torchrun (several processes) main() first joins the processes into one process group,
+so that they agree on one run folder before Hydra names it, and keeps every rank but 0 from
+writing in that folder (see difflab.train.distributed for who does what).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from difflab.config import register_configs
 from difflab.errors import UserError
 from difflab.sweep.named import register_named_sweeps
+from difflab.train import distributed as dist
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
+# Ranks other than 0 add these to their command line. They keep rank 0's run folder (every rank
+# resumes from the checkpoints in it; a folder of their own would not have them) but write
+# nothing there: no .hydra/ copy of the config, the null device as their log file, and only
+# warnings on their console, so the run's log is printed and written once, by rank 0.
+QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", f"hydra.job_logging.handlers.file.filename={os.devnull}",
+                        "hydra.job_logging.root.level=WARNING"]
+
+_run_started: Optional[datetime] = None  # under torchrun: rank 0's clock, handed to every rank
+
+
+def _run_start(pattern: str) -> str:
+    """${run_start:PATTERN}, which names the run and sweep folders in conf/config.yaml: the time
+    now, as Hydra's ${now:} gives it, except under torchrun, where every rank reads the time
+    rank 0 started at and so names the same folder."""
+    return (_run_started or datetime.now()).strftime(pattern)
+
+
+OmegaConf.register_new_resolver("run_start", _run_start, use_cache=True, replace=True)
 register_configs()
 register_named_sweeps()
+
+
+def _fail(e: UserError) -> NoReturn:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_torchrun_job() -> None:
+    """A torchrun job is one run, in the one folder every rank named."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        raise UserError("A sweep (-m or a named sweep) cannot run inside torchrun: start one torchrun per job of the "
+                        "sweep (README, 'Scaling out').")
+    run_dir = hydra_cfg.runtime.output_dir
+    if dist.from_main(lambda: run_dir) != run_dir:
+        raise UserError(f"The torchrun processes named different run folders ({run_dir} here): give one "
+                        "hydra.run.dir on a shared filesystem, with ${run_start:...} rather than ${now:...} in it.")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -27,11 +73,12 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from difflab.sweep.jobs import run_recorded
 
     try:
+        if dist.launched():
+            _check_torchrun_job()
         return run_recorded(run, cfg)  # in a multirun, a failed job is recorded and the sweep goes on
     except UserError as e:
         logging.getLogger("difflab").error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
 
 
 def _rewrite_ckpt_shorthand(argv: list[str]) -> list[str]:
@@ -39,6 +86,26 @@ def _rewrite_ckpt_shorthand(argv: list[str]) -> list[str]:
     return [re.sub(r"^ckpt=", "ckpt.model=", a) for a in argv]
 
 
+def _torchrun_main() -> None:
+    """One rank of `torchrun --nproc_per_node=N run.py ...`: join the others, take rank 0's start
+    time for the run folder's name, run, and leave the process group however the run ends."""
+    global _run_started
+    try:
+        dist.init()
+    except UserError as e:
+        _fail(e)
+    try:
+        _run_started = dist.from_main(datetime.now)
+        if not dist.is_main():
+            sys.argv += QUIET_RANK_OVERRIDES
+        _hydra_main()
+    finally:
+        dist.teardown()
+
+
 def main() -> None:
     sys.argv = [sys.argv[0], *_rewrite_ckpt_shorthand(sys.argv[1:])]
-    _hydra_main()
+    if dist.launched():
+        _torchrun_main()
+    else:
+        _hydra_main()

@@ -314,6 +314,33 @@ def validate(cfg) -> None:
         raise UserError("schedule.zero_terminal_snr=true leaves x0 undefined at the last step for eps prediction: add objective.prediction=v.")
 
 
+def _trained_batch_keys(cfg) -> list[str]:
+    """The keys of the batch sizes a run may train with: its stage's, and its autoencoder's."""
+    keys = {"reconstruction": [], "classifier": ["classifier.batch_size"]}.get(cfg.mode.name, ["train.batch_size"])
+    if cfg.autoencoder.name != "none":
+        keys.append("train.batch_size" if cfg.autoencoder.train.batch_size is None else "autoencoder.train.batch_size")
+    return keys
+
+
+def validate_world_size(cfg, world_size: int) -> None:
+    """Under torchrun (world_size > 1): the mode trains, and every global batch it may train
+    with splits evenly over the processes."""
+    from omegaconf import OmegaConf
+
+    from difflab.errors import UserError
+
+    if world_size == 1:
+        return
+    if cfg.mode.name in ("sample", "evaluate"):
+        raise UserError(f"mode={cfg.mode.name} trains nothing, so torchrun's extra processes would have nothing to do: "
+                        "run it with `python run.py`.")
+    for key in _trained_batch_keys(cfg):
+        value = OmegaConf.select(cfg, key)
+        if value % world_size:
+            raise UserError(f"{key}={value} is the global batch and does not split evenly over the {world_size} "
+                            f"torchrun processes: use a multiple of {world_size}.")
+
+
 def validate_autoencoder(ae) -> None:
     from difflab.errors import UserError
 

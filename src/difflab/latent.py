@@ -8,6 +8,7 @@ autoencoder's weights (`LatentSpace.state`), so `mode=sample` needs nothing else
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import tempfile
@@ -23,6 +24,7 @@ from difflab.artifacts import Artifact, ArtifactCache, dataset_settings, file_di
 from difflab.data import load_splits, to_model_range
 from difflab.errors import UserError
 from difflab.models.autoencoder import Autoencoder, build_autoencoder
+from difflab.train import distributed as dist
 from difflab.train.checkpoint import atomic_save, load_checkpoint
 from difflab.train.reconstruction import (autoencoder_train_config, evaluate_autoencoder, held_out_images,
                                           train_autoencoder)
@@ -82,15 +84,18 @@ class LatentSpace:
         cache = ArtifactCache(cfg.paths.cache_dir)
         images_digest = hashlib.sha256(images_uint8.contiguous().numpy().tobytes()).hexdigest()[:16]
         settings = {"autoencoder_file": self.identity, "latent_scale": self.scale, "images": images_digest}
-        cache.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache.root) as tmp:
-            def encode_all() -> tuple[Path, dict]:
+        with contextlib.ExitStack() as until_stored:
+            def encode_all() -> tuple[Path, dict]:  # the latents file lives until obtain has stored it
+                cache.root.mkdir(parents=True, exist_ok=True)
+                tmp = Path(until_stored.enter_context(tempfile.TemporaryDirectory(dir=cache.root)))
                 z = torch.cat([self.encode(to_model_range(chunk.to(device))).cpu()
                                for chunk in images_uint8.split(4096)])
-                atomic_save({"latents": z}, Path(tmp) / "latents.pt")
-                return Path(tmp) / "latents.pt", {"images": len(z), "shape": list(z.shape[1:])}
+                atomic_save({"latents": z}, tmp / "latents.pt")
+                return tmp / "latents.pt", {"images": len(z), "shape": list(z.shape[1:])}
 
-            artifact = obtain(cache, "latents", settings, encode_all, what="encoded training latents")
+            # Under torchrun rank 0 encodes alone; the other ranks read the stored latents.
+            artifact = obtain(cache, "latents", settings, encode_all, what="encoded training latents",
+                              collective=False)
         return torch.load(artifact.path, map_location="cpu", weights_only=True)["latents"].to(device)
 
 
@@ -151,6 +156,8 @@ def obtain_latent_space(cfg: DictConfig, run_dir: Path, device: torch.device) ->
 def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     """Train the autoencoder (or take it from ckpt.autoencoder or the cache) and measure it."""
     artifact = obtain_autoencoder(cfg, run_dir, device)
+    if not dist.is_main():  # measuring and writing are rank 0's
+        return {}
     metrics = {**artifact.record.get("metrics", {}), "stage": "reconstruction", "trained": artifact.trained,
                "autoencoder_source": artifact.source, "artifact_key": artifact.key}
     if not artifact.trained:  # the training run measured it; a reused one is measured here

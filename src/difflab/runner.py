@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, obtain, settings_key
-from difflab.config import validate
+from difflab.config import validate, validate_world_size
 from difflab.errors import UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies
 from difflab.evaluate.metrics import evaluate_model
@@ -21,13 +21,14 @@ from difflab.evaluate.visualize import class_rows, save_accuracy_curve, save_los
 from difflab.latent import LatentSpace, obtain_latent_space, run_reconstruction
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.sampling import sample_and_write, sample_images
+from difflab.train import distributed as dist
 from difflab.train.classifier_stages import ClassifierStage, JointStage, accuracy_by_band, load_classifier
 from difflab.train.stages import DiffusionModel, DiffusionStage, load_diffusion_model
 
 log = logging.getLogger("difflab")
 
 
-def resolve_device(name: str) -> torch.device:
+def _named_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -38,10 +39,13 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device={name} is not a device: use auto, cpu, cuda or cuda:N.") from None
 
 
-def _writer(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
+def resolve_device(name: str) -> torch.device:
+    """The device `name` means for this process (under torchrun, cuda is this rank's GPU)."""
+    return dist.local_device(_named_device(name))
 
-    return SummaryWriter(str(run_dir / "tb"))
+
+def _writer(run_dir: Path):
+    return dist.summary_writer(run_dir / "tb")
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
@@ -81,8 +85,9 @@ def _resumes(cfg: DictConfig, run_dir: Path) -> bool:
 
 
 def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer,
-                    latent: Optional[LatentSpace] = None) -> tuple[dict, DiffusionModel]:
-    """Train the diffusion model (mode=joint: with the classifier beside it)."""
+                    latent: Optional[LatentSpace] = None) -> tuple[dict, Optional[DiffusionModel]]:
+    """Train the diffusion model (mode=joint: with the classifier beside it); its metrics and EMA
+    model on the process that writes, ({}, None) on the other torchrun ranks."""
     stage = (JointStage if cfg.mode.name == "joint" else DiffusionStage)(cfg, run_dir, device, writer, latent)
     writer.add_text("schedule/alpha_bar_T", f"{stage.process.alpha_bar_T:.6g}")
     writer.add_scalar("schedule/alpha_bar_T", stage.process.alpha_bar_T, 0)
@@ -92,6 +97,8 @@ def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer
         writer.add_image("samples/grid", class_rows(result.images, result.labels, per_row=4), step)
 
     trainer, result = stage.fit(grid_to_tensorboard)
+    if not trainer.writes:  # another torchrun rank: it lent its gradients, rank 0 writes and measures
+        return {}, None
     finish_training(trainer, result, run_dir)
     metrics = {
         "final_loss": result.final_loss,
@@ -130,6 +137,8 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     artifact = obtain(ArtifactCache(cfg.paths.cache_dir), cfg.mode.name, settings, train,
                       reuse=cfg.train.reuse and not _resumes(cfg, run_dir),
                       what="joint diffusion model and classifier" if joint else "diffusion model")
+    if not dist.is_main():  # sampling and evaluation are rank 0's
+        return {}
     model = load_diffusion_model(str(artifact.path), device)
     metrics = {**artifact.record["metrics"], **latent_record, "trained": artifact.trained}
     if not artifact.trained:
@@ -168,6 +177,8 @@ def run_classifier(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict
         writer = _writer(run_dir)
         stage = ClassifierStage(cfg, run_dir, device, writer, latent)
         trainer, result = stage.fit()
+        if not trainer.writes:  # another torchrun rank: rank 0 writes and measures
+            return run_dir / "checkpoints" / "last.pt", {}
         finish_training(trainer, result, run_dir)
         by_band = report_accuracy(accuracy_by_band(stage, trainer.ema.model, cfg.classifier.accuracy_bands),
                                   run_dir, writer)
@@ -258,6 +269,7 @@ MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "join
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     """Run what cfg.mode asks for in run_dir; returns the sweep objective (lower is better)."""
     validate(cfg)
+    validate_world_size(cfg, dist.world_size())
     overrides: list[str] = []
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
@@ -271,6 +283,8 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     log.info("run folder %s, mode=%s, device=%s", run_dir, cfg.mode.name, device)
     t0 = time.perf_counter()
     metrics = MODES[cfg.mode.name](cfg, run_dir, device)
+    if not dist.is_main():  # the other torchrun ranks only trained; rank 0 writes the run's record
+        return None
     metrics["wall_time_s"] = time.perf_counter() - t0
     write_metrics(run_dir, metrics)
     write_hparams(run_dir / "tb", overrides_to_hparams(overrides), metrics)

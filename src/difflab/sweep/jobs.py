@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from difflab.errors import UserError
 from difflab.runner import write_metrics
+from difflab.train import distributed as dist
 
 log = logging.getLogger("difflab")
 
@@ -39,7 +40,10 @@ def launcher_threads(launcher: DictConfig) -> Optional[int]:
 
 
 def run_recorded(run: Callable[[DictConfig], Optional[float]], cfg: DictConfig) -> Optional[float]:
-    """`run(cfg)` with its outcome written to the run folder's metrics.json."""
+    """`run(cfg)` with its outcome written to the run folder's metrics.json (by rank 0 alone
+    under torchrun)."""
+    if not dist.is_main():
+        return run(cfg)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN

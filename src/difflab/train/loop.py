@@ -4,11 +4,17 @@ Everything a resumed run needs (model, EMA, optimizer, LR schedule, grad scaler,
 step, early-stopping window, best validation loss, loss history) goes into each checkpoint,
 and batches are a pure function of the step, so a run killed and resumed reaches the same
 weights as one that was never interrupted.
+
+Under torchrun a Trainer built with distributed=True trains with the other ranks (see
+difflab.train.distributed): the loss runs inside DistributedDataParallel, each rank takes its
+slice of every global batch, and only rank 0 writes. Its checkpoints are those of one process
+(the unwrapped model), so either kind of run resumes or samples from the other's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -18,9 +24,11 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from difflab.errors import UserError
+from difflab.train import distributed as dist
 from difflab.train.checkpoint import atomic_save, load_checkpoint
 from difflab.train.ema import EMA, extra_decays
 
@@ -33,13 +41,21 @@ ImageFn = Callable[[nn.Module, int], None]  # (eval model, step) -> logs a sampl
 
 class StepBatches:
     """Batch k of an endless stream of shuffled epochs, as a pure function of k (no state to
-    save for resume). Each epoch is a fresh permutation seeded by (seed, epoch)."""
+    save for resume). Each epoch is a fresh permutation seeded by (seed, epoch).
 
-    def __init__(self, size: int, batch_size: int, seed: int):
+    With several ranks (DDP), batch_size is the global batch and rank r takes the r-th of
+    world_size equal slices of it: together the ranks see each global batch once and no image
+    twice per epoch (DistributedSampler's contract, still a pure function of the step)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if size < batch_size:
             raise UserError(f"The data set has {size} images, fewer than train.batch_size={batch_size}: lower train.batch_size.")
+        if batch_size % world_size:  # config.validate_world_size names the key and the fix first
+            raise ValueError(f"a batch of {batch_size} does not split over {world_size} ranks")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.per_epoch = size // batch_size
+        self.rank_batch = batch_size // world_size
+        self.rank_offset = rank * self.rank_batch
         self._epoch, self._perm = -1, torch.empty(0)
 
     def indices(self, step: int) -> Tensor:
@@ -47,7 +63,17 @@ class StepBatches:
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.size, generator=gen)
-        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+        start = pos * self.batch_size + self.rank_offset
+        return self._perm[start:start + self.rank_batch]
+
+
+def rank_step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's randomness (noise, timesteps, label dropout, augmentation) at one
+    step of a DDP run: different on every rank, and like the batches a pure function of the
+    step, so a resumed run draws what the uninterrupted one would have without each rank's RNG
+    state in the checkpoint."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: what manual_seed takes
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
@@ -126,12 +152,34 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class _LossModule(nn.Module):
+    """A model and its loss as one module: DDP wraps this, so its forward covers every path the
+    loss takes through the model (the joint and autoencoder losses call sub-modules directly,
+    which a wrapped model alone would not see)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
 class Trainer:
-    """Owns the optimisation state of one stage and its checkpoints in `ckpt_dir`."""
+    """Owns the optimisation state of one stage and its checkpoints in `ckpt_dir`.
+
+    distributed=True: under torchrun, train together with the other ranks, each drawing its
+    randomness from rank_step_seed(seed, rank, step); only rank 0 writes (`self.writes`).
+    find_unused_parameters: for a loss that leaves some parameters out on some steps (DDP must
+    then look for them; e.g. the discriminator before it starts)."""
 
     def __init__(self, model: nn.Module, cfg, ckpt_dir: Path, device: torch.device, writer=None,
-                 extra_state: Optional[dict] = None):
+                 extra_state: Optional[dict] = None, *, distributed: bool = False, seed: int = 0,
+                 find_unused_parameters: bool = False):
         self.cfg, self.device, self.writer = cfg, device, writer
+        self.rank, self.world_size = (dist.rank(), dist.world_size()) if distributed else (0, 1)
+        self.writes = self.rank == 0  # checkpoints, TensorBoard, validation and sample grids
+        self.seed, self.find_unused_parameters = seed, find_unused_parameters
         self.model = model.to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -190,9 +238,12 @@ class Trainer:
         self.val_history = [(int(s), float(v)) for s, v in state["val_history"]]
 
     def save(self, name: str) -> None:
-        atomic_save(self.state_dict(), self.ckpt_dir / name)
+        if self.writes:
+            atomic_save(self.state_dict(), self.ckpt_dir / name)
 
     def _save_periodic(self) -> None:
+        if not self.writes:
+            return
         self.save("last.pt")
         self.save(f"step_{self.step:08d}.pt")
         periodic = sorted(self.ckpt_dir.glob("step_*.pt"))
@@ -200,7 +251,9 @@ class Trainer:
             old.unlink(missing_ok=True)
 
     def maybe_resume(self, resume: Optional[str]) -> Optional[str]:
-        """`auto`: continue from this run's last.pt if there is one; a path: from that file."""
+        """`auto`: continue from this run's last.pt if there is one; a path: from that file.
+        Under DDP every rank loads the same file (rank 0's RNG state included, which the
+        per-step seeding then replaces), so all start from identical weights and EMAs."""
         if not resume:
             return None
         path = self.ckpt_dir / "last.pt" if resume == "auto" else Path(resume).expanduser()
@@ -221,9 +274,30 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _train_step(self, loss_fn: LossFn, batch: Any) -> tuple[Tensor, Tensor]:
+    def step_batches(self, size: int, batch_size: int) -> StepBatches:
+        """The batches of a data set of `size` items, this rank's slices of global batches."""
+        return StepBatches(size, batch_size, self.seed, self.rank, self.world_size)
+
+    def _objective(self, loss_fn: LossFn) -> Callable[[Any], Tensor]:
+        """batch -> loss; under DDP through DistributedDataParallel, which averages the gradients
+        over the ranks in backward (and starts every rank from rank 0's weights)."""
+        if self.world_size == 1:
+            return lambda batch: loss_fn(self.forward_model, batch)
+        return DistributedDataParallel(_LossModule(self.forward_model, loss_fn),
+                                       device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=self.find_unused_parameters)
+
+    def _seed_step(self) -> None:
+        if self.world_size > 1:
+            torch.manual_seed(rank_step_seed(self.seed, self.rank, self.step))
+
+    def _across_ranks(self, value: Tensor) -> float:
+        """A scalar averaged over the ranks training together (its own value on one process)."""
+        return float(dist.mean_over_ranks(value) if self.world_size > 1 else value)
+
+    def _train_step(self, objective: Callable[[Any], Tensor], batch: Any) -> tuple[Tensor, Tensor]:
         with self._autocast():
-            loss = loss_fn(self.forward_model, batch)
+            loss = objective(batch)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
@@ -247,7 +321,7 @@ class Trainer:
             )
 
     def _scalar(self, tag: str, value: float) -> None:
-        if self.writer is not None:
+        if self.writer is not None and self.writes:
             self.writer.add_scalar(tag, value, self.step)
 
     def fit(self, loss_fn: LossFn, get_batch: Callable[[int], Any], batch_size: int,
@@ -257,16 +331,18 @@ class Trainer:
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_t0, last_loss, early = 0, time.perf_counter(), float("nan"), False
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, desc="train",
+        objective = self._objective(loss_fn)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.writes), desc="train",
                    dynamic_ncols=True, leave=False)
         while self.step < cfg.max_steps:
-            loss, grad_norm = self._train_step(loss_fn, get_batch(self.step))
+            self._seed_step()
+            loss, grad_norm = self._train_step(objective, get_batch(self.step))
             window_loss += loss
             window_steps += 1
             bar.update(1)
             at_end = self.step == cfg.max_steps
             if self.step % cfg.log_every == 0 or at_end:
-                last_loss = float(window_loss) / window_steps
+                last_loss = self._across_ranks(window_loss) / window_steps  # the one host sync per interval
                 self._check_finite(last_loss)
                 ips = window_steps * batch_size / (time.perf_counter() - window_t0)
                 self.loss_history.append((self.step, last_loss))
@@ -281,7 +357,7 @@ class Trainer:
                 early = cfg.early_stop.enabled and self.stopper.should_stop(last_loss)
                 window_loss.zero_()
                 window_steps, window_t0 = 0, time.perf_counter()
-            if val_fn is not None and (self.step % cfg.val_every == 0 or at_end or early):
+            if val_fn is not None and self.writes and (self.step % cfg.val_every == 0 or at_end or early):
                 val = val_fn(self.ema.model)
                 self.val_history.append((self.step, val))
                 self._scalar("val/loss", val)
@@ -289,11 +365,11 @@ class Trainer:
                 if self.best_val is None or val < self.best_val:
                     self.best_val = val
                     self.save("best.pt")
-            if image_fn is not None and cfg.image_every and (self.step % cfg.image_every == 0 or at_end):
+            if image_fn is not None and self.writes and cfg.image_every and (self.step % cfg.image_every == 0 or at_end):
                 image_fn(self.ema.model, self.step)
                 self.model.train()
             if self.step % cfg.checkpoint_every == 0 or at_end or early:
-                self._check_finite(float(loss))  # NaN weights show up as a NaN loss
+                self._check_finite(self._across_ranks(loss))  # NaN weights show up as a NaN loss
                 self._save_periodic()
             if early:
                 log.info("early stopping at step %d: mean loss change below %g over the last %d intervals",

@@ -27,6 +27,7 @@ from difflab.evaluate.visualize import save_loss_curve, save_png
 from difflab.models import count_parameters
 from difflab.models.autoencoder import Autoencoder, VQAutoencoder, build_autoencoder, codebook_stats
 from difflab.models.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
+from difflab.train import distributed as dist
 from difflab.train.loop import StepBatches, Trainer
 
 log = logging.getLogger("difflab.stages")
@@ -154,12 +155,16 @@ class AutoencoderStage:
         cfg, tcfg = self.cfg, self.train_cfg
         extra = {"config": OmegaConf.to_container(cfg, resolve=True), "stage": self.name,
                  "meta": {"image_shape": list(self.image_shape), "latent_shape": list(self.autoencoder.latent_shape)}}
-        trainer = Trainer(self.module, tcfg, self.stage_dir / "checkpoints", self.device, self.writer, extra)
+        d = cfg.autoencoder.discriminator
+        trainer = Trainer(self.module, tcfg, self.stage_dir / "checkpoints", self.device, self.writer, extra,
+                          distributed=True, seed=cfg.seed, find_unused_parameters=d.enabled and d.start > 0)
         # train.resume=PATH inside a latent diffusion run names the diffusion checkpoint, not this one.
         own_resume = tcfg.resume if tcfg.resume == "auto" or cfg.mode.name == "reconstruction" else None
         resumed = trainer.maybe_resume(own_resume)
-        batches = StepBatches(len(self.train_data), tcfg.batch_size, cfg.seed)
+        batches = trainer.step_batches(len(self.train_data), tcfg.batch_size)
         result = trainer.fit(self.loss, lambda s: self.batch(s, batches), tcfg.batch_size, self.make_val_fn())
+        if not trainer.writes:  # another torchrun rank: rank 0 measures and writes the autoencoder
+            return trainer, {}
         autoencoder = trainer.ema.model.autoencoder.eval()
         scale = latent_scale(autoencoder, to_model_range(self.train_data.images[:SCALE_IMAGES]).to(self.device))
         trainer.extra_state["latent_scale"] = scale
@@ -179,9 +184,7 @@ class AutoencoderStage:
 
 def train_autoencoder(cfg: DictConfig, stage_dir: Path, device: torch.device) -> tuple[Path, dict]:
     """The artifact cache's train callback: (checkpoint, record) of a freshly trained autoencoder."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(stage_dir / "tb"))
+    writer = dist.summary_writer(stage_dir / "tb")
     try:
         _, metrics = AutoencoderStage(cfg, stage_dir, device, writer).fit()
     finally:

@@ -114,9 +114,10 @@ class NoisyDataStage:
         """Fit `model` with the loop, resuming when train.resume says so."""
         extra = {"config": OmegaConf.to_container(self.cfg, resolve=True), "stage": self.name, "meta": meta,
                  "autoencoder": self.latent.state() if self.latent else None}
-        trainer = Trainer(model, train_cfg, self.run_dir / "checkpoints", self.device, self.writer, extra)
+        trainer = Trainer(model, train_cfg, self.run_dir / "checkpoints", self.device, self.writer, extra,
+                          distributed=True, seed=self.cfg.seed)
         resumed = trainer.maybe_resume(self.cfg.train.resume)
-        batches = StepBatches(len(self.train_data), train_cfg.batch_size, self.cfg.seed)
+        batches = trainer.step_batches(len(self.train_data), train_cfg.batch_size)
         result = trainer.fit(loss, lambda s: self.batch(s, batches), train_cfg.batch_size, val_fn, image_fn)
         result.resumed_from = resumed
         return trainer, result
