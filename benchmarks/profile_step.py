@@ -55,7 +55,7 @@ def main() -> None:
 
     from difflab.config import register_configs
     from difflab.runner import resolve_device
-    from difflab.train.loop import StepBatches, Trainer
+    from difflab.train.loop import Trainer
     from difflab.train.stages import DiffusionStage
 
     register_configs()
@@ -67,10 +67,11 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="difflab_profile_"))
     stage = DiffusionStage(cfg, run_dir, device)
     trainer = Trainer(stage.net, cfg.train, run_dir / "checkpoints", device)
-    batches = StepBatches(len(stage.train_data), cfg.train.batch_size, cfg.seed)
+    batches = trainer.step_batches(len(stage.train_data), cfg.train.batch_size)
+    objective = trainer._objective(stage.loss)  # what fit() steps with
 
     def step() -> None:
-        trainer._train_step(stage.loss, stage.batch(trainer.step, batches))
+        trainer._train_step(objective, stage.batch(trainer.step, batches))
 
     for _ in range(3):  # warm-up: allocator, oneDNN primitive caches, autocast weight casts
         step()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from difflab.config import TrainConfig
 from difflab.models import build_unet
 from difflab.models.layers import Dropout, ModelConfigError, PointwiseConv, Upsample, attention
 
@@ -155,13 +156,10 @@ def test_tiny_training_is_not_worse_than_with_plain_layers(tmp_path) -> None:
 
     cfg = OmegaConf.merge(OmegaConf.load("conf/unet/tiny.yaml"),
                           {"attention_resolutions": [8], "dropout": 0.1, "head_channels": 16})
-    train_cfg = OmegaConf.create({
-        "lr": 3e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 5, "max_steps": 120,
-        "lr_schedule": "cosine", "min_lr_ratio": 0.1, "precision": "fp32", "compile": False, "channels_last": False,
-        "grad_clip": 1.0, "ema": {"decay": 0.9, "decays": [], "update_every": 1, "start": 0, "warmup": True},
-        "early_stop": {"enabled": False, "threshold": 0.0, "window": 5}, "log_every": 40, "val_every": 1000,
-        "image_every": 0, "checkpoint_every": 1000, "keep_checkpoints": 1, "progress": False,
-    })
+    train_cfg = OmegaConf.structured(TrainConfig(max_steps=120, lr=3e-3, warmup_steps=5, precision="fp32",
+                                                 log_every=40, val_every=1000, image_every=0, checkpoint_every=1000,
+                                                 keep_checkpoints=1, progress=False))
+    train_cfg.ema.decay = 0.9
     process = GaussianDiffusion(make_betas("linear", 200), "eps")
     gen = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")

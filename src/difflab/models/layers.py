@@ -194,7 +194,8 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, height, width = x.shape
-        if is_channels_last(x):
+        channels_last = is_channels_last(x)
+        if channels_last:
             # The projections as 1x1 convolutions of the map (oneDNN), which on channels_last
             # is already the token matrix: no copies, and faster than the BLAS's fp32 GEMM here.
             qkv = F.conv2d(self.norm(x), self.qkv.weight[:, :, None, None], self.qkv.bias)
@@ -203,7 +204,7 @@ class AttentionBlock(nn.Module):
             tokens = self.qkv(rearrange(self.norm(x), "b c x y -> b (x y) c"))
         q, k, v = rearrange(tokens, "b n (three h d) -> three b h n d", three=3, h=self.heads)
         out = rearrange(attention(q, k, v), "b h n d -> b n (h d)")
-        if is_channels_last(x):
+        if channels_last:
             out = out.reshape(b, height, width, c).permute(0, 3, 1, 2)
             return x + F.conv2d(out, self.proj_out.weight[:, :, None, None], self.proj_out.bias)
         return x + rearrange(self.proj_out(out), "b (x y) c -> b c x y", x=height)
@@ -253,17 +254,13 @@ class Upsample(nn.Module):
         # Padded by one, a 2x2 conv gives (h+1)x(w+1) outputs per phase; phase (a, b) is the
         # window starting at (a, b): rows i-1,i for even and i,i+1 for odd output rows.
         phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias).unflatten(1, (2, 2, -1))
-        if is_channels_last(x):  # interleave into (b, h, 2, w, 2, c) so the result is channels_last
-            out = x.new_empty(b, h, 2, w, 2, c)
-            for i in range(2):
-                for j in range(2):
-                    out[:, :, i, :, j] = phases[:, i, j, :, i:i + h, j:j + w].permute(0, 2, 3, 1)
-            return out.view(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
-        out = x.new_empty(b, c, h, 2, w, 2)
+        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        out = torch.empty(b, c, 2 * h, 2 * w, dtype=phases.dtype, device=x.device, memory_format=fmt)
+        grid = out.view(b, c, h, 2, w, 2)  # (row, row phase, column, column phase), x's layout
         for i in range(2):
             for j in range(2):
-                out[:, :, :, i, :, j] = phases[:, i, j, :, i:i + h, j:j + w]
-        return out.view(b, c, 2 * h, 2 * w)
+                grid[:, :, :, i, :, j] = phases[:, i, j, :, i:i + h, j:j + w]
+        return out
 
 
 class EmbedSequential(nn.Sequential):
