@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--png", default=str(REPO / "benchmarks" / "results" / "sampling_scaling.png"))
     args = ap.parse_args()
 
+    from difflab.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as run.py does
     import torch
     from omegaconf import OmegaConf
 

@@ -9,11 +9,14 @@ utilisation (MFU) come out too. Usage:
     # the GPU matrix of issue 7 (fp32 eager, bf16 eager, bf16 compiled; H100 dense bf16 ~800 TFLOP/s measured):
     python benchmarks/throughput.py --device cuda --cases ddpm_cifar --train-batch 128 --channels-last \
         --precision fp32,bf16,bf16+compile --peak-tflops 800
+    # what keeping freed memory in the process buys (difflab/allocator.py; run.py always does):
+    python benchmarks/throughput.py --allocator default,tuned --steps 10
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -42,10 +45,13 @@ def forward_flops(net, shape, classes: int, device) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(case: str, device: str, steps: int, sample_steps: int, precision: str, train_batch: int | None,
-            channels_last: bool, peak_tflops: float | None) -> dict:
+def measure(case: str, device: str, steps: int, sample_steps: int, precision: str, allocator: str,
+            train_batch: int | None, channels_last: bool, peak_tflops: float | None) -> dict:
     import resource
 
+    from difflab.allocator import keep_freed_memory
+
+    tuned = allocator == "tuned" and keep_freed_memory()  # first, as run.py does
     import torch
     from omegaconf import OmegaConf
 
@@ -82,11 +88,13 @@ def measure(case: str, device: str, steps: int, sample_steps: int, precision: st
     for _ in range(3 if compiled else 1):  # warm-up: allocator, kernels, compilation
         train_step()
     sync()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     for _ in range(steps):
         train_step()
     sync()
     train_ips = steps * train_bs / (time.perf_counter() - t0)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
     net.eval()
     ys = torch.randint(0, classes, (sample_bs,), device=dev) if classes else None
@@ -109,6 +117,7 @@ def measure(case: str, device: str, steps: int, sample_steps: int, precision: st
     train_tflops = train_ips * 3 * flops / 1e12  # backward ~ 2x forward
     return {
         "case": case, "device": device, "precision": precision, "channels_last": channels_last,
+        "allocator": "tuned" if tuned else "default", "page_faults_per_train_step": round(faults),
         "threads": torch.get_num_threads(), "params": count_parameters(net), "shape": list(shape),
         "forward_gflop_per_image": round(flops / 1e9, 3), "train_batch": train_bs,
         "train_images_per_s": round(train_ips, 2), "train_tflops": round(train_tflops, 4),
@@ -129,24 +138,26 @@ def main() -> None:
                     help="comma-separated: fp32, bf16, bf16+compile (torch.compile of the network)")
     ap.add_argument("--train-batch", type=int, help="training batch (default: the case's)")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--allocator", default="tuned",
+                    help="comma-separated: tuned (glibc keeps freed memory, as run.py), default (glibc's own)")
     ap.add_argument("--peak-tflops", type=float, help="the device's peak, for the model FLOP utilisation")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        case, precision = args.one.split(":")
-        print(json.dumps(measure(case, args.device, args.steps, args.sample_steps, precision, args.train_batch,
-                                 args.channels_last, args.peak_tflops)))
+        case, precision, allocator = args.one.split(":")
+        print(json.dumps(measure(case, args.device, args.steps, args.sample_steps, precision, allocator,
+                                 args.train_batch, args.channels_last, args.peak_tflops)))
         return
     results = []
-    for case in args.cases.split(","):
-        for precision in args.precision.split(","):
-            cmd = [sys.executable, __file__, "--one", f"{case}:{precision}", "--device", args.device, "--steps",
-                   str(args.steps), "--sample-steps", str(args.sample_steps)]
-            cmd += ["--channels-last"] if args.channels_last else []
-            cmd += ["--train-batch", str(args.train_batch)] if args.train_batch else []
-            cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for case, precision, allocator in itertools.product(args.cases.split(","), args.precision.split(","),
+                                                        args.allocator.split(",")):
+        cmd = [sys.executable, __file__, "--one", f"{case}:{precision}:{allocator}", "--device", args.device,
+               "--steps", str(args.steps), "--sample-steps", str(args.sample_steps)]
+        cmd += ["--channels-last"] if args.channels_last else []
+        cmd += ["--train-batch", str(args.train_batch)] if args.train_batch else []
+        cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(json.dumps({"benchmark": "throughput", "results": results}, indent=2))
 
 

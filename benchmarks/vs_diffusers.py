@@ -11,7 +11,8 @@ attention at 16x16 with 64-channel heads, dropout 0.1, 35.7M parameters in both)
 - peak RSS of a training process per network (`--memory`, each in its own subprocess).
 
 Timings interleave the networks step by step in one process and report medians, so load on the
-machine hits both alike. difflab runs as its trainer runs it with `train.channels_last=true`, and
+machine hits both alike. The process keeps freed memory as run.py does (difflab/allocator.py),
+for both networks alike, so the ratios compare the networks alone. difflab runs as its trainer runs it with `train.channels_last=true`, and
 also in NCHW; diffusers as shipped (NCHW) and, for fairness, in channels_last too. Without
 diffusers (`pip install -e '.[bench]'`) only difflab's figures are printed.
 
@@ -34,6 +35,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from difflab.allocator import keep_freed_memory  # noqa: E402
 
 SHAPE = (3, 32, 32)
 TRAIN_BATCH, FORWARD_BATCH = 32, 64
@@ -135,6 +138,7 @@ def peak_rss_mb(which: str, channels_last: bool, steps: int = 3) -> float:
 
 
 def memory_child(which: str, channels_last: bool, steps: int) -> float:
+    keep_freed_memory()
     torch.set_num_threads(2)
     device = torch.device("cpu")
     subject = Subject(which, difflab_net() if which.startswith("difflab") else diffusers_net(), channels_last, device)
@@ -159,6 +163,7 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also measure each network's peak training RSS")
     args = ap.parse_args()
 
+    allocator = "tuned" if keep_freed_memory() else "default"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -201,7 +206,7 @@ def main() -> None:
             results[s.name]["train_peak_rss_mb"] = peak_rss_mb(s.name, s.channels_last)
 
     report = {"benchmark": "vs_diffusers", "device": str(device), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "train_batch": TRAIN_BATCH, "forward_batch": FORWARD_BATCH,
+              "torch": torch.__version__, "allocator": allocator, "train_batch": TRAIN_BATCH, "forward_batch": FORWARD_BATCH,
               "rounds": args.rounds, "results": results}
     if compare:
         import diffusers

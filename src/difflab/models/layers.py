@@ -103,7 +103,7 @@ class Dropout(nn.Module):
             mask = bits.view(b, h, w, c).permute(0, 3, 1, 2)
         else:
             mask = bits.view(x.shape)
-        return x * ((mask >= self.threshold).to(x.dtype) * (1.0 / (1.0 - self.p)))
+        return x * (mask >= self.threshold).to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
