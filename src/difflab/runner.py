@@ -94,6 +94,8 @@ def train_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device, writer
     writer.add_scalar("schedule/alpha_bar_T", stage.process.alpha_bar_T, 0)
 
     def grid_to_tensorboard(net, step: int) -> None:
+        if step == cfg.train.max_steps and cfg.sample.num_images:
+            return  # the samples drawn after training go under the same tag at this step
         result = sample_images(stage.model(net), cfg, 4 * max(1, stage.num_classes), "balanced", device)
         writer.add_image("samples/grid", class_rows(result.images, result.labels, per_row=4), step)
 
