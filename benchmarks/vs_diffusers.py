@@ -12,9 +12,10 @@ attention at 16x16 with 64-channel heads, dropout 0.1, 35.7M parameters in both)
 
 Timings interleave the networks step by step in one process and report medians, so load on the
 machine hits both alike. The process keeps freed memory as run.py does (difflab/allocator.py),
-for both networks alike, so the ratios compare the networks alone. difflab runs as its trainer runs it with `train.channels_last=true`, and
-also in NCHW; diffusers as shipped (NCHW) and, for fairness, in channels_last too. Without
-diffusers (`pip install -e '.[bench]'`) only difflab's figures are printed.
+for both networks alike, so the ratios compare the networks alone. difflab runs as its trainer
+runs it with `train.channels_last=true`, and also in NCHW; diffusers as shipped (NCHW) and, for
+fairness, in channels_last too. Without diffusers (`pip install -e '.[bench]'`) only difflab's
+figures are printed.
 
     python benchmarks/vs_diffusers.py [--threads 2] [--rounds 7] [--ddim] [--memory] [--device cpu]
 """
@@ -206,8 +207,8 @@ def main() -> None:
             results[s.name]["train_peak_rss_mb"] = peak_rss_mb(s.name, s.channels_last)
 
     report = {"benchmark": "vs_diffusers", "device": str(device), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "allocator": allocator, "train_batch": TRAIN_BATCH, "forward_batch": FORWARD_BATCH,
-              "rounds": args.rounds, "results": results}
+              "torch": torch.__version__, "allocator": allocator, "train_batch": TRAIN_BATCH,
+              "forward_batch": FORWARD_BATCH, "rounds": args.rounds, "results": results}
     if compare:
         import diffusers
 

@@ -11,7 +11,7 @@ from difflab import allocator
 on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
-def faults_per_reallocation(mib: int, times: int = 16) -> list[int]:
+def faults_per_reallocation(mib: int, times: int = 32) -> list[int]:
     """Minor page faults of each of `times` rounds of allocating, writing and freeing a `mib`
     MiB tensor, as a training step re-allocates its activations."""
     faults = []

@@ -279,7 +279,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         overrides = list(HydraConfig.get().overrides.task)
-    keep_freed_memory()  # before the first large tensor: ~7% of a CPU training step (allocator.py)
+    keep_freed_memory()  # before the first large tensor: 6-13% of a CPU training step (allocator.py)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
