@@ -38,5 +38,8 @@ def test_leaves_malloc_alone_off_glibc_or_when_the_user_tuned_it(monkeypatch):
     monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
     assert not allocator.keep_freed_memory()
     monkeypatch.delenv("MALLOC_TOP_PAD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert not allocator.keep_freed_memory()
+    monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     assert not allocator.keep_freed_memory()

@@ -31,13 +31,14 @@ _done = False
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process, once. Returns whether they are
     raised. Nothing happens off glibc (macOS, musl, Windows) or when the user tunes malloc
-    through glibc's own MALLOC_*_ environment variables."""
+    through glibc's own environment (MALLOC_*_ variables or glibc.malloc.* GLIBC_TUNABLES)."""
     global _done
     if _done:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ):
+    if any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ) \
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
