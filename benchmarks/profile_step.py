@@ -52,9 +52,11 @@ def kind_of(op: str) -> str:
 
 
 def ablate(net, kind: str) -> int:
-    """Replace every layer of one ABLATIONS kind in `net` by the identity; returns how many."""
+    """Replace every layer of one ABLATIONS kind in `net` by the identity; returns how many. A fused
+    GroupNormSiLU loses its SiLU ("silu") or becomes a plain SiLU ("group_norm")."""
     from torch import nn
 
+    from difflab.models.group_norm_silu import GroupNormSiLU
     from difflab.models.layers import AttentionBlock, Dropout
 
     class Skipped(nn.Module):
@@ -66,9 +68,15 @@ def ablate(net, kind: str) -> int:
     count = 0
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, layer_type):
+            if isinstance(child, GroupNormSiLU) and child.silu and kind == "silu":
+                child.silu = False
+            elif isinstance(child, GroupNormSiLU) and child.silu and kind == "group_norm":
+                setattr(module, name, nn.SiLU())
+            elif isinstance(child, layer_type):
                 setattr(module, name, Skipped())
-                count += 1
+            else:
+                continue
+            count += 1
     return count
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from difflab.config import TrainConfig
 from difflab.models import build_unet
+from difflab.models.group_norm_silu import GroupNormSiLU
 from difflab.models.layers import Dropout, ModelConfigError, PointwiseConv, Upsample, attention
 
 
@@ -31,6 +32,11 @@ def reference_dropout(self: Dropout, x: torch.Tensor) -> torch.Tensor:
     return F.dropout(x, self.p, self.training)
 
 
+def reference_group_norm_silu(self: GroupNormSiLU, x: torch.Tensor) -> torch.Tensor:
+    y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    return F.silu(y) if self.silu else y
+
+
 def with_reference_layers(net: nn.Module) -> nn.Module:
     """A copy of `net` (same weights) computing every optimised layer the plain way."""
     ref = copy.deepcopy(net)
@@ -41,6 +47,8 @@ def with_reference_layers(net: nn.Module) -> nn.Module:
             m.forward = types.MethodType(nn.Conv2d.forward, m)
         elif isinstance(m, Dropout):
             m.forward = types.MethodType(reference_dropout, m)
+        elif isinstance(m, GroupNormSiLU):
+            m.forward = types.MethodType(reference_group_norm_silu, m)
     return ref
 
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from difflab.models.layers import AttentionBlock, Downsample, ModelConfigError, ResBlock, Upsample, check_norm_groups
+from difflab.models.layers import (AttentionBlock, Downsample, ModelConfigError, ResBlock, Upsample, check_norm_groups,
+                                   norm_silu)
 from difflab.models.unet import padded_size
 
 LOGVAR_RANGE = (-30.0, 20.0)  # as in latent-diffusion: exp() stays finite in fp32
@@ -33,7 +34,7 @@ def _middle(channels: int, attention: bool, norm_groups: int) -> list[nn.Module]
 
 
 def _out(channels: int, out_channels: int, norm_groups: int) -> list[nn.Module]:
-    return [nn.GroupNorm(norm_groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)]
+    return [*norm_silu(norm_groups, channels), nn.Conv2d(channels, out_channels, 3, padding=1)]
 
 
 class Encoder(nn.Module):

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.models.layers import TimestepEmbedding, check_norm_groups
+from difflab.models.layers import TimestepEmbedding, check_norm_groups, norm_silu
 from difflab.models.unet import build_down_path, network_shape
 
 
@@ -32,7 +32,7 @@ class NoisyClassifier(nn.Module):
         self.down, skip_channels = build_down_path(channels, channel_mults, num_res_blocks, attention_resolutions,
                                                    sizes, emb_dim, dropout, norm_groups, head_channels)
         ch = skip_channels[-1]
-        self.head = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+        self.head = nn.Sequential(*norm_silu(norm_groups, ch), nn.AdaptiveAvgPool2d(1),
                                   nn.Flatten(), nn.Linear(ch, num_classes))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:

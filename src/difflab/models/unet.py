@@ -26,6 +26,7 @@ from difflab.models.layers import (
     TimestepEmbedding,
     Upsample,
     check_norm_groups,
+    norm_silu,
     zero_module,
 )
 
@@ -118,8 +119,7 @@ class UNet(nn.Module):
                 self.up.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            nn.GroupNorm(norm_groups, ch),
-            nn.SiLU(),
+            *norm_silu(norm_groups, ch),
             zero_module(nn.Conv2d(ch, out_channels or in_channels, 3, padding=1)),
         )
 

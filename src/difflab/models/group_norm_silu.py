@@ -1,0 +1,176 @@
+"""GroupNorm (+ SiLU) as one fused CPU kernel, with torch's own layers as the fallback.
+
+`GroupNormSiLU` is an nn.GroupNorm (same parameters and checkpoint keys) that applies SiLU to its
+output when `silu` is set. On CPU float32/bfloat16 maps, NCHW or channels_last, forward and
+backward run in group_norm_silu.cpp: one kernel instead of two, and a channels_last path that
+torch lacks in practice (its channels_last GroupNorm is 2-3x its NCHW one in float32, ~40x in
+bfloat16), which is what lets the default run train channels_last. Everywhere else (CUDA,
+float16, torch.compile, no C++ compiler, DIFFLAB_FUSED_KERNELS=0) it is F.group_norm then F.silu.
+
+The library is compiled on first use with the system C++ compiler (about a second; $CXX, else
+c++) into $DIFFLAB_CACHE/kernels (default ~/.cache/difflab/kernels), named by a hash of the
+source, the flags and this CPU, and loaded with ctypes; its OpenMP regions run on the libgomp
+torch already loaded. Any failure logs one warning and keeps the fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger("difflab")
+
+SOURCE = Path(__file__).with_name("group_norm_silu.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_I64, _F32P, _VP = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p
+
+_library: Optional[ctypes.CDLL] = None
+_tried = False
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("DIFFLAB_FUSED_KERNELS", "1") != "0"
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [ln for ln in info.splitlines() if ln.startswith(("flags", "model name"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _torch_uses_libgomp() -> bool:
+    """Our OpenMP must be the runtime torch runs on, else two thread pools fight for the cores."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True,
+                       text=True, timeout=300)
+        os.replace(out, target)  # atomic: concurrent processes each build, the last rename wins
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        return None
+    if not _torch_uses_libgomp():
+        log.info("torch does not run on libgomp here; GroupNorm and SiLU stay separate torch kernels")
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        log.warning("no C++ compiler found (set CXX or install g++); GroupNorm and SiLU run as separate, "
+                    "slower torch kernels")
+        return None
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), compiler, _cpu_signature()]).encode())
+    cache = Path(os.environ.get("DIFFLAB_CACHE", Path.home() / ".cache" / "difflab")) / "kernels"
+    target = cache / f"group_norm_silu-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("could not build the fused GroupNorm kernel (%s); GroupNorm and SiLU run as separate "
+                    "torch kernels", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
+        return None
+    lib.group_norm_silu_forward.argtypes = [ctypes.c_int, _VP, _F32P, _F32P, _VP, _F32P, _F32P, _I64, _I64, _I64,
+                                            _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.group_norm_silu_backward.argtypes = [ctypes.c_int, _VP, _VP, _F32P, _F32P, _F32P, _F32P, _VP, _F32P, _F32P,
+                                             _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel, built on first use; None where it cannot be had."""
+    global _library, _tried
+    if not _tried:
+        _tried = True
+        _library = _load()
+    return _library
+
+
+def _f32(t: Tensor) -> ctypes.POINTER(ctypes.c_float):
+    return ctypes.cast(t.data_ptr(), _F32P)
+
+
+def _layout(x: Tensor) -> Optional[bool]:
+    """True for channels_last, False for NCHW, None for any other strides."""
+    if x.is_contiguous():
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return None
+
+
+class _FusedGroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool,
+                channels_last: bool) -> Tensor:
+        b, c, h, w = x.shape
+        gamma, beta = weight.detach().float().contiguous(), bias.detach().float().contiguous()
+        mean = torch.empty(b, groups)
+        rstd = torch.empty(b, groups)
+        y = torch.empty_like(x)  # keeps x's layout
+        library().group_norm_silu_forward(DTYPES[x.dtype], x.data_ptr(), _f32(gamma), _f32(beta), y.data_ptr(),
+                                          _f32(mean), _f32(rstd), b, c, h * w, groups, eps, channels_last, silu)
+        ctx.save_for_backward(x, gamma, beta, mean, rstd)
+        ctx.groups, ctx.silu, ctx.channels_last = groups, silu, channels_last
+        ctx.param_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor):
+        x, gamma, beta, mean, rstd = ctx.saved_tensors
+        b, c, h, w = x.shape
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        dout = dout.to(x.dtype).contiguous(memory_format=fmt)
+        dx = torch.empty_like(x)
+        dgamma_rows, dbeta_rows = torch.empty(b, c), torch.empty(b, c)
+        library().group_norm_silu_backward(DTYPES[x.dtype], x.data_ptr(), dout.data_ptr(), _f32(gamma), _f32(beta),
+                                           _f32(mean), _f32(rstd), dx.data_ptr(), _f32(dgamma_rows),
+                                           _f32(dbeta_rows), b, c, h * w, ctx.groups, ctx.channels_last, ctx.silu)
+        dw = dgamma_rows.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
+        db = dbeta_rows.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """nn.GroupNorm followed by SiLU when `silu` (else plain GroupNorm), fused on the CPU."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = True):
+        super().__init__(num_groups, num_channels, eps)
+        self.silu = silu
+
+    def forward(self, x: Tensor) -> Tensor:
+        layout = _layout(x) if x.dim() == 4 else None
+        if (layout is not None and x.device.type == "cpu" and x.dtype in DTYPES and x.numel() > 0
+                and kernels_enabled() and not torch.compiler.is_compiling() and library() is not None):
+            return _FusedGroupNormSiLU.apply(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, layout)
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(y) if self.silu else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", silu=True" if self.silu else "")
