@@ -68,18 +68,29 @@ struct Layout {
     bool channels_last() const { return sc == 1; }
 };
 
-// Per-channel sums of v and v*v over the P positions of one sample, in double.
+// Per-channel sums of v and v*v over the P positions of one sample, in double (channels_last
+// rows in float over blocks of ROWS rows first, as in grad_moments).
+constexpr int64_t ROWS = 32;
+
 template <typename T>
-void channel_moments(const T* x, const Layout& L, double* s, double* ss) {
+void channel_moments(const T* x, const Layout& L, double* s, double* ss, float* fs, float* fss) {
     if (L.channels_last()) {
         for (int64_t c = 0; c < L.C; ++c) s[c] = ss[c] = 0.0;
-        for (int64_t p = 0; p < L.P; ++p) {
-            const T* row = x + p * L.C;
+        for (int64_t p0 = 0; p0 < L.P; p0 += ROWS) {
+            for (int64_t c = 0; c < L.C; ++c) fs[c] = fss[c] = 0.0f;
+            const int64_t p1 = p0 + ROWS < L.P ? p0 + ROWS : L.P;
+            for (int64_t p = p0; p < p1; ++p) {
+                const T* row = x + p * L.C;
 #pragma omp simd
+                for (int64_t c = 0; c < L.C; ++c) {
+                    float v = load(row, c);
+                    fs[c] += v;
+                    fss[c] += v * v;
+                }
+            }
             for (int64_t c = 0; c < L.C; ++c) {
-                double v = load(row, c);
-                s[c] += v;
-                ss[c] += v * v;
+                s[c] += fs[c];
+                ss[c] += fss[c];
             }
         }
     } else {
@@ -134,33 +145,48 @@ inline float pre_activation_grad(float dout, float t) {
     return dout * sg * (1.0f + t * (1.0f - sg));
 }
 
-// Per-channel sums of dy*x and dy over one sample, dy being the pre-activation gradient.
+// Per-channel sums of dy*x and dy over one sample, dy being the pre-activation gradient; with
+// SiLU, dy is also kept in `dys` (float, the sample's layout) so the second pass need not
+// evaluate the sigmoid again.
+
 template <bool SILU, typename T>
-void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, const float* b, double* ds,
-                  double* db) {
+void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, const float* b, float* dys,
+                  double* ds, double* db, float* fs, float* fb) {
     if (L.channels_last()) {
         for (int64_t c = 0; c < L.C; ++c) ds[c] = db[c] = 0.0;
-        for (int64_t p = 0; p < L.P; ++p) {
-            const T* row = x + p * L.C;
-            const T* grow = dout + p * L.C;
+        for (int64_t p0 = 0; p0 < L.P; p0 += ROWS) {
+            for (int64_t c = 0; c < L.C; ++c) fs[c] = fb[c] = 0.0f;
+            const int64_t p1 = p0 + ROWS < L.P ? p0 + ROWS : L.P;
+            for (int64_t p = p0; p < p1; ++p) {
+                const T* row = x + p * L.C;
+                const T* grow = dout + p * L.C;
+                float* drow = dys + p * L.C;
 #pragma omp simd
+                for (int64_t c = 0; c < L.C; ++c) {
+                    float v = load(row, c);
+                    float dy = pre_activation_grad<SILU>(load(grow, c), v * a[c] + b[c]);
+                    if (SILU) drow[c] = dy;
+                    fs[c] += dy * v;
+                    fb[c] += dy;
+                }
+            }
             for (int64_t c = 0; c < L.C; ++c) {
-                float v = load(row, c);
-                float dy = pre_activation_grad<SILU>(load(grow, c), v * a[c] + b[c]);
-                ds[c] += static_cast<double>(dy) * v;
-                db[c] += dy;
+                ds[c] += fs[c];
+                db[c] += fb[c];
             }
         }
     } else {
         for (int64_t c = 0; c < L.C; ++c) {
             const T* plane = x + c * L.P;
             const T* gplane = dout + c * L.P;
+            float* dplane = dys + c * L.P;
             const float ac = a[c], bc = b[c];
             double s1 = 0.0, s2 = 0.0;
 #pragma omp simd reduction(+ : s1, s2)
             for (int64_t p = 0; p < L.P; ++p) {
                 float v = load(plane, p);
                 float dy = pre_activation_grad<SILU>(load(gplane, p), v * ac + bc);
+                if (SILU) dplane[p] = dy;
                 s1 += static_cast<double>(dy) * v;
                 s2 += dy;
             }
@@ -170,33 +196,33 @@ void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, co
     }
 }
 
-// dx = dy * k1[c] + x * k2[c] + k3[c] over one sample.
+// dx = dy * k1[c] + x * k2[c] + k3[c] over one sample, dy from `dys` (SiLU) or dout itself.
 template <bool SILU, typename T>
-void grad_input(const T* x, const T* dout, T* dx, const Layout& L, const float* a, const float* b, const float* k1,
+void grad_input(const T* x, const T* dout, const float* dys, T* dx, const Layout& L, const float* k1,
                 const float* k2, const float* k3) {
     if (L.channels_last()) {
         for (int64_t p = 0; p < L.P; ++p) {
             const T* row = x + p * L.C;
             const T* grow = dout + p * L.C;
+            const float* drow = dys + p * L.C;
             T* out = dx + p * L.C;
 #pragma omp simd
             for (int64_t c = 0; c < L.C; ++c) {
-                float v = load(row, c);
-                float dy = pre_activation_grad<SILU>(load(grow, c), v * a[c] + b[c]);
-                store(out, c, dy * k1[c] + v * k2[c] + k3[c]);
+                float dy = SILU ? drow[c] : load(grow, c);
+                store(out, c, dy * k1[c] + load(row, c) * k2[c] + k3[c]);
             }
         }
     } else {
         for (int64_t c = 0; c < L.C; ++c) {
             const T* plane = x + c * L.P;
             const T* gplane = dout + c * L.P;
+            const float* dplane = dys + c * L.P;
             T* out = dx + c * L.P;
-            const float ac = a[c], bc = b[c], c1 = k1[c], c2 = k2[c], c3 = k3[c];
+            const float c1 = k1[c], c2 = k2[c], c3 = k3[c];
 #pragma omp simd
             for (int64_t p = 0; p < L.P; ++p) {
-                float v = load(plane, p);
-                float dy = pre_activation_grad<SILU>(load(gplane, p), v * ac + bc);
-                store(out, p, dy * c1 + v * c2 + c3);
+                float dy = SILU ? dplane[p] : load(gplane, p);
+                store(out, p, dy * c1 + load(plane, p) * c2 + c3);
             }
         }
     }
@@ -222,11 +248,11 @@ void forward(const T* x, const float* gamma, const float* beta, T* y, float* mea
 #pragma omp parallel
     {
         std::vector<double> s(C), ss(C);
-        std::vector<float> a(C), b(C);
+        std::vector<float> a(C), b(C), fs(C), fss(C);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B; ++i) {
             const T* xi = x + i * C * P;
-            channel_moments(xi, L, s.data(), ss.data());
+            channel_moments(xi, L, s.data(), ss.data(), fs.data(), fss.data());
             for (int64_t g = 0; g < G; ++g) {
                 double m = 0.0, m2 = 0.0;
                 for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
@@ -255,7 +281,8 @@ void backward(const T* x, const T* dout, const float* gamma, const float* beta, 
 #pragma omp parallel
     {
         std::vector<double> ds(C), db(C);
-        std::vector<float> a(C), b(C), k1(C), k2(C), k3(C);
+        std::vector<float> a(C), b(C), k1(C), k2(C), k3(C), fs(C), fb(C);
+        std::vector<float> dys(SILU ? C * P : 0);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B; ++i) {
             const T* xi = x + i * C * P;
@@ -263,7 +290,7 @@ void backward(const T* x, const T* dout, const float* gamma, const float* beta, 
             const float* mi = mean + i * G;
             const float* ri = rstd + i * G;
             affine(gamma, beta, mi, ri, C, G, a.data(), b.data());
-            grad_moments<SILU>(xi, gi, L, a.data(), b.data(), ds.data(), db.data());
+            grad_moments<SILU>(xi, gi, L, a.data(), b.data(), dys.data(), ds.data(), db.data(), fs.data(), fb.data());
             for (int64_t g = 0; g < G; ++g) {
                 double dsg = 0.0, dbg = 0.0;
                 for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
@@ -281,7 +308,7 @@ void backward(const T* x, const T* dout, const float* gamma, const float* beta, 
                     dbeta_rows[i * C + c] = static_cast<float>(db[c]);
                 }
             }
-            grad_input<SILU>(xi, gi, dx + i * C * P, L, a.data(), b.data(), k1.data(), k2.data(), k3.data());
+            grad_input<SILU>(xi, gi, dys.data(), dx + i * C * P, L, k1.data(), k2.data(), k3.data());
         }
     }
 }
