@@ -53,25 +53,32 @@ def kind_of(op: str) -> str:
 
 def ablate(net, kind: str) -> int:
     """Replace every layer of one ABLATIONS kind in `net` by the identity; returns how many. A fused
-    GroupNormSiLU loses its SiLU ("silu") or becomes a plain SiLU ("group_norm")."""
+    GroupNormSiLU loses its dropout ("dropout") or its SiLU ("silu", dropout kept) or becomes a SiLU
+    and dropout ("group_norm")."""
     from torch import nn
 
     from difflab.models.group_norm_silu import GroupNormSiLU
-    from difflab.models.layers import AttentionBlock, Dropout
+    from difflab.models.layers import AttentionBlock
 
     class Skipped(nn.Module):
         def forward(self, x, *args):  # ResBlocks hand their layers an embedding too
             return x
 
     layer_type = {"silu": nn.SiLU, "group_norm": nn.GroupNorm, "attention_block": AttentionBlock,
-                  "dropout": (Dropout, nn.Dropout)}[kind]
+                  "dropout": nn.Dropout}[kind]
     count = 0
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, GroupNormSiLU) and child.silu and kind == "silu":
-                child.silu = False
+            if isinstance(child, GroupNormSiLU) and child.dropout and kind == "dropout":
+                child.dropout = 0.0
+            elif isinstance(child, GroupNormSiLU) and child.silu and kind == "silu":
+                if child.dropout:  # the kernel drops only after a SiLU: keep the dropout as its own layer
+                    setattr(module, name, nn.Sequential(GroupNormSiLU(child.num_groups, child.num_channels, silu=False),
+                                                        nn.Dropout(child.dropout)))
+                else:
+                    child.silu = False
             elif isinstance(child, GroupNormSiLU) and child.silu and kind == "group_norm":
-                setattr(module, name, nn.SiLU())
+                setattr(module, name, nn.Sequential(nn.SiLU(), nn.Dropout(child.dropout)) if child.dropout else nn.SiLU())
             elif isinstance(child, layer_type):
                 setattr(module, name, Skipped())
             else:

@@ -1,6 +1,7 @@
-"""The fused CPU GroupNorm(+SiLU) kernel against torch's GroupNorm then SiLU: outputs and all
-gradients, both layouts, float32 (1e-5 relative) and bfloat16 (no worse than torch's own bf16
-layers), checkpoint names, and every fallback (kernels off, no compiler, other dtypes)."""
+"""The fused CPU GroupNorm(+SiLU(+dropout)) kernel against torch's GroupNorm, SiLU and dropout:
+outputs and all gradients, both layouts, float32 (1e-5 relative) and bfloat16 (no worse than
+torch's own bf16 layers), the dropout's statistics and mask, checkpoint names, and every fallback
+(kernels off, no compiler, other dtypes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from difflab.models import group_norm_silu as gns
 from difflab.models.group_norm_silu import GroupNormSiLU
-from difflab.models.layers import ResBlock
+from difflab.models.layers import ModelConfigError, ResBlock
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
 SHAPES = [((2, 8, 5, 7), 4), ((4, 64, 16, 16), 32), ((3, 96, 1, 1), 32), ((1, 6, 9, 3), 3)]
@@ -157,3 +158,63 @@ def test_checkpoint_names_are_those_of_separate_norm_and_silu() -> None:
         "out_layers.0.weight", "out_layers.0.bias", "out_layers.3.weight", "out_layers.3.bias",
         "skip.weight", "skip.bias",
     }
+
+
+def dropout_layer(p: float) -> GroupNormSiLU:
+    m = GroupNormSiLU(8, 32, dropout=p)
+    torch.nn.init.normal_(m.weight, 1.0, 0.3)
+    torch.nn.init.normal_(m.bias, 0.0, 0.3)
+    return m.train()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_dropout_keeps_1_minus_p_scaled_with_its_own_mask_in_backward(memory_format, dtype) -> None:
+    m = dropout_layer(0.1)
+    x = torch.randn(64, 32, 16, 16).to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+    grad = torch.randn(x.shape).to(dtype).contiguous(memory_format=memory_format)
+    torch.manual_seed(3)
+    out = m(x)
+    m.eval()
+    clean = m(x).detach()  # the same layer without dropout
+    m.train()
+    dropped = (out == 0) & (clean != 0)
+    kept_share = 1 - dropped.float().mean().item()
+    assert abs(kept_share - 0.9) < 0.005  # 524k draws: 3 sigma is 0.0013
+    scale = out[~dropped].float() / clean[~dropped].float()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(scale, torch.full_like(scale, 1 / 0.9), rtol=tol)
+    # backward: the reference is GroupNorm -> SiLU times the very mask the kernel drew
+    mask = (~dropped).to(dtype) / 0.9
+    (dx,) = torch.autograd.grad(out, x, grad)
+    ref_x = x.detach().float().requires_grad_()
+    ref = F.silu(F.group_norm(ref_x, 8, m.weight, m.bias, m.eps)) * mask.float()
+    (ref_dx,) = torch.autograd.grad(ref, ref_x, grad.float())
+    assert rel_err(dx, ref_dx) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@needs_kernel
+def test_dropout_masks_follow_torch_manual_seed_and_differ_per_call() -> None:
+    m = dropout_layer(0.3)
+    x = torch.randn(4, 32, 8, 8)
+    torch.manual_seed(7)
+    first, second = m(x), m(x)
+    torch.manual_seed(7)
+    again = m(x)
+    assert torch.equal(first, again)
+    assert not torch.equal((first == 0), (second == 0))
+    no_dropout = GroupNormSiLU(8, 32)
+    no_dropout.load_state_dict(m.state_dict())
+    assert torch.equal(m.eval()(x), no_dropout(x))  # evaluation mode drops nothing
+
+
+def test_dropout_falls_back_to_torch_and_rejects_bad_probability(monkeypatch) -> None:
+    monkeypatch.setenv("DIFFLAB_FUSED_KERNELS", "0")
+    m = dropout_layer(0.5)
+    out = m(torch.ones(8, 32, 4, 4))
+    assert 0.4 < (out == 0).float().mean().item() < 0.6
+    with pytest.raises(ModelConfigError, match=r"unet.dropout must be in \[0, 1\)"):
+        ResBlock(8, 8, dropout=1.0, norm_groups=4)
+    with pytest.raises(ValueError, match="needs silu=True"):
+        GroupNormSiLU(4, 8, silu=False, dropout=0.1)

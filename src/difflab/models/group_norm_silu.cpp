@@ -1,5 +1,5 @@
-// GroupNorm, optionally followed by SiLU, in one pass over memory, forward and backward, for
-// float32 and bfloat16 feature maps in NCHW or channels_last layout on the CPU.
+// GroupNorm, optionally followed by SiLU and then dropout, as one kernel, forward and backward,
+// for float32 and bfloat16 feature maps in NCHW or channels_last layout on the CPU.
 //
 // Built and loaded by group_norm_silu.py with the system C++ compiler (no torch headers, so it
 // compiles in about a second) and called through ctypes. Parallel regions use OpenMP; the
@@ -8,10 +8,11 @@
 //
 // Why: torch's channels_last GroupNorm kernel on the CPU is 2-3x its NCHW kernel in float32 and
 // ~40x in bfloat16, which kept channels_last (where oneDNN's convolutions are 1.2-1.5x faster
-// and need no reorders) out of reach; and GroupNorm -> SiLU as two kernels reads and writes the
-// map twice. Here the forward reads x twice (statistics, then normalise + activate) and writes
-// the output once; the backward reads x and the incoming gradient twice and writes dx once.
-// Statistics are accumulated in double, so E[x^2] - E[x]^2 loses nothing to cancellation.
+// and need no reorders) out of reach; GroupNorm -> SiLU -> dropout as three kernels reads and
+// writes the map three times, and torch draws the dropout mask serially. Here the forward reads
+// x twice (statistics, then normalise + activate + drop) and writes the output once; the
+// backward reads x and the incoming gradient once, then its own dy, and writes dx. Sums go
+// to double, so E[x^2] - E[x]^2 loses nothing to cancellation.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -59,6 +60,28 @@ inline float fast_exp(float x) {
 }
 
 inline float sigmoid(float t) { return 1.0f / (1.0f + fast_exp(-t)); }
+
+// Dropout after the SiLU, its mask a counter-based hash of (seeds, element offset): drawn in the
+// loops at no memory cost, recomputed identically by the backward instead of stored, and 16
+// lanes at a time where torch's CPU generator draws one number after another.
+struct Drop {
+    uint32_t s1, s2;   // two random seeds per call, from torch's generator
+    uint32_t cut;      // keep when the hash's top 24 bits are >= cut = round(p * 2^24)
+    float scale;       // 1 / (1 - p)
+};
+
+inline uint32_t mix(uint32_t x) {  // Wellons' lowbias32 integer hash
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+inline float keep_scale(const Drop& d, uint32_t offset) {
+    return static_cast<float>((mix(mix(offset + d.s1) ^ d.s2) >> 8) >= d.cut) * d.scale;
+}
 
 // One sample's layout: element (c, p) of its C x P map (P = H*W) is at c*sc + p*sp.
 struct Layout {
@@ -109,29 +132,34 @@ void channel_moments(const T* x, const Layout& L, double* s, double* ss, float* 
     }
 }
 
-// y = act(x * a[c] + b[c]) over one sample. SILU is a template parameter, not a runtime flag:
-// a branch inside the loops kept the compiler from vectorising them (5x slower).
-template <bool SILU, typename T>
-void apply(const T* x, T* y, const Layout& L, const float* a, const float* b) {
+// y = drop(act(x * a[c] + b[c])) over one sample whose first element is at offset `base`. SILU
+// and DROP are template parameters, not runtime flags: a branch inside the loops kept the
+// compiler from vectorising them (5x slower).
+template <bool SILU, bool DROP, typename T>
+void apply(const T* x, T* y, const Layout& L, const float* a, const float* b, const Drop& d, uint32_t base) {
     if (L.channels_last()) {
         for (int64_t p = 0; p < L.P; ++p) {
             const T* row = x + p * L.C;
+            const uint32_t rowbase = base + static_cast<uint32_t>(p * L.C);  // element offsets wrap mod 2^32
             T* out = y + p * L.C;
 #pragma omp simd
             for (int64_t c = 0; c < L.C; ++c) {
                 float t = load(row, c) * a[c] + b[c];
-                store(out, c, SILU ? t * sigmoid(t) : t);
+                float u = SILU ? t * sigmoid(t) : t;
+                store(out, c, DROP ? u * keep_scale(d, rowbase + static_cast<uint32_t>(c)) : u);
             }
         }
     } else {
         for (int64_t c = 0; c < L.C; ++c) {
             const T* plane = x + c * L.P;
+            const uint32_t rowbase = base + static_cast<uint32_t>(c * L.P);  // element offsets wrap mod 2^32
             T* out = y + c * L.P;
             const float ac = a[c], bc = b[c];
 #pragma omp simd
             for (int64_t p = 0; p < L.P; ++p) {
                 float t = load(plane, p) * ac + bc;
-                store(out, p, SILU ? t * sigmoid(t) : t);
+                float u = SILU ? t * sigmoid(t) : t;
+                store(out, p, DROP ? u * keep_scale(d, rowbase + static_cast<uint32_t>(p)) : u);
             }
         }
     }
@@ -149,9 +177,9 @@ inline float pre_activation_grad(float dout, float t) {
 // SiLU, dy is also kept in `dys` (float, the sample's layout) so the second pass need not
 // evaluate the sigmoid again.
 
-template <bool SILU, typename T>
-void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, const float* b, float* dys,
-                  double* ds, double* db, float* fs, float* fb) {
+template <bool SILU, bool DROP, typename T>
+void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, const float* b, const Drop& d,
+                  uint32_t base, float* dys, double* ds, double* db, float* fs, float* fb) {
     if (L.channels_last()) {
         for (int64_t c = 0; c < L.C; ++c) ds[c] = db[c] = 0.0;
         for (int64_t p0 = 0; p0 < L.P; p0 += ROWS) {
@@ -159,12 +187,15 @@ void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, co
             const int64_t p1 = p0 + ROWS < L.P ? p0 + ROWS : L.P;
             for (int64_t p = p0; p < p1; ++p) {
                 const T* row = x + p * L.C;
+                const uint32_t rowbase = base + static_cast<uint32_t>(p * L.C);  // element offsets wrap mod 2^32
                 const T* grow = dout + p * L.C;
                 float* drow = dys + p * L.C;
 #pragma omp simd
                 for (int64_t c = 0; c < L.C; ++c) {
                     float v = load(row, c);
-                    float dy = pre_activation_grad<SILU>(load(grow, c), v * a[c] + b[c]);
+                    float g = load(grow, c);
+                    if (DROP) g *= keep_scale(d, rowbase + static_cast<uint32_t>(c));
+                    float dy = pre_activation_grad<SILU>(g, v * a[c] + b[c]);
                     if (SILU) drow[c] = dy;
                     fs[c] += dy * v;
                     fb[c] += dy;
@@ -178,6 +209,7 @@ void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, co
     } else {
         for (int64_t c = 0; c < L.C; ++c) {
             const T* plane = x + c * L.P;
+            const uint32_t rowbase = base + static_cast<uint32_t>(c * L.P);  // element offsets wrap mod 2^32
             const T* gplane = dout + c * L.P;
             float* dplane = dys + c * L.P;
             const float ac = a[c], bc = b[c];
@@ -185,7 +217,9 @@ void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, co
 #pragma omp simd reduction(+ : s1, s2)
             for (int64_t p = 0; p < L.P; ++p) {
                 float v = load(plane, p);
-                float dy = pre_activation_grad<SILU>(load(gplane, p), v * ac + bc);
+                float g = load(gplane, p);
+                if (DROP) g *= keep_scale(d, rowbase + static_cast<uint32_t>(p));
+                float dy = pre_activation_grad<SILU>(g, v * ac + bc);
                 if (SILU) dplane[p] = dy;
                 s1 += static_cast<double>(dy) * v;
                 s2 += dy;
@@ -239,9 +273,9 @@ void affine(const float* gamma, const float* beta, const float* mean, const floa
     }
 }
 
-template <bool SILU, typename T>
+template <bool SILU, bool DROP, typename T>
 void forward(const T* x, const float* gamma, const float* beta, T* y, float* mean, float* rstd, int64_t B,
-             int64_t C, int64_t P, int64_t G, float eps, bool channels_last) {
+             int64_t C, int64_t P, int64_t G, float eps, bool channels_last, Drop d) {
     const Layout L(C, P, channels_last);
     const int64_t cg = C / G;
     const double n = static_cast<double>(cg * P);
@@ -265,16 +299,16 @@ void forward(const T* x, const float* gamma, const float* beta, T* y, float* mea
                 rstd[i * G + g] = static_cast<float>(1.0 / std::sqrt(var + eps));
             }
             affine(gamma, beta, mean + i * G, rstd + i * G, C, G, a.data(), b.data());
-            apply<SILU>(xi, y + i * C * P, L, a.data(), b.data());
+            apply<SILU, DROP>(xi, y + i * C * P, L, a.data(), b.data(), d, static_cast<uint32_t>(i * C * P));
         }
     }
 }
 
 // dgamma_rows and dbeta_rows get one row of C per sample; the caller sums them over the batch.
-template <bool SILU, typename T>
+template <bool SILU, bool DROP, typename T>
 void backward(const T* x, const T* dout, const float* gamma, const float* beta, const float* mean,
               const float* rstd, T* dx, float* dgamma_rows, float* dbeta_rows, int64_t B, int64_t C, int64_t P,
-              int64_t G, bool channels_last) {
+              int64_t G, bool channels_last, Drop d) {
     const Layout L(C, P, channels_last);
     const int64_t cg = C / G;
     const double n = static_cast<double>(cg * P);
@@ -290,7 +324,8 @@ void backward(const T* x, const T* dout, const float* gamma, const float* beta, 
             const float* mi = mean + i * G;
             const float* ri = rstd + i * G;
             affine(gamma, beta, mi, ri, C, G, a.data(), b.data());
-            grad_moments<SILU>(xi, gi, L, a.data(), b.data(), dys.data(), ds.data(), db.data(), fs.data(), fb.data());
+            grad_moments<SILU, DROP>(xi, gi, L, a.data(), b.data(), d, static_cast<uint32_t>(i * C * P), dys.data(),
+                                     ds.data(), db.data(), fs.data(), fb.data());
             for (int64_t g = 0; g < G; ++g) {
                 double dsg = 0.0, dbg = 0.0;
                 for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
@@ -313,20 +348,22 @@ void backward(const T* x, const T* dout, const float* gamma, const float* beta, 
     }
 }
 
+// Only SiLU -> dropout is fused (the networks' order); dropout without SiLU is not asked for.
 template <typename T>
 void forward_dispatch(const void* x, const float* gamma, const float* beta, void* y, float* mean, float* rstd,
-                      int64_t B, int64_t C, int64_t P, int64_t G, float eps, int channels_last, int silu) {
-    auto f = silu ? forward<true, T> : forward<false, T>;
-    f(static_cast<const T*>(x), gamma, beta, static_cast<T*>(y), mean, rstd, B, C, P, G, eps, channels_last);
+                      int64_t B, int64_t C, int64_t P, int64_t G, float eps, int channels_last, int silu,
+                      const Drop& d) {
+    auto f = !silu ? forward<false, false, T> : d.cut ? forward<true, true, T> : forward<true, false, T>;
+    f(static_cast<const T*>(x), gamma, beta, static_cast<T*>(y), mean, rstd, B, C, P, G, eps, channels_last, d);
 }
 
 template <typename T>
 void backward_dispatch(const void* x, const void* dout, const float* gamma, const float* beta, const float* mean,
                        const float* rstd, void* dx, float* dgamma_rows, float* dbeta_rows, int64_t B, int64_t C,
-                       int64_t P, int64_t G, int channels_last, int silu) {
-    auto f = silu ? backward<true, T> : backward<false, T>;
+                       int64_t P, int64_t G, int channels_last, int silu, const Drop& d) {
+    auto f = !silu ? backward<false, false, T> : d.cut ? backward<true, true, T> : backward<true, false, T>;
     f(static_cast<const T*>(x), static_cast<const T*>(dout), gamma, beta, mean, rstd, static_cast<T*>(dx),
-      dgamma_rows, dbeta_rows, B, C, P, G, channels_last);
+      dgamma_rows, dbeta_rows, B, C, P, G, channels_last, d);
 }
 
 }  // namespace
@@ -334,20 +371,25 @@ void backward_dispatch(const void* x, const void* dout, const float* gamma, cons
 extern "C" {
 
 // dtype: 0 float32, 1 bfloat16 (x, y, dout, dx); gamma, beta, mean, rstd and the gradient rows
-// are float32. x is (B, C, H*W) when channels_last is 0 and (B, H*W, C) when it is 1.
+// are float32. x is (B, C, H*W) when channels_last is 0 and (B, H*W, C) when it is 1. drop_cut
+// is round(p * 2^24) of a dropout after the SiLU (0: none), seed1/seed2 its seeds; the backward
+// must get the forward's.
 void group_norm_silu_forward(int dtype, const void* x, const float* gamma, const float* beta, void* y,
                              float* mean, float* rstd, int64_t B, int64_t C, int64_t P, int64_t G, float eps,
-                             int channels_last, int silu) {
+                             int channels_last, int silu, uint32_t drop_cut, float drop_scale, uint32_t seed1,
+                             uint32_t seed2) {
+    const Drop d{seed1, seed2, drop_cut, drop_scale};
     auto f = dtype == 0 ? forward_dispatch<float> : forward_dispatch<uint16_t>;
-    f(x, gamma, beta, y, mean, rstd, B, C, P, G, eps, channels_last, silu);
+    f(x, gamma, beta, y, mean, rstd, B, C, P, G, eps, channels_last, silu, d);
 }
 
 void group_norm_silu_backward(int dtype, const void* x, const void* dout, const float* gamma, const float* beta,
                               const float* mean, const float* rstd, void* dx, float* dgamma_rows,
                               float* dbeta_rows, int64_t B, int64_t C, int64_t P, int64_t G, int channels_last,
-                              int silu) {
+                              int silu, uint32_t drop_cut, float drop_scale, uint32_t seed1, uint32_t seed2) {
+    const Drop d{seed1, seed2, drop_cut, drop_scale};
     auto f = dtype == 0 ? backward_dispatch<float> : backward_dispatch<uint16_t>;
-    f(x, dout, gamma, beta, mean, rstd, dx, dgamma_rows, dbeta_rows, B, C, P, G, channels_last, silu);
+    f(x, dout, gamma, beta, mean, rstd, dx, dgamma_rows, dbeta_rows, B, C, P, G, channels_last, silu, d);
 }
 
 }  // extern "C"

@@ -1,11 +1,14 @@
-"""GroupNorm (+ SiLU) as one fused CPU kernel, with torch's own layers as the fallback.
+"""GroupNorm (+ SiLU (+ dropout)) as one fused CPU kernel, with torch's own layers as the fallback.
 
 `GroupNormSiLU` is an nn.GroupNorm (same parameters and checkpoint keys) that applies SiLU to its
-output when `silu` is set. On CPU float32/bfloat16 maps, NCHW or channels_last, forward and
-backward run in group_norm_silu.cpp: one kernel instead of two, and a channels_last path that
-torch lacks in practice (its channels_last GroupNorm is 2-3x its NCHW one in float32, ~40x in
-bfloat16), which is what lets the default run train channels_last. Everywhere else (CUDA,
-float16, torch.compile, no C++ compiler, DIFFLAB_FUSED_KERNELS=0) it is F.group_norm then F.silu.
+output when `silu` is set, and then, in training, dropout with probability `dropout`. On CPU
+float32/bfloat16 maps, NCHW or channels_last, forward and backward run in group_norm_silu.cpp:
+one kernel instead of three, a channels_last path that torch lacks in practice (its
+channels_last GroupNorm is 2-3x its NCHW one in float32, ~40x in bfloat16), which is what lets
+the runs train channels_last, and a dropout mask hashed from two seeds drawn from torch's
+generator (so torch.manual_seed reproduces it), recomputed by the backward rather than stored.
+Everywhere else (CUDA, float16, torch.compile, no C++ compiler, DIFFLAB_FUSED_KERNELS=0) it is
+F.group_norm, F.silu and F.dropout.
 
 The library is compiled on first use with the system C++ compiler (about a second; $CXX, else
 c++) into $DIFFLAB_CACHE/kernels (default ~/.cache/difflab/kernels), named by a hash of the
@@ -95,10 +98,11 @@ def _load() -> Optional[ctypes.CDLL]:
         log.warning("could not build the fused GroupNorm kernel (%s); GroupNorm and SiLU run as separate "
                     "torch kernels", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
         return None
+    drop = [ctypes.c_uint32, ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32]  # cut, scale, two seeds
     lib.group_norm_silu_forward.argtypes = [ctypes.c_int, _VP, _F32P, _F32P, _VP, _F32P, _F32P, _I64, _I64, _I64,
-                                            _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+                                            _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int, *drop]
     lib.group_norm_silu_backward.argtypes = [ctypes.c_int, _VP, _VP, _F32P, _F32P, _F32P, _F32P, _VP, _F32P, _F32P,
-                                             _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int]
+                                             _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, *drop]
     return lib
 
 
@@ -124,19 +128,29 @@ def _layout(x: Tensor) -> Optional[bool]:
     return None
 
 
+def _dropout_args(p: float) -> tuple[int, float, int, int]:
+    """(cut, scale, seed1, seed2) of the kernel's dropout; p = 0 gives none."""
+    if p == 0.0:
+        return 0, 1.0, 0, 0
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()  # torch's generator: manual_seed applies
+    return max(1, round(p * 2**24)), 1.0 / (1.0 - p), seeds[0], seeds[1]
+
+
 class _FusedGroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool,
-                channels_last: bool) -> Tensor:
+                channels_last: bool, dropout: float) -> Tensor:
         b, c, h, w = x.shape
         gamma, beta = weight.detach().float().contiguous(), bias.detach().float().contiguous()
         mean = torch.empty(b, groups)
         rstd = torch.empty(b, groups)
         y = torch.empty_like(x)  # keeps x's layout
+        drop = _dropout_args(dropout)
         library().group_norm_silu_forward(DTYPES[x.dtype], x.data_ptr(), _f32(gamma), _f32(beta), y.data_ptr(),
-                                          _f32(mean), _f32(rstd), b, c, h * w, groups, eps, channels_last, silu)
+                                          _f32(mean), _f32(rstd), b, c, h * w, groups, eps, channels_last, silu,
+                                          *drop)
         ctx.save_for_backward(x, gamma, beta, mean, rstd)
-        ctx.groups, ctx.silu, ctx.channels_last = groups, silu, channels_last
+        ctx.groups, ctx.silu, ctx.channels_last, ctx.drop = groups, silu, channels_last, drop
         ctx.param_dtype = weight.dtype
         return y
 
@@ -151,26 +165,37 @@ class _FusedGroupNormSiLU(torch.autograd.Function):
         dgamma_rows, dbeta_rows = torch.empty(b, c), torch.empty(b, c)
         library().group_norm_silu_backward(DTYPES[x.dtype], x.data_ptr(), dout.data_ptr(), _f32(gamma), _f32(beta),
                                            _f32(mean), _f32(rstd), dx.data_ptr(), _f32(dgamma_rows),
-                                           _f32(dbeta_rows), b, c, h * w, ctx.groups, ctx.channels_last, ctx.silu)
+                                           _f32(dbeta_rows), b, c, h * w, ctx.groups, ctx.channels_last, ctx.silu,
+                                           *ctx.drop)
         dw = dgamma_rows.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
         db = dbeta_rows.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 class GroupNormSiLU(nn.GroupNorm):
-    """nn.GroupNorm followed by SiLU when `silu` (else plain GroupNorm), fused on the CPU."""
+    """nn.GroupNorm followed by SiLU when `silu` (else plain GroupNorm), then, in training, dropout
+    with probability `dropout` (which needs the SiLU: the networks' order), fused on the CPU."""
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = True):
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = True,
+                 dropout: float = 0.0):
         super().__init__(num_groups, num_channels, eps)
-        self.silu = silu
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if dropout and not silu:
+            raise ValueError("GroupNormSiLU applies dropout after its SiLU; it needs silu=True")
+        self.silu, self.dropout = silu, dropout
 
     def forward(self, x: Tensor) -> Tensor:
+        p = self.dropout if self.training else 0.0
         layout = _layout(x) if x.dim() == 4 else None
         if (layout is not None and x.device.type == "cpu" and x.dtype in DTYPES and x.numel() > 0
                 and kernels_enabled() and not torch.compiler.is_compiling() and library() is not None):
-            return _FusedGroupNormSiLU.apply(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, layout)
+            return _FusedGroupNormSiLU.apply(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, layout,
+                                             p)
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.silu(y) if self.silu else y
+        y = F.silu(y) if self.silu else y
+        return F.dropout(y, p) if p else y
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", silu=True" if self.silu else "")
+        return (super().extra_repr() + (", silu=True" if self.silu else "")
+                + (f", dropout={self.dropout}" if self.dropout else ""))

@@ -10,11 +10,12 @@ Conventions, chosen for speed:
   reshapes are views when they are channels_last.
 - Work is not wasted (issue 7, measured in benchmarks/, each rewrite tested against the plain
   formulation in tests/test_fast_layers.py): Upsample computes its nearest+conv3x3 as four 2x2
-  convolutions at the low resolution (the same function, ~half the FLOPs); Dropout draws 16
-  random bits per element instead of a float; 1x1 skips run as batched matmuls in bf16;
+  convolutions at the low resolution (the same function, ~half the FLOPs); 1x1 skips run as
+  batched matmuls in bf16;
   attention's projections are 1x1 convolutions on channels_last maps, and on the CPU its softmax
   runs in fp32 even under bf16 autocast, where PyTorch's bf16 CPU kernel is ~3x slower;
-  GroupNorm -> SiLU is one fused kernel on the CPU (group_norm_silu.py), in either layout.
+  GroupNorm -> SiLU (-> dropout) is one fused kernel on the CPU (group_norm_silu.py), in either
+  layout, its dropout mask hashed in the kernel instead of drawn by torch's serial generator.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ class ModelConfigError(UserError, ValueError):
     """An impossible network shape; a ValueError for callers, a UserError for run.py's message."""
 
 
-def norm_silu(norm_groups: int, channels: int) -> list[nn.Module]:
-    """GroupNorm -> SiLU as one fused layer. The Identity holds the place the separate SiLU had in
-    the Sequentials, so parameter names, and with them checkpoints, are unchanged."""
-    return [GroupNormSiLU(norm_groups, channels), nn.Identity()]
+def norm_silu(norm_groups: int, channels: int, dropout: float = 0.0) -> list[nn.Module]:
+    """GroupNorm -> SiLU (-> dropout in training) as one fused layer. The Identity holds the place
+    the separate SiLU had in the Sequentials, so parameter names, and with them checkpoints, are
+    unchanged."""
+    return [GroupNormSiLU(norm_groups, channels, dropout=dropout), nn.Identity()]
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -87,36 +89,6 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
-class Dropout(nn.Module):
-    """nn.Dropout's function (zero each element with probability p, scale the rest by 1/(1-p)),
-    with the keep mask drawn as 16-bit integers, four per 64-bit random draw: on the CPU
-    torch's float Bernoulli draw costs ~3x a whole forward pass of the layer it follows."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ModelConfigError(f"unet.dropout must be in [0, 1), got {p}")
-        self.p = p
-        # keep when a uniform int16 is >= this; p is resolved to 1/65536, well below any p's noise.
-        self.threshold = round(p * 65536) - 32768
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        n = x.numel()
-        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        bits = bits.view(torch.int16)[:n]
-        if is_channels_last(x):
-            b, c, h, w = x.shape  # a mask in x's own layout keeps the multiply a streaming pass
-            mask = bits.view(b, h, w, c).permute(0, 3, 1, 2)
-        else:
-            mask = bits.view(x.shape)
-        return x * (mask >= self.threshold).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 class PointwiseConv(nn.Conv2d):
     """A 1x1 convolution (same parameters and checkpoints as nn.Conv2d(c_in, c_out, 1)). On NCHW
     maps in bf16/fp16 it runs as a batched matrix product, which skips oneDNN's reorders to and
@@ -148,15 +120,16 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int = 0, dropout: float = 0.0,
                  norm_groups: int = 32):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ModelConfigError(f"unet.dropout must be in [0, 1), got {dropout}")
         self.in_layers = nn.Sequential(
             *norm_silu(norm_groups, in_channels),
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
         )
         self.emb_proj = nn.Linear(emb_dim, out_channels) if emb_dim else None
         self.out_layers = nn.Sequential(
-            *norm_silu(norm_groups, out_channels),
-            # nn.Identity rather than Dropout(0): training-mode dropout with p=0 still costs a pass.
-            Dropout(dropout) if dropout > 0 else nn.Identity(),
+            *norm_silu(norm_groups, out_channels, dropout),
+            nn.Identity(),  # where the separate dropout layer was (checkpoint names unchanged)
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip = PointwiseConv(in_channels, out_channels) if in_channels != out_channels else nn.Identity()
