@@ -91,43 +91,47 @@ struct Layout {
     bool channels_last() const { return sc == 1; }
 };
 
-// Per-channel sums of v and v*v over the P positions of one sample, in double (channels_last
-// rows in float over blocks of ROWS rows first, as in grad_moments).
+// Two per-channel sums over the P positions of one sample, in double: elem(c, offset) gives the
+// two terms of the element at `offset` (its place in the sample) of channel c. Channels_last
+// rows are summed in float over blocks of ROWS rows first: a double add per element was the
+// bottleneck.
 constexpr int64_t ROWS = 32;
 
-template <typename T>
-void channel_moments(const T* x, const Layout& L, double* s, double* ss, float* fs, float* fss) {
+struct Terms {
+    float u, w;
+};
+
+template <typename Elem>
+void channel_sums(const Layout& L, Elem elem, double* s1, double* s2, float* f1, float* f2) {
     if (L.channels_last()) {
-        for (int64_t c = 0; c < L.C; ++c) s[c] = ss[c] = 0.0;
+        for (int64_t c = 0; c < L.C; ++c) s1[c] = s2[c] = 0.0;
         for (int64_t p0 = 0; p0 < L.P; p0 += ROWS) {
-            for (int64_t c = 0; c < L.C; ++c) fs[c] = fss[c] = 0.0f;
+            for (int64_t c = 0; c < L.C; ++c) f1[c] = f2[c] = 0.0f;
             const int64_t p1 = p0 + ROWS < L.P ? p0 + ROWS : L.P;
             for (int64_t p = p0; p < p1; ++p) {
-                const T* row = x + p * L.C;
 #pragma omp simd
                 for (int64_t c = 0; c < L.C; ++c) {
-                    float v = load(row, c);
-                    fs[c] += v;
-                    fss[c] += v * v;
+                    const Terms t = elem(c, p * L.C + c);
+                    f1[c] += t.u;
+                    f2[c] += t.w;
                 }
             }
             for (int64_t c = 0; c < L.C; ++c) {
-                s[c] += fs[c];
-                ss[c] += fss[c];
+                s1[c] += f1[c];
+                s2[c] += f2[c];
             }
         }
     } else {
         for (int64_t c = 0; c < L.C; ++c) {
-            const T* plane = x + c * L.P;
             double a = 0.0, b = 0.0;
 #pragma omp simd reduction(+ : a, b)
             for (int64_t p = 0; p < L.P; ++p) {
-                double v = load(plane, p);
-                a += v;
-                b += v * v;
+                const Terms t = elem(c, c * L.P + p);
+                a += t.u;
+                b += t.w;
             }
-            s[c] = a;
-            ss[c] = b;
+            s1[c] = a;
+            s2[c] = b;
         }
     }
 }
@@ -176,58 +180,18 @@ inline float pre_activation_grad(float dout, float t) {
 // Per-channel sums of dy*x and dy over one sample, dy being the pre-activation gradient; with
 // SiLU, dy is also kept in `dys` (float, the sample's layout) so the second pass need not
 // evaluate the sigmoid again.
-
 template <bool SILU, bool DROP, typename T>
 void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, const float* b, const Drop& d,
                   uint32_t base, float* dys, double* ds, double* db, float* fs, float* fb) {
-    if (L.channels_last()) {
-        for (int64_t c = 0; c < L.C; ++c) ds[c] = db[c] = 0.0;
-        for (int64_t p0 = 0; p0 < L.P; p0 += ROWS) {
-            for (int64_t c = 0; c < L.C; ++c) fs[c] = fb[c] = 0.0f;
-            const int64_t p1 = p0 + ROWS < L.P ? p0 + ROWS : L.P;
-            for (int64_t p = p0; p < p1; ++p) {
-                const T* row = x + p * L.C;
-                const uint32_t rowbase = base + static_cast<uint32_t>(p * L.C);  // element offsets wrap mod 2^32
-                const T* grow = dout + p * L.C;
-                float* drow = dys + p * L.C;
-#pragma omp simd
-                for (int64_t c = 0; c < L.C; ++c) {
-                    float v = load(row, c);
-                    float g = load(grow, c);
-                    if (DROP) g *= keep_scale(d, rowbase + static_cast<uint32_t>(c));
-                    float dy = pre_activation_grad<SILU>(g, v * a[c] + b[c]);
-                    if (SILU) drow[c] = dy;
-                    fs[c] += dy * v;
-                    fb[c] += dy;
-                }
-            }
-            for (int64_t c = 0; c < L.C; ++c) {
-                ds[c] += fs[c];
-                db[c] += fb[c];
-            }
-        }
-    } else {
-        for (int64_t c = 0; c < L.C; ++c) {
-            const T* plane = x + c * L.P;
-            const uint32_t rowbase = base + static_cast<uint32_t>(c * L.P);  // element offsets wrap mod 2^32
-            const T* gplane = dout + c * L.P;
-            float* dplane = dys + c * L.P;
-            const float ac = a[c], bc = b[c];
-            double s1 = 0.0, s2 = 0.0;
-#pragma omp simd reduction(+ : s1, s2)
-            for (int64_t p = 0; p < L.P; ++p) {
-                float v = load(plane, p);
-                float g = load(gplane, p);
-                if (DROP) g *= keep_scale(d, rowbase + static_cast<uint32_t>(p));
-                float dy = pre_activation_grad<SILU>(g, v * ac + bc);
-                if (SILU) dplane[p] = dy;
-                s1 += static_cast<double>(dy) * v;
-                s2 += dy;
-            }
-            ds[c] = s1;
-            db[c] = s2;
-        }
-    }
+    auto elem = [&](int64_t c, int64_t off) {
+        float v = load(x, off);
+        float g = load(dout, off);
+        if (DROP) g *= keep_scale(d, base + static_cast<uint32_t>(off));  // offsets wrap mod 2^32
+        float dy = pre_activation_grad<SILU>(g, v * a[c] + b[c]);
+        if (SILU) dys[off] = dy;
+        return Terms{dy * v, dy};
+    };
+    channel_sums(L, elem, ds, db, fs, fb);
 }
 
 // dx = dy * k1[c] + x * k2[c] + k3[c] over one sample, dy from `dys` (SiLU) or dout itself.
@@ -286,7 +250,11 @@ void forward(const T* x, const float* gamma, const float* beta, T* y, float* mea
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B; ++i) {
             const T* xi = x + i * C * P;
-            channel_moments(xi, L, s.data(), ss.data(), fs.data(), fss.data());
+            auto moments = [&](int64_t, int64_t off) {
+                const float v = load(xi, off);
+                return Terms{v, v * v};
+            };
+            channel_sums(L, moments, s.data(), ss.data(), fs.data(), fss.data());
             for (int64_t g = 0; g < G; ++g) {
                 double m = 0.0, m2 = 0.0;
                 for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
