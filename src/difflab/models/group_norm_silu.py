@@ -79,12 +79,12 @@ def _load() -> Optional[ctypes.CDLL]:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
         return None
     if not _torch_uses_libgomp():
-        log.info("torch does not run on libgomp here; GroupNorm and SiLU stay separate torch kernels")
+        log.info("torch does not run on libgomp here; GroupNorm, SiLU and dropout stay separate torch layers")
         return None
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
-        log.warning("no C++ compiler found (set CXX or install g++); GroupNorm and SiLU run as separate, "
-                    "slower torch kernels")
+        log.warning("no C++ compiler found (set CXX or install g++); GroupNorm, SiLU and dropout run as "
+                    "separate, slower torch layers")
         return None
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), compiler, _cpu_signature()]).encode())
     cache = Path(os.environ.get("DIFFLAB_CACHE", Path.home() / ".cache" / "difflab")) / "kernels"
@@ -95,8 +95,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("could not build the fused GroupNorm kernel (%s); GroupNorm and SiLU run as separate "
-                    "torch kernels", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
+        log.warning("could not build the fused GroupNorm kernel (%s); GroupNorm, SiLU and dropout run as "
+                    "separate torch layers", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
         return None
     drop = [ctypes.c_uint32, ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32]  # cut, scale, two seeds
     lib.group_norm_silu_forward.argtypes = [ctypes.c_int, _VP, _F32P, _F32P, _VP, _F32P, _F32P, _I64, _I64, _I64,
