@@ -28,7 +28,9 @@ def reference_upsample(self: Upsample, x: torch.Tensor) -> torch.Tensor:
     return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def reference_group_norm_silu(self: GroupNormSiLU, x: torch.Tensor) -> torch.Tensor:
+def reference_group_norm_silu(self: GroupNormSiLU, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    if shift is not None:
+        x = x + shift[:, :, None, None]
     y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
     y = F.silu(y) if self.silu else y
     return F.dropout(y, self.dropout, self.training) if self.dropout else y

@@ -218,3 +218,32 @@ def test_dropout_falls_back_to_torch_and_rejects_bad_probability(monkeypatch) ->
         ResBlock(8, 8, dropout=1.0, norm_groups=4)
     with pytest.raises(ValueError, match="needs silu=True"):
         GroupNormSiLU(4, 8, silu=False, dropout=0.1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_shift_is_added_before_normalising(memory_format, dropout: float) -> None:
+    """forward(x, shift) is GroupNorm(x + shift[:, :, None, None]) -> SiLU (-> dropout), with the
+    gradients of x, shift, weight and bias; the dropout mask is read off the fused output."""
+    m = dropout_layer(dropout) if dropout else layer(32, 8, True)
+    torch.manual_seed(2)
+    x = (torch.randn(4, 32, 6, 5) * 1.5 + 0.3).contiguous(memory_format=memory_format).requires_grad_()
+    shift = (torch.randn(4, 32) * 2).requires_grad_()
+    grad = torch.randn(x.shape).contiguous(memory_format=memory_format)
+    out = m(x, shift)
+    fused = [out, *torch.autograd.grad(out, (x, shift, m.weight, m.bias), grad)]
+    x_ref, shift_ref = x.detach().clone().requires_grad_(), shift.detach().clone().requires_grad_()
+    ref = F.silu(F.group_norm(x_ref + shift_ref[:, :, None, None], 8, m.weight, m.bias, m.eps))
+    if dropout:
+        ref = ref * ((out != 0) | (ref == 0)).float() / (1 - dropout)
+    expected = [ref, *torch.autograd.grad(ref, (x_ref, shift_ref, m.weight, m.bias), grad)]
+    for name, a, b in zip(("output", "dx", "dshift", "dweight", "dbias"), fused, expected):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_shift_falls_back_to_an_add(monkeypatch) -> None:
+    monkeypatch.setenv("DIFFLAB_FUSED_KERNELS", "0")
+    m = layer(16, 4, True)
+    x, shift = torch.randn(2, 16, 5, 5), torch.randn(2, 16)
+    assert torch.equal(m(x, shift), plain(m)(x + shift[:, :, None, None]))

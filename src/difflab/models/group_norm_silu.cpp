@@ -1,5 +1,7 @@
-// GroupNorm, optionally followed by SiLU and then dropout, as one kernel, forward and backward,
-// for float32 and bfloat16 feature maps in NCHW or channels_last layout on the CPU.
+// GroupNorm (of x + a per-channel shift, optionally), optionally followed by SiLU and then
+// dropout, as one kernel, forward and backward, for float32 and bfloat16 feature maps in NCHW or
+// channels_last layout on the CPU. The shift is a ResBlock's timestep embedding: folded into the
+// statistics and the affine map in closed form, so adding it costs no pass over the map.
 //
 // Built and loaded by group_norm_silu.py with the system C++ compiler (no torch headers, so it
 // compiles in about a second) and called through ctypes. Parallel regions use OpenMP; the
@@ -238,8 +240,8 @@ void affine(const float* gamma, const float* beta, const float* mean, const floa
 }
 
 template <bool SILU, bool DROP, typename T>
-void forward(const T* x, const float* gamma, const float* beta, T* y, float* mean, float* rstd, int64_t B,
-             int64_t C, int64_t P, int64_t G, float eps, bool channels_last, Drop d) {
+void forward(const T* x, const float* shift, const float* gamma, const float* beta, T* y, float* mean, float* rstd,
+             float* xsum, int64_t B, int64_t C, int64_t P, int64_t G, float eps, bool channels_last, Drop d) {
     const Layout L(C, P, channels_last);
     const int64_t cg = C / G;
     const double n = static_cast<double>(cg * P);
@@ -255,6 +257,14 @@ void forward(const T* x, const float* gamma, const float* beta, T* y, float* mea
                 return Terms{v, v * v};
             };
             channel_sums(L, moments, s.data(), ss.data(), fs.data(), fss.data());
+            const float* sh = shift ? shift + i * C : nullptr;
+            for (int64_t c = 0; c < C; ++c) {
+                if (xsum) xsum[i * C + c] = static_cast<float>(s[c]);
+                if (sh) {  // the moments of x + shift, from those of x: no pass over the map
+                    ss[c] += 2.0 * sh[c] * s[c] + static_cast<double>(P) * sh[c] * sh[c];
+                    s[c] += static_cast<double>(P) * sh[c];
+                }
+            }
             for (int64_t g = 0; g < G; ++g) {
                 double m = 0.0, m2 = 0.0;
                 for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
@@ -267,6 +277,8 @@ void forward(const T* x, const float* gamma, const float* beta, T* y, float* mea
                 rstd[i * G + g] = static_cast<float>(1.0 / std::sqrt(var + eps));
             }
             affine(gamma, beta, mean + i * G, rstd + i * G, C, G, a.data(), b.data());
+            if (sh)
+                for (int64_t c = 0; c < C; ++c) b[c] += sh[c] * a[c];  // (x + shift) * a + b on x itself
             apply<SILU, DROP>(xi, y + i * C * P, L, a.data(), b.data(), d, static_cast<uint32_t>(i * C * P));
         }
     }
@@ -274,9 +286,9 @@ void forward(const T* x, const float* gamma, const float* beta, T* y, float* mea
 
 // dgamma_rows and dbeta_rows get one row of C per sample; the caller sums them over the batch.
 template <bool SILU, bool DROP, typename T>
-void backward(const T* x, const T* dout, const float* gamma, const float* beta, const float* mean,
-              const float* rstd, T* dx, float* dgamma_rows, float* dbeta_rows, int64_t B, int64_t C, int64_t P,
-              int64_t G, bool channels_last, Drop d) {
+void backward(const T* x, const float* shift, const float* xsum, const T* dout, const float* gamma,
+              const float* beta, const float* mean, const float* rstd, T* dx, float* dgamma_rows, float* dbeta_rows,
+              float* dshift_rows, int64_t B, int64_t C, int64_t P, int64_t G, bool channels_last, Drop d) {
     const Layout L(C, P, channels_last);
     const int64_t cg = C / G;
     const double n = static_cast<double>(cg * P);
@@ -291,9 +303,14 @@ void backward(const T* x, const T* dout, const float* gamma, const float* beta, 
             const T* gi = dout + i * C * P;
             const float* mi = mean + i * G;
             const float* ri = rstd + i * G;
+            const float* sh = shift ? shift + i * C : nullptr;
             affine(gamma, beta, mi, ri, C, G, a.data(), b.data());
+            if (sh)
+                for (int64_t c = 0; c < C; ++c) b[c] += sh[c] * a[c];
             grad_moments<SILU, DROP>(xi, gi, L, a.data(), b.data(), d, static_cast<uint32_t>(i * C * P), dys.data(),
                                      ds.data(), db.data(), fs.data(), fb.data());
+            if (sh)
+                for (int64_t c = 0; c < C; ++c) ds[c] += sh[c] * db[c];  // sums of dy * (x + shift)
             for (int64_t g = 0; g < G; ++g) {
                 double dsg = 0.0, dbg = 0.0;
                 for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
@@ -309,6 +326,12 @@ void backward(const T* x, const T* dout, const float* gamma, const float* beta, 
                     k3[c] = static_cast<float>(c3);
                     dgamma_rows[i * C + c] = static_cast<float>((ds[c] - db[c] * m) * r);
                     dbeta_rows[i * C + c] = static_cast<float>(db[c]);
+                    if (sh) {  // d shift = the sum of dx over the positions, in closed form
+                        const double x_sum = xsum[i * C + c] + static_cast<double>(P) * sh[c];
+                        dshift_rows[i * C + c] =
+                            static_cast<float>(r * gamma[c] * db[c] + c2 * x_sum + static_cast<double>(P) * c3);
+                        k3[c] = static_cast<float>(c3 + c2 * sh[c]);  // dx's x * k2 term is on x + shift
+                    }
                 }
             }
             grad_input<SILU>(xi, gi, dys.data(), dx + i * C * P, L, k1.data(), k2.data(), k3.data());
@@ -318,20 +341,22 @@ void backward(const T* x, const T* dout, const float* gamma, const float* beta, 
 
 // Only SiLU -> dropout is fused (the networks' order); dropout without SiLU is not asked for.
 template <typename T>
-void forward_dispatch(const void* x, const float* gamma, const float* beta, void* y, float* mean, float* rstd,
-                      int64_t B, int64_t C, int64_t P, int64_t G, float eps, int channels_last, int silu,
-                      const Drop& d) {
+void forward_dispatch(const void* x, const float* shift, const float* gamma, const float* beta, void* y,
+                      float* mean, float* rstd, float* xsum, int64_t B, int64_t C, int64_t P, int64_t G, float eps,
+                      int channels_last, int silu, const Drop& d) {
     auto f = !silu ? forward<false, false, T> : d.cut ? forward<true, true, T> : forward<true, false, T>;
-    f(static_cast<const T*>(x), gamma, beta, static_cast<T*>(y), mean, rstd, B, C, P, G, eps, channels_last, d);
+    f(static_cast<const T*>(x), shift, gamma, beta, static_cast<T*>(y), mean, rstd, xsum, B, C, P, G, eps,
+      channels_last, d);
 }
 
 template <typename T>
-void backward_dispatch(const void* x, const void* dout, const float* gamma, const float* beta, const float* mean,
-                       const float* rstd, void* dx, float* dgamma_rows, float* dbeta_rows, int64_t B, int64_t C,
-                       int64_t P, int64_t G, int channels_last, int silu, const Drop& d) {
+void backward_dispatch(const void* x, const float* shift, const float* xsum, const void* dout, const float* gamma,
+                       const float* beta, const float* mean, const float* rstd, void* dx, float* dgamma_rows,
+                       float* dbeta_rows, float* dshift_rows, int64_t B, int64_t C, int64_t P, int64_t G,
+                       int channels_last, int silu, const Drop& d) {
     auto f = !silu ? backward<false, false, T> : d.cut ? backward<true, true, T> : backward<true, false, T>;
-    f(static_cast<const T*>(x), static_cast<const T*>(dout), gamma, beta, mean, rstd, static_cast<T*>(dx),
-      dgamma_rows, dbeta_rows, B, C, P, G, channels_last, d);
+    f(static_cast<const T*>(x), shift, xsum, static_cast<const T*>(dout), gamma, beta, mean, rstd,
+      static_cast<T*>(dx), dgamma_rows, dbeta_rows, dshift_rows, B, C, P, G, channels_last, d);
 }
 
 }  // namespace
@@ -339,25 +364,29 @@ void backward_dispatch(const void* x, const void* dout, const float* gamma, cons
 extern "C" {
 
 // dtype: 0 float32, 1 bfloat16 (x, y, dout, dx); gamma, beta, mean, rstd and the gradient rows
-// are float32. x is (B, C, H*W) when channels_last is 0 and (B, H*W, C) when it is 1. drop_cut
-// is round(p * 2^24) of a dropout after the SiLU (0: none), seed1/seed2 its seeds; the backward
-// must get the forward's.
-void group_norm_silu_forward(int dtype, const void* x, const float* gamma, const float* beta, void* y,
-                             float* mean, float* rstd, int64_t B, int64_t C, int64_t P, int64_t G, float eps,
-                             int channels_last, int silu, uint32_t drop_cut, float drop_scale, uint32_t seed1,
-                             uint32_t seed2) {
+// are float32. x is (B, C, H*W) when channels_last is 0 and (B, H*W, C) when it is 1. shift
+// (B, C) or null is added to x per channel before normalising (a ResBlock's timestep
+// embedding); then the forward writes x's per-channel sums to xsum, which the backward needs to
+// give d shift. drop_cut is round(p * 2^24) of a dropout after the SiLU (0: none), seed1/seed2
+// its seeds; the backward must get the forward's.
+void group_norm_silu_forward(int dtype, const void* x, const float* shift, const float* gamma, const float* beta,
+                             void* y, float* mean, float* rstd, float* xsum, int64_t B, int64_t C, int64_t P,
+                             int64_t G, float eps, int channels_last, int silu, uint32_t drop_cut, float drop_scale,
+                             uint32_t seed1, uint32_t seed2) {
     const Drop d{seed1, seed2, drop_cut, drop_scale};
     auto f = dtype == 0 ? forward_dispatch<float> : forward_dispatch<uint16_t>;
-    f(x, gamma, beta, y, mean, rstd, B, C, P, G, eps, channels_last, silu, d);
+    f(x, shift, gamma, beta, y, mean, rstd, xsum, B, C, P, G, eps, channels_last, silu, d);
 }
 
-void group_norm_silu_backward(int dtype, const void* x, const void* dout, const float* gamma, const float* beta,
-                              const float* mean, const float* rstd, void* dx, float* dgamma_rows,
-                              float* dbeta_rows, int64_t B, int64_t C, int64_t P, int64_t G, int channels_last,
-                              int silu, uint32_t drop_cut, float drop_scale, uint32_t seed1, uint32_t seed2) {
+void group_norm_silu_backward(int dtype, const void* x, const float* shift, const float* xsum, const void* dout,
+                              const float* gamma, const float* beta, const float* mean, const float* rstd, void* dx,
+                              float* dgamma_rows, float* dbeta_rows, float* dshift_rows, int64_t B, int64_t C,
+                              int64_t P, int64_t G, int channels_last, int silu, uint32_t drop_cut, float drop_scale,
+                              uint32_t seed1, uint32_t seed2) {
     const Drop d{seed1, seed2, drop_cut, drop_scale};
     auto f = dtype == 0 ? backward_dispatch<float> : backward_dispatch<uint16_t>;
-    f(x, dout, gamma, beta, mean, rstd, dx, dgamma_rows, dbeta_rows, B, C, P, G, channels_last, silu, d);
+    f(x, shift, xsum, dout, gamma, beta, mean, rstd, dx, dgamma_rows, dbeta_rows, dshift_rows, B, C, P, G,
+      channels_last, silu, d);
 }
 
 }  // extern "C"

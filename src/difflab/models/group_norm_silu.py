@@ -99,10 +99,11 @@ def _load() -> Optional[ctypes.CDLL]:
                     "separate torch layers", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
         return None
     drop = [ctypes.c_uint32, ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32]  # cut, scale, two seeds
-    lib.group_norm_silu_forward.argtypes = [ctypes.c_int, _VP, _F32P, _F32P, _VP, _F32P, _F32P, _I64, _I64, _I64,
-                                            _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int, *drop]
-    lib.group_norm_silu_backward.argtypes = [ctypes.c_int, _VP, _VP, _F32P, _F32P, _F32P, _F32P, _VP, _F32P, _F32P,
-                                             _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, *drop]
+    lib.group_norm_silu_forward.argtypes = [ctypes.c_int, _VP, _F32P, _F32P, _F32P, _VP, _F32P, _F32P, _F32P, _I64,
+                                            _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int, *drop]
+    lib.group_norm_silu_backward.argtypes = [ctypes.c_int, _VP, _F32P, _F32P, _VP, _F32P, _F32P, _F32P, _F32P, _VP,
+                                             _F32P, _F32P, _F32P, _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int,
+                                             *drop]
     return lib
 
 
@@ -115,8 +116,8 @@ def library() -> Optional[ctypes.CDLL]:
     return _library
 
 
-def _f32(t: Tensor) -> ctypes.POINTER(ctypes.c_float):
-    return ctypes.cast(t.data_ptr(), _F32P)
+def _f32(t: Optional[Tensor]) -> ctypes.POINTER(ctypes.c_float):
+    return ctypes.cast(t.data_ptr(), _F32P) if t is not None else None
 
 
 def _layout(x: Tensor) -> Optional[bool]:
@@ -138,43 +139,49 @@ def _dropout_args(p: float) -> tuple[int, float, int, int]:
 
 class _FusedGroupNormSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool,
-                channels_last: bool, dropout: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, shift: Optional[Tensor], groups: int, eps: float,
+                silu: bool, channels_last: bool, dropout: float) -> Tensor:
         b, c, h, w = x.shape
         gamma, beta = weight.detach().float().contiguous(), bias.detach().float().contiguous()
-        mean = torch.empty(b, groups)
-        rstd = torch.empty(b, groups)
+        shift32 = shift.detach().float().contiguous() if shift is not None else None
+        mean, rstd = torch.empty(b, groups), torch.empty(b, groups)
+        xsum = torch.empty(b, c) if shift is not None else None
         y = torch.empty_like(x)  # keeps x's layout
         drop = _dropout_args(dropout)
-        library().group_norm_silu_forward(DTYPES[x.dtype], x.data_ptr(), _f32(gamma), _f32(beta), y.data_ptr(),
-                                          _f32(mean), _f32(rstd), b, c, h * w, groups, eps, channels_last, silu,
-                                          *drop)
-        ctx.save_for_backward(x, gamma, beta, mean, rstd)
+        library().group_norm_silu_forward(DTYPES[x.dtype], x.data_ptr(), _f32(shift32), _f32(gamma), _f32(beta),
+                                          y.data_ptr(), _f32(mean), _f32(rstd), _f32(xsum), b, c, h * w, groups, eps,
+                                          channels_last, silu, *drop)
+        ctx.save_for_backward(x, gamma, beta, mean, rstd, shift32, xsum)
         ctx.groups, ctx.silu, ctx.channels_last, ctx.drop = groups, silu, channels_last, drop
         ctx.param_dtype = weight.dtype
+        ctx.shift_dtype = shift.dtype if shift is not None else None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor):
-        x, gamma, beta, mean, rstd = ctx.saved_tensors
+        x, gamma, beta, mean, rstd, shift32, xsum = ctx.saved_tensors
         b, c, h, w = x.shape
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         dout = dout.to(x.dtype).contiguous(memory_format=fmt)
         dx = torch.empty_like(x)
         dgamma_rows, dbeta_rows = torch.empty(b, c), torch.empty(b, c)
-        library().group_norm_silu_backward(DTYPES[x.dtype], x.data_ptr(), dout.data_ptr(), _f32(gamma), _f32(beta),
-                                           _f32(mean), _f32(rstd), dx.data_ptr(), _f32(dgamma_rows),
-                                           _f32(dbeta_rows), b, c, h * w, ctx.groups, ctx.channels_last, ctx.silu,
-                                           *ctx.drop)
+        dshift = torch.empty(b, c) if shift32 is not None else None
+        library().group_norm_silu_backward(DTYPES[x.dtype], x.data_ptr(), _f32(shift32), _f32(xsum), dout.data_ptr(),
+                                           _f32(gamma), _f32(beta), _f32(mean), _f32(rstd), dx.data_ptr(),
+                                           _f32(dgamma_rows), _f32(dbeta_rows), _f32(dshift), b, c, h * w,
+                                           ctx.groups, ctx.channels_last, ctx.silu, *ctx.drop)
         dw = dgamma_rows.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
         db = dbeta_rows.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None
+        ds = dshift.to(ctx.shift_dtype) if ctx.needs_input_grad[3] else None
+        return dx, dw, db, ds, None, None, None, None, None
 
 
 class GroupNormSiLU(nn.GroupNorm):
     """nn.GroupNorm followed by SiLU when `silu` (else plain GroupNorm), then, in training, dropout
-    with probability `dropout` (which needs the SiLU: the networks' order), fused on the CPU."""
+    with probability `dropout` (which needs the SiLU: the networks' order), fused on the CPU.
+    forward(x, shift) normalises x + shift[:, :, None, None]: a ResBlock's embedding, added
+    without a pass over the map of its own."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = True,
                  dropout: float = 0.0):
@@ -185,13 +192,15 @@ class GroupNormSiLU(nn.GroupNorm):
             raise ValueError("GroupNormSiLU applies dropout after its SiLU; it needs silu=True")
         self.silu, self.dropout = silu, dropout
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, shift: Optional[Tensor] = None) -> Tensor:
         p = self.dropout if self.training else 0.0
         layout = _layout(x) if x.dim() == 4 else None
         if (layout is not None and x.device.type == "cpu" and x.dtype in DTYPES and x.numel() > 0
                 and kernels_enabled() and not torch.compiler.is_compiling() and library() is not None):
-            return _FusedGroupNormSiLU.apply(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, layout,
-                                             p)
+            return _FusedGroupNormSiLU.apply(x, self.weight, self.bias, shift, self.num_groups, self.eps, self.silu,
+                                             layout, p)
+        if shift is not None:
+            x = x + shift[:, :, None, None]
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         y = F.silu(y) if self.silu else y
         return F.dropout(y, p) if p else y

@@ -138,9 +138,10 @@ class ResBlock(nn.Module):
         """x: (B, in, H, W); emb: (B, emb_dim), already SiLU-activated, or None when emb_dim=0
         -> (B, out, H, W)."""
         h = self.in_layers(x)
-        if self.emb_proj is not None:
-            h = h + rearrange(self.emb_proj(emb), "b c -> b c 1 1")
-        return self.skip(x) + self.out_layers(h)
+        shift = self.emb_proj(emb) if self.emb_proj is not None else None
+        # the embedding goes in as the norm's per-channel shift: no add over the map of its own
+        h = self.out_layers[0](h, shift)
+        return self.skip(x) + self.out_layers[1:](h)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
