@@ -52,9 +52,9 @@ def kind_of(op: str) -> str:
 
 
 def ablate(net, kind: str) -> int:
-    """Replace every layer of one ABLATIONS kind in `net` by the identity; returns how many. A fused
-    GroupNormSiLU loses its dropout ("dropout") or its SiLU ("silu", dropout kept) or becomes a SiLU
-    and dropout ("group_norm")."""
+    """Replace every layer of one ABLATIONS kind in `net` by the identity; returns how many. Of a
+    fused GroupNormSiLU the rest stays, fused where the kernel can still do it."""
+    import torch.nn.functional as F
     from torch import nn
 
     from difflab.models.group_norm_silu import GroupNormSiLU
@@ -64,21 +64,33 @@ def ablate(net, kind: str) -> int:
         def forward(self, x, *args):  # ResBlocks hand their layers an embedding too
             return x
 
+    class Rest(nn.Module):
+        """A GroupNormSiLU without its norm or its SiLU: the norm (kernel) if kept, then SiLU and
+        dropout as torch layers (the kernel drops only after its own SiLU)."""
+
+        def __init__(self, fused: GroupNormSiLU, keep_norm: bool, silu: bool):
+            super().__init__()
+            self.norm = GroupNormSiLU(fused.num_groups, fused.num_channels, silu=False) if keep_norm else None
+            self.silu, self.p = silu, fused.dropout
+
+        def forward(self, x, shift=None):
+            if self.norm is not None:
+                x = self.norm(x, shift)
+            elif shift is not None:
+                x = x + shift[:, :, None, None]
+            x = F.silu(x) if self.silu else x
+            return F.dropout(x, self.p, self.training) if self.p else x
+
     layer_type = {"silu": nn.SiLU, "group_norm": nn.GroupNorm, "attention_block": AttentionBlock,
                   "dropout": nn.Dropout}[kind]
     count = 0
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, GroupNormSiLU) and child.dropout and kind == "dropout":
+            fused = isinstance(child, GroupNormSiLU) and child.silu
+            if fused and kind == "dropout" and child.dropout:
                 child.dropout = 0.0
-            elif isinstance(child, GroupNormSiLU) and child.silu and kind == "silu":
-                if child.dropout:  # the kernel drops only after a SiLU: keep the dropout as its own layer
-                    setattr(module, name, nn.Sequential(GroupNormSiLU(child.num_groups, child.num_channels, silu=False),
-                                                        nn.Dropout(child.dropout)))
-                else:
-                    child.silu = False
-            elif isinstance(child, GroupNormSiLU) and child.silu and kind == "group_norm":
-                setattr(module, name, nn.Sequential(nn.SiLU(), nn.Dropout(child.dropout)) if child.dropout else nn.SiLU())
+            elif fused and kind in ("silu", "group_norm"):
+                setattr(module, name, Rest(child, keep_norm=kind == "silu", silu=kind == "group_norm"))
             elif isinstance(child, layer_type):
                 setattr(module, name, Skipped())
             else:

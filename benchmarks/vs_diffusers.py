@@ -14,8 +14,8 @@ Timings interleave the networks step by step in one process and report medians, 
 machine hits both alike. The process keeps freed memory as run.py does (difflab/allocator.py),
 for both networks alike, so the ratios compare the networks alone. difflab runs as its trainer
 runs it (channels_last, the default since 2026-11-24), and also in NCHW; diffusers as shipped
-(NCHW) and, for fairness, in channels_last too. Without diffusers (`pip install -e '.[bench]'`) only difflab's
-figures are printed.
+(NCHW) and, for fairness, in channels_last too. Without diffusers (`pip install -e '.[bench]'`)
+only difflab's figures are printed.
 
     python benchmarks/vs_diffusers.py [--threads 2] [--rounds 7] [--ddim] [--memory] [--device cpu]
 """

@@ -85,12 +85,12 @@ inline float keep_scale(const Drop& d, uint32_t offset) {
     return static_cast<float>((mix(mix(offset + d.s1) ^ d.s2) >> 8) >= d.cut) * d.scale;
 }
 
-// One sample's layout: element (c, p) of its C x P map (P = H*W) is at c*sc + p*sp.
+// One sample's layout: element (c, p) of its C x P map (P = H*W) is at p*C + c when
+// channels_last, else at c*P + p.
 struct Layout {
-    int64_t C, P, sc, sp;
-    Layout(int64_t C_, int64_t P_, bool channels_last)
-        : C(C_), P(P_), sc(channels_last ? 1 : P_), sp(channels_last ? C_ : 1) {}
-    bool channels_last() const { return sc == 1; }
+    int64_t C, P;
+    bool cl;
+    bool channels_last() const { return cl; }
 };
 
 // Two per-channel sums over the P positions of one sample, in double: elem(c, offset) gives the
@@ -228,21 +228,22 @@ void grad_input(const T* x, const T* dout, const float* dys, T* dx, const Layout
     }
 }
 
-// Scale and shift of the affine map x -> x * a + b that normalises one sample.
-void affine(const float* gamma, const float* beta, const float* mean, const float* rstd, int64_t C, int64_t G,
-            float* a, float* b) {
+// Scale and shift of the affine map x -> x * a + b that normalises one sample's x + shift (shift
+// per channel, or null), applied to x itself.
+void affine(const float* gamma, const float* beta, const float* mean, const float* rstd, const float* shift,
+            int64_t C, int64_t G, float* a, float* b) {
     const int64_t cg = C / G;
     for (int64_t c = 0; c < C; ++c) {
         const int64_t g = c / cg;
         a[c] = rstd[g] * gamma[c];
-        b[c] = beta[c] - mean[g] * a[c];
+        b[c] = beta[c] + ((shift ? shift[c] : 0.0f) - mean[g]) * a[c];
     }
 }
 
 template <bool SILU, bool DROP, typename T>
 void forward(const T* x, const float* shift, const float* gamma, const float* beta, T* y, float* mean, float* rstd,
              float* xsum, int64_t B, int64_t C, int64_t P, int64_t G, float eps, bool channels_last, Drop d) {
-    const Layout L(C, P, channels_last);
+    const Layout L{C, P, channels_last};
     const int64_t cg = C / G;
     const double n = static_cast<double>(cg * P);
 #pragma omp parallel
@@ -276,9 +277,7 @@ void forward(const T* x, const float* shift, const float* gamma, const float* be
                 mean[i * G + g] = static_cast<float>(m);
                 rstd[i * G + g] = static_cast<float>(1.0 / std::sqrt(var + eps));
             }
-            affine(gamma, beta, mean + i * G, rstd + i * G, C, G, a.data(), b.data());
-            if (sh)
-                for (int64_t c = 0; c < C; ++c) b[c] += sh[c] * a[c];  // (x + shift) * a + b on x itself
+            affine(gamma, beta, mean + i * G, rstd + i * G, sh, C, G, a.data(), b.data());
             apply<SILU, DROP>(xi, y + i * C * P, L, a.data(), b.data(), d, static_cast<uint32_t>(i * C * P));
         }
     }
@@ -289,7 +288,7 @@ template <bool SILU, bool DROP, typename T>
 void backward(const T* x, const float* shift, const float* xsum, const T* dout, const float* gamma,
               const float* beta, const float* mean, const float* rstd, T* dx, float* dgamma_rows, float* dbeta_rows,
               float* dshift_rows, int64_t B, int64_t C, int64_t P, int64_t G, bool channels_last, Drop d) {
-    const Layout L(C, P, channels_last);
+    const Layout L{C, P, channels_last};
     const int64_t cg = C / G;
     const double n = static_cast<double>(cg * P);
 #pragma omp parallel
@@ -304,9 +303,7 @@ void backward(const T* x, const float* shift, const float* xsum, const T* dout, 
             const float* mi = mean + i * G;
             const float* ri = rstd + i * G;
             const float* sh = shift ? shift + i * C : nullptr;
-            affine(gamma, beta, mi, ri, C, G, a.data(), b.data());
-            if (sh)
-                for (int64_t c = 0; c < C; ++c) b[c] += sh[c] * a[c];
+            affine(gamma, beta, mi, ri, sh, C, G, a.data(), b.data());
             grad_moments<SILU, DROP>(xi, gi, L, a.data(), b.data(), d, static_cast<uint32_t>(i * C * P), dys.data(),
                                      ds.data(), db.data(), fs.data(), fb.data());
             if (sh)

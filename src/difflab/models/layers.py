@@ -140,8 +140,11 @@ class ResBlock(nn.Module):
         h = self.in_layers(x)
         shift = self.emb_proj(emb) if self.emb_proj is not None else None
         # the embedding goes in as the norm's per-channel shift: no add over the map of its own
-        h = self.out_layers[0](h, shift)
-        return self.skip(x) + self.out_layers[1:](h)
+        norm, *rest = self.out_layers  # (slicing the Sequential would build a new one per call)
+        h = norm(h, shift)
+        for layer in rest:
+            h = layer(h)
+        return self.skip(x) + h
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
