@@ -65,11 +65,12 @@ def test_upsample_is_nearest_then_conv3x3(memory_format, channels: int, height: 
     assert rel_err(out, ref) < 1e-5
     if height * width > 1:  # a 1x1 map is both layouts at once
         assert out.is_contiguous(memory_format=memory_format)
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, [x, up.conv.weight, up.conv.bias], g)
-    ref_grads = torch.autograd.grad(ref, [x, up.conv.weight, up.conv.bias], g)
-    for a, b in zip(grads, ref_grads):
-        assert rel_err(a, b) < 1e-5
+    for grad_format in FORMATS:  # the gradient arriving in either layout
+        g = torch.randn_like(ref).contiguous(memory_format=grad_format)
+        grads = torch.autograd.grad(out, [x, up.conv.weight, up.conv.bias], g, retain_graph=True)
+        ref_grads = torch.autograd.grad(ref, [x, up.conv.weight, up.conv.bias], g, retain_graph=True)
+        for a, b in zip(grads, ref_grads):
+            assert rel_err(a, b) < 1e-5
 
 
 def test_upsample_checkpoint_keys_unchanged() -> None:

@@ -224,26 +224,43 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.register_buffer("taps", _PHASE_TAPS.clone(), persistent=False)
 
-    def phase_weights(self) -> tuple[Tensor, Tensor]:
-        """The four 2x2 phase kernels stacked as one conv: (4*C_out, C_in, 2, 2), order (a, b, out)."""
-        w = self.conv.weight
-        taps = self.taps.to(w.dtype)
-        kernels = torch.einsum("aik,bjl,ockl->abocij", taps, taps, w)
-        return kernels.reshape(-1, *kernels.shape[3:]), self.conv.bias.repeat(4)
+    def phase_weights(self) -> Tensor:
+        """The four 2x2 phase kernels, indexed [row phase, column phase]: (2, 2, C_out, C_in, 2, 2)."""
+        taps = self.taps.to(self.conv.weight.dtype)
+        return torch.einsum("aik,bjl,ockl->abocij", taps, taps, self.conv.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        weight, bias = self.phase_weights()
-        # Padded by one, a 2x2 conv gives (h+1)x(w+1) outputs per phase; phase (a, b) is the
-        # window starting at (a, b): rows i-1,i for even and i,i+1 for odd output rows.
-        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias).unflatten(1, (2, 2, -1))
-        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-        out = torch.empty(b, c, 2 * h, 2 * w, dtype=phases.dtype, device=x.device, memory_format=fmt)
-        grid = out.view(b, c, h, 2, w, 2)  # (row, row phase, column, column phase), x's layout
-        for i in range(2):
-            for j in range(2):
-                grid[:, :, :, i, :, j] = phases[:, i, j, :, i:i + h, j:j + w]
+        weights, bias = self.phase_weights(), self.conv.bias
+        # Phase (a, b) reads rows i-1,i (a=0) or i,i+1 (a=1), columns likewise: the input padded
+        # on that side only, so each conv yields exactly h x w outputs. Four exact convs beat one
+        # conv of all phases over the (h+1)x(w+1) window, whose backward zeroed and summed
+        # full-size gradients (ddpm_cifar's 16->32 upsample: 160 ms against 200 per step).
+        phases = [F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), weights[a, b], bias) for a in range(2) for b in range(2)]
+        return _Interleave.apply(*phases)
+
+
+class _Interleave(torch.autograd.Function):
+    """out[..., 2i+a, 2j+b] = phase_ab[..., i, j]: four maps woven into one of twice the size.
+
+    An autograd.Function because the same strided writes through autograd (`out[...] = p`)
+    clone the whole output's gradient once per write in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, *phases: Tensor) -> Tensor:  # type: ignore[override]
+        p = phases[0]
+        b, c, h, w = p.shape
+        fmt = torch.channels_last if is_channels_last(p) else torch.contiguous_format
+        out = torch.empty(b, c, 2 * h, 2 * w, dtype=p.dtype, device=p.device, memory_format=fmt)
+        grid = out.view(b, c, h, 2, w, 2)  # (row, row phase, column, column phase)
+        for k, phase in enumerate(phases):
+            grid[:, :, :, k // 2, :, k % 2] = phase
         return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        grid = grad.unflatten(2, (-1, 2)).unflatten(4, (-1, 2))  # a view for any strides
+        return tuple(grid[:, :, :, k // 2, :, k % 2] for k in range(4))
 
 
 class EmbedSequential(nn.Sequential):
