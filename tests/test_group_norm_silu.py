@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.models import group_norm_silu as gns
+from difflab.models import cpu_kernels
 from difflab.models.group_norm_silu import GroupNormSiLU
 from difflab.models.layers import ModelConfigError, ResBlock
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
 SHAPES = [((2, 8, 5, 7), 4), ((4, 64, 16, 16), 32), ((3, 96, 1, 1), 32), ((1, 6, 9, 3), 3)]
 
-needs_kernel = pytest.mark.skipif(gns.library() is None, reason="no C++ compiler here to build the fused kernel")
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C++ compiler here to build the fused kernel")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,14 +122,14 @@ def test_other_dtypes_and_strides_fall_back(dtype) -> None:
 def test_no_compiler_warns_once_and_falls_back(monkeypatch, caplog, tmp_path) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler-difflab")
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(gns, "_tried", False)
-    monkeypatch.setattr(gns, "_library", None)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_library", None)
     with caplog.at_level(logging.WARNING, logger="difflab"):
         m = layer(16, 4, True)
         x, grad = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6)
         fused, ref = run(m, x, grad), run(m, x, grad, plain(m))
         run(m, x, grad)
-    assert gns.library() is None
+    assert cpu_kernels.library() is None
     assert sum("no C++ compiler" in r.message for r in caplog.records) == 1
     for a, b in zip(fused, ref):
         assert torch.equal(a, b)
@@ -138,14 +138,14 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, caplog, tmp_path) ->
 @needs_kernel
 def test_builds_into_the_cache_and_reuses_it(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(gns, "_tried", False)
-    monkeypatch.setattr(gns, "_library", None)
-    assert gns.library() is not None
-    built = list((tmp_path / "kernels").glob("group_norm_silu-*.so"))
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    assert cpu_kernels.library() is not None
+    built = list((tmp_path / "kernels").glob("difflab_kernels-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(gns, "_tried", False)
-    assert gns.library() is not None
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    assert cpu_kernels.library() is not None
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     assert not [p for p in (tmp_path / "kernels").iterdir() if p != built[0]]  # no temporary left behind
 

@@ -10,114 +10,20 @@ generator (so torch.manual_seed reproduces it), recomputed by the backward rathe
 Everywhere else (CUDA, float16, torch.compile, no C++ compiler, DIFFLAB_FUSED_KERNELS=0) it is
 F.group_norm, F.silu and F.dropout.
 
-The library is compiled on first use with the system C++ compiler (about a second; $CXX, else
-c++) into $DIFFLAB_CACHE/kernels (default ~/.cache/difflab/kernels), named by a hash of the
-source, the flags and this CPU, and loaded with ctypes; its OpenMP regions run on the libgomp
-torch already loaded. Any failure logs one warning and keeps the fallback.
+The kernel is built on first use (cpu_kernels.py); where it cannot be, one warning and the fallback.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-log = logging.getLogger("difflab")
+from difflab.models.cpu_kernels import f32, library, usable
 
-SOURCE = Path(__file__).with_name("group_norm_silu.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_I64, _F32P, _VP = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p
-
-_library: Optional[ctypes.CDLL] = None
-_tried = False
-
-
-def kernels_enabled() -> bool:
-    return os.environ.get("DIFFLAB_FUSED_KERNELS", "1") != "0"
-
-
-def _cpu_signature() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    lines = [ln for ln in info.splitlines() if ln.startswith(("flags", "model name"))]
-    return "\n".join(sorted(set(lines)))
-
-
-def _torch_uses_libgomp() -> bool:
-    """Our OpenMP must be the runtime torch runs on, else two thread pools fight for the cores."""
-    try:
-        return "libgomp" in Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-
-
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True,
-                       text=True, timeout=300)
-        os.replace(out, target)  # atomic: concurrent processes each build, the last rename wins
-
-
-def _load() -> Optional[ctypes.CDLL]:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
-        return None
-    if not _torch_uses_libgomp():
-        log.info("torch does not run on libgomp here; GroupNorm, SiLU and dropout stay separate torch layers")
-        return None
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if compiler is None:
-        log.warning("no C++ compiler found (set CXX or install g++); GroupNorm, SiLU and dropout run as "
-                    "separate, slower torch layers")
-        return None
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), compiler, _cpu_signature()]).encode())
-    cache = Path(os.environ.get("DIFFLAB_CACHE", Path.home() / ".cache" / "difflab")) / "kernels"
-    target = cache / f"group_norm_silu-{key.hexdigest()[:16]}.so"
-    try:
-        if not target.exists():
-            _build(compiler, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("could not build the fused GroupNorm kernel (%s); GroupNorm, SiLU and dropout run as "
-                    "separate torch layers", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
-        return None
-    drop = [ctypes.c_uint32, ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32]  # cut, scale, two seeds
-    lib.group_norm_silu_forward.argtypes = [ctypes.c_int, _VP, _F32P, _F32P, _F32P, _VP, _F32P, _F32P, _F32P, _I64,
-                                            _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int, *drop]
-    lib.group_norm_silu_backward.argtypes = [ctypes.c_int, _VP, _F32P, _F32P, _VP, _F32P, _F32P, _F32P, _F32P, _VP,
-                                             _F32P, _F32P, _F32P, _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int,
-                                             *drop]
-    return lib
-
-
-def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, built on first use; None where it cannot be had."""
-    global _library, _tried
-    if not _tried:
-        _tried = True
-        _library = _load()
-    return _library
-
-
-def _f32(t: Optional[Tensor]) -> ctypes.POINTER(ctypes.c_float):
-    return ctypes.cast(t.data_ptr(), _F32P) if t is not None else None
 
 
 def _layout(x: Tensor) -> Optional[bool]:
@@ -148,8 +54,8 @@ class _FusedGroupNormSiLU(torch.autograd.Function):
         xsum = torch.empty(b, c) if shift is not None else None
         y = torch.empty_like(x)  # keeps x's layout
         drop = _dropout_args(dropout)
-        library().group_norm_silu_forward(DTYPES[x.dtype], x.data_ptr(), _f32(shift32), _f32(gamma), _f32(beta),
-                                          y.data_ptr(), _f32(mean), _f32(rstd), _f32(xsum), b, c, h * w, groups, eps,
+        library().group_norm_silu_forward(DTYPES[x.dtype], x.data_ptr(), f32(shift32), f32(gamma), f32(beta),
+                                          y.data_ptr(), f32(mean), f32(rstd), f32(xsum), b, c, h * w, groups, eps,
                                           channels_last, silu, *drop)
         ctx.save_for_backward(x, gamma, beta, mean, rstd, shift32, xsum)
         ctx.groups, ctx.silu, ctx.channels_last, ctx.drop = groups, silu, channels_last, drop
@@ -167,9 +73,9 @@ class _FusedGroupNormSiLU(torch.autograd.Function):
         dx = torch.empty_like(x)
         dgamma_rows, dbeta_rows = torch.empty(b, c), torch.empty(b, c)
         dshift = torch.empty(b, c) if shift32 is not None else None
-        library().group_norm_silu_backward(DTYPES[x.dtype], x.data_ptr(), _f32(shift32), _f32(xsum), dout.data_ptr(),
-                                           _f32(gamma), _f32(beta), _f32(mean), _f32(rstd), dx.data_ptr(),
-                                           _f32(dgamma_rows), _f32(dbeta_rows), _f32(dshift), b, c, h * w,
+        library().group_norm_silu_backward(DTYPES[x.dtype], x.data_ptr(), f32(shift32), f32(xsum), dout.data_ptr(),
+                                           f32(gamma), f32(beta), f32(mean), f32(rstd), dx.data_ptr(),
+                                           f32(dgamma_rows), f32(dbeta_rows), f32(dshift), b, c, h * w,
                                            ctx.groups, ctx.channels_last, ctx.silu, *ctx.drop)
         dw = dgamma_rows.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
         db = dbeta_rows.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
@@ -195,8 +101,7 @@ class GroupNormSiLU(nn.GroupNorm):
     def forward(self, x: Tensor, shift: Optional[Tensor] = None) -> Tensor:
         p = self.dropout if self.training else 0.0
         layout = _layout(x) if x.dim() == 4 else None
-        if (layout is not None and x.device.type == "cpu" and x.dtype in DTYPES and x.numel() > 0
-                and kernels_enabled() and not torch.compiler.is_compiling() and library() is not None):
+        if layout is not None and x.dtype in DTYPES and usable(x):
             return _FusedGroupNormSiLU.apply(x, self.weight, self.bias, shift, self.num_groups, self.eps, self.silu,
                                              layout, p)
         if shift is not None:

@@ -12,8 +12,8 @@ Conventions, chosen for speed:
   formulation in tests/test_fast_layers.py): Upsample computes its nearest+conv3x3 as four 2x2
   convolutions at the low resolution (the same function, ~half the FLOPs); 1x1 skips run as
   batched matmuls in bf16;
-  attention's projections are 1x1 convolutions on channels_last maps, and on the CPU its softmax
-  runs in fp32 even under bf16 autocast, where PyTorch's bf16 CPU kernel is ~3x slower;
+  attention's projections are 1x1 convolutions on channels_last maps, and on the CPU attention
+  itself is a kernel (attention.py) reading the heads in place, in fp32 even under bf16 autocast;
   GroupNorm -> SiLU (-> dropout) is one fused kernel on the CPU (group_norm_silu.py), in either
   layout, its dropout mask hashed in the kernel instead of drawn by torch's serial generator.
 """
@@ -29,6 +29,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from difflab.errors import UserError
+from difflab.models.attention import attention
 from difflab.models.group_norm_silu import GroupNormSiLU
 
 
@@ -147,20 +148,11 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v; on the CPU in fp32 whatever the autocast dtype (faster there,
-    and the softmax is more exact), cast back to the input dtype."""
-    if q.device.type == "cpu" and q.dtype != torch.float32:
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v)
-
-
 class AttentionBlock(nn.Module):
     """Residual multi-head self-attention over all positions of a feature map.
 
     heads = channels // head_channels (at least 1). q, k, v come from one linear layer on the
-    normalised tokens and the attention itself runs in scaled_dot_product_attention.
+    normalised tokens and the attention itself runs in models/attention.py.
     """
 
     def __init__(self, channels: int, head_channels: int = 64, norm_groups: int = 32):
@@ -185,8 +177,7 @@ class AttentionBlock(nn.Module):
             tokens = qkv.permute(0, 2, 3, 1).reshape(b, height * width, 3 * c)
         else:
             tokens = self.qkv(rearrange(self.norm(x), "b c x y -> b (x y) c"))
-        q, k, v = rearrange(tokens, "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = rearrange(attention(q, k, v), "b h n d -> b n (h d)")
+        out = attention(tokens, self.heads)
         if channels_last:
             out = out.reshape(b, height, width, c).permute(0, 3, 1, 2)
             return x + F.conv2d(out, self.proj_out.weight[:, :, None, None], self.proj_out.bias)
