@@ -36,7 +36,7 @@ KINDS = (  # first match wins
     ("convolution", ("convolution", "conv2d")),
     ("attention", ("attention",)),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear")),
-    ("normalisation", ("group_norm", "layer_norm")),
+    ("normalisation", ("group_norm", "groupnorm", "layer_norm")),  # groupnorm: the fused kernel
     ("activation", ("silu", "gelu")),
     ("optimizer", ("adam", "optimizer", "lerp")),  # lerp: the EMA update
 )
