@@ -134,3 +134,18 @@ def test_attention_block_trains_like_the_sdpa_block(monkeypatch, memory_format) 
     plain = run()
     for a, b in zip(fused, plain):
         assert rel_err(a, b) < 1e-5
+
+
+@needs_kernel
+def test_float64_default_dtype_does_not_reach_the_kernel_buffers() -> None:
+    torch.manual_seed(0)
+    qkv, grad = torch.randn(2, 20, 3 * 16), torch.randn(2, 20, 16)
+    expected = output_and_grad(sdpa, qkv, 1, grad)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = output_and_grad(attention, qkv, 1, grad)
+    finally:
+        torch.set_default_dtype(default)
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 1e-5

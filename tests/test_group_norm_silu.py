@@ -99,6 +99,21 @@ def test_deterministic_across_thread_counts() -> None:
         assert torch.equal(a, b)
 
 
+@needs_kernel
+def test_float64_default_dtype_does_not_reach_the_kernel_buffers() -> None:
+    m = layer(16, 4, True)
+    x, grad = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6)
+    expected = run(m, x, grad, plain(m))
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = run(m, x, grad)
+    finally:
+        torch.set_default_dtype(default)
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 1e-5
+
+
 def test_kernels_off_gives_the_plain_layers(monkeypatch) -> None:
     monkeypatch.setenv("DIFFLAB_FUSED_KERNELS", "0")
     m = layer(16, 4, True)

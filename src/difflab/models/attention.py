@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from difflab.models.cpu_kernels import f32, library, usable
+from difflab.models.cpu_kernels import f32, floats, library, usable
 
 
 class _Attention(torch.autograd.Function):
@@ -25,7 +25,7 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, qkv: Tensor, heads: int) -> Tensor:  # type: ignore[override]
         b, n, c3 = qkv.shape
         d = c3 // 3 // heads
-        out, lse = torch.empty(b, n, c3 // 3), torch.empty(b, heads, n)
+        out, lse = floats(b, n, c3 // 3), floats(b, heads, n)
         library().attention_forward(f32(qkv), f32(out), f32(lse), b, n, heads, d, d ** -0.5)
         ctx.save_for_backward(qkv, out, lse)
         ctx.heads = heads

@@ -104,7 +104,7 @@ def _load() -> Optional[ctypes.CDLL]:
 
 
 def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, built on first use; None where it cannot be had."""
+    """The compiled kernels, built on first use; None where they cannot be had."""
     global _library, _tried
     if not _tried:
         _tried = True
@@ -115,6 +115,11 @@ def library() -> Optional[ctypes.CDLL]:
 def f32(t: Optional[Tensor]) -> ctypes.POINTER(ctypes.c_float):
     """A float32 tensor's data as the kernels' float*, None as NULL."""
     return ctypes.cast(t.data_ptr(), F32P) if t is not None else None
+
+
+def floats(*shape: int) -> Tensor:
+    """An uninitialised float32 CPU buffer for a kernel to write (whatever torch's default dtype)."""
+    return torch.empty(*shape, dtype=torch.float32)
 
 
 def usable(x: Tensor) -> bool:

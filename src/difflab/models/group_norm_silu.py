@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.models.cpu_kernels import f32, library, usable
+from difflab.models.cpu_kernels import f32, floats, library, usable
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -50,8 +50,8 @@ class _FusedGroupNormSiLU(torch.autograd.Function):
         b, c, h, w = x.shape
         gamma, beta = weight.detach().float().contiguous(), bias.detach().float().contiguous()
         shift32 = shift.detach().float().contiguous() if shift is not None else None
-        mean, rstd = torch.empty(b, groups), torch.empty(b, groups)
-        xsum = torch.empty(b, c) if shift is not None else None
+        mean, rstd = floats(b, groups), floats(b, groups)
+        xsum = floats(b, c) if shift is not None else None
         y = torch.empty_like(x)  # keeps x's layout
         drop = _dropout_args(dropout)
         library().group_norm_silu_forward(DTYPES[x.dtype], x.data_ptr(), f32(shift32), f32(gamma), f32(beta),
@@ -71,8 +71,8 @@ class _FusedGroupNormSiLU(torch.autograd.Function):
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         dout = dout.to(x.dtype).contiguous(memory_format=fmt)
         dx = torch.empty_like(x)
-        dgamma_rows, dbeta_rows = torch.empty(b, c), torch.empty(b, c)
-        dshift = torch.empty(b, c) if shift32 is not None else None
+        dgamma_rows, dbeta_rows = floats(b, c), floats(b, c)
+        dshift = floats(b, c) if shift32 is not None else None
         library().group_norm_silu_backward(DTYPES[x.dtype], x.data_ptr(), f32(shift32), f32(xsum), dout.data_ptr(),
                                            f32(gamma), f32(beta), f32(mean), f32(rstd), dx.data_ptr(),
                                            f32(dgamma_rows), f32(dbeta_rows), f32(dshift), b, c, h * w,
