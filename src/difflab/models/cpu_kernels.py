@@ -1,6 +1,6 @@
 """The compiled CPU kernels (group_norm_silu.cpp, attention.cpp) as one library, built on first use.
 
-The library is compiled with the system C++ compiler (about two seconds; $CXX, else c++) into
+The library is compiled with the system C++ compiler (about 3.5 s, once; $CXX, else c++) into
 $DIFFLAB_CACHE/kernels (default ~/.cache/difflab/kernels), named by a hash of the sources, the
 flags and this CPU, and loaded with ctypes; its OpenMP regions run on the libgomp torch already
 loaded. Where it cannot be had (no compiler, not Linux, torch not on libgomp, a failed build)
