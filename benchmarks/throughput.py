@@ -143,6 +143,11 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="the device's peak, for the model FLOP utilisation")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA GPU is visible here; run this on a GPU machine, or use --device cpu.")
     if args.one:
         case, precision, allocator = args.one.split(":")
         print(json.dumps(measure(case, args.device, args.steps, args.sample_steps, precision, allocator,
@@ -156,7 +161,11 @@ def main() -> None:
         cmd += ["--channels-last"] if args.channels_last else []
         cmd += ["--train-batch", str(args.train_batch)] if args.train_batch else []
         cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:  # one failed configuration (e.g. out of memory) does not lose the others
+            results.append({"case": case, "precision": precision, "allocator": allocator,
+                            "error": (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]})
+            continue
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(json.dumps({"benchmark": "throughput", "results": results}, indent=2))
 
