@@ -31,8 +31,9 @@ def train_images_per_s(launcher: list[str], threads: int, steps: int, overrides:
     cmd = [*launcher, str(REPO / "run.py"), *QUIET, f"train.max_steps={steps}", f"train.threads={threads}",
            *overrides, f"hydra.run.dir={folder}"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    if done.returncode != 0:  # run.py's own one-sentence error when it gave one, else the log's tail
+        said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        sys.exit(f"{' '.join(cmd)} failed: {said[0] if said else done.stderr[-3000:]}")
     return json.loads((folder / "metrics.json").read_text())["train_images_per_s"]
 
 
