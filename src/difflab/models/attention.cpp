@@ -75,8 +75,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t 
         const float* panel = Bp + (j0 / NR) * K * NR;
         const int64_t ncols = N - j0 < NR ? N - j0 : NR;
         int64_t i = 0;
-        for (; i + MR <= M; i += MR) tile<MR>(K, A + i * ars, ars, acs, panel, C + i * ldc + j0, ldc, ncols, alpha, acc);
-        if (i < M) rows<MR - 1>(K, A + i * ars, ars, acs, panel, C + i * ldc + j0, ldc, ncols, alpha, acc, M - i);
+        for (; i + MR <= M; i += MR)
+            tile<MR>(K, A + i * ars, ars, acs, panel, C + i * ldc + j0, ldc, ncols, alpha, acc);
+        if (i < M)  // the last M % MR rows
+            rows<MR - 1>(K, A + i * ars, ars, acs, panel, C + i * ldc + j0, ldc, ncols, alpha, acc, M - i);
     }
 }
 

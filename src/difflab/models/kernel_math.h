@@ -27,8 +27,9 @@ inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
-// exp with no libm calls (fmin, nearbyint) that it cannot widen. Cephes' expf: range reduction by ln 2, a degree-6
-// polynomial, within 2 ulp; rounding to the nearest integer by adding and subtracting 1.5 * 2^23.
+// exp with no libm calls (fmin, nearbyint) that the compiler cannot widen. Cephes' expf: range
+// reduction by ln 2, a degree-6 polynomial, within 2 ulp; rounding to the nearest integer by
+// adding and subtracting 1.5 * 2^23. Arguments below -87 give exp(-87) ~ 1.6e-38, not 0.
 inline float fast_exp(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
