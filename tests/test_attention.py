@@ -149,3 +149,10 @@ def test_float64_default_dtype_does_not_reach_the_kernel_buffers() -> None:
         torch.set_default_dtype(default)
     for a, b in zip(got, expected):
         assert a.dtype == torch.float32 and rel_err(a, b) < 1e-5
+
+
+def test_tokens_that_do_not_split_into_heads_are_refused() -> None:
+    with pytest.raises(ValueError, match="3 x 2 heads"):
+        attention(torch.randn(2, 10, 3 * 2 * 8 + 1), 2)
+    with pytest.raises(ValueError, match="tokens"):
+        attention(torch.randn(2, 3, 4, 48), 2)

@@ -45,6 +45,8 @@ class _Attention(torch.autograd.Function):
 
 def attention(qkv: Tensor, heads: int) -> Tensor:
     """softmax(q k^T / sqrt(d)) v per head, for qkv (B, L, 3*C) as "b n (three h d)"; (B, L, C) out."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"attention takes (batch, tokens, 3 x {heads} heads x head width) tokens, got {tuple(qkv.shape)}")
     if qkv.dtype in (torch.float32, torch.bfloat16, torch.float16) and usable(qkv):
         with torch.autocast("cpu", enabled=False):
             return _Attention.apply(qkv.float().contiguous(), heads).to(qkv.dtype)
