@@ -283,9 +283,11 @@ class Trainer:
         over the ranks in backward (and starts every rank from rank 0's weights)."""
         if self.world_size == 1:
             return lambda batch: loss_fn(self.forward_model, batch)
+        # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets, so
+        # the gradients are not held twice (2 gloo processes here: 549 -> 561 img/s, within noise)
         return DistributedDataParallel(_LossModule(self.forward_model, loss_fn),
                                        device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                       find_unused_parameters=self.find_unused_parameters)
+                                       find_unused_parameters=self.find_unused_parameters, gradient_as_bucket_view=True)
 
     def _seed_step(self) -> None:
         if self.world_size > 1:
