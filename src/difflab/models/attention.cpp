@@ -105,25 +105,25 @@ void probabilities(const Head& hd, int64_t q0, int64_t n, int64_t L, int64_t D, 
     gemm(n, L, D, hd.q + q0 * hd.qkv_rs, hd.qkv_rs, 1, kt_packed, S, L, scale, false);
     for (int64_t i = 0; i < n; ++i) {
         float* s = S + i * L;
-        const bool compute_lse = lse_in == nullptr;
-        float m = compute_lse ? 0.0f : lse_in[i];
-        if (compute_lse) {
-            m = s[0];
-#pragma omp simd reduction(max : m)
-            for (int64_t j = 0; j < L; ++j) m = s[j] > m ? s[j] : m;
+        if (lse_in != nullptr) {  // backward: the forward's normaliser, no reductions
+            const float lse = lse_in[i];
+#pragma omp simd
+            for (int64_t j = 0; j < L; ++j) s[j] = fast_exp(s[j] - lse);
+            continue;
         }
+        float m = s[0];
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < L; ++j) m = s[j] > m ? s[j] : m;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < L; ++j) {
             s[j] = fast_exp(s[j] - m);
             sum += s[j];
         }
-        if (compute_lse) {
-            const float inv = 1.0f / sum;
+        const float inv = 1.0f / sum;
 #pragma omp simd
-            for (int64_t j = 0; j < L; ++j) s[j] *= inv;
-            lse_out[i] = m + std::log(sum);
-        }
+        for (int64_t j = 0; j < L; ++j) s[j] *= inv;
+        lse_out[i] = m + std::log(sum);
     }
 }
 

@@ -25,21 +25,19 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, qkv: Tensor, heads: int) -> Tensor:  # type: ignore[override]
         b, n, c3 = qkv.shape
         d = c3 // 3 // heads
+        ctx.shape = (b, n, heads, d, d ** -0.5)  # the kernels' B, L, H, D, scale
         out, lse = floats(b, n, c3 // 3), floats(b, heads, n)
-        library().attention_forward(f32(qkv), f32(out), f32(lse), b, n, heads, d, d ** -0.5)
+        library().attention_forward(f32(qkv), f32(out), f32(lse), *ctx.shape)
         ctx.save_for_backward(qkv, out, lse)
-        ctx.heads = heads
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         qkv, out, lse = ctx.saved_tensors
-        b, n, c3 = qkv.shape
-        d = c3 // 3 // ctx.heads
         dout = dout.float().contiguous()
         dqkv = torch.empty_like(qkv)
-        library().attention_backward(f32(qkv), f32(out), f32(dout), f32(lse), f32(dqkv), b, n, ctx.heads, d, d ** -0.5)
+        library().attention_backward(f32(qkv), f32(out), f32(dout), f32(lse), f32(dqkv), *ctx.shape)
         return dqkv, None
 
 
@@ -47,13 +45,10 @@ def attention(qkv: Tensor, heads: int) -> Tensor:
     """softmax(q k^T / sqrt(d)) v per head, for qkv (B, L, 3*C) as "b n (three h d)"; (B, L, C) out."""
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
         raise ValueError(f"attention takes (batch, tokens, 3 x {heads} heads x head width) tokens, got {tuple(qkv.shape)}")
-    if qkv.dtype in (torch.float32, torch.bfloat16, torch.float16) and usable(qkv):
-        with torch.autocast("cpu", enabled=False):
-            return _Attention.apply(qkv.float().contiguous(), heads).to(qkv.dtype)
-    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)
     if qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(qkv.dtype)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
-    return rearrange(out, "b h n d -> b n (h d)")
+        with torch.autocast("cpu", enabled=False):  # float32 on the CPU: faster there, a more exact softmax
+            return attention(qkv.float(), heads).to(qkv.dtype)
+    if qkv.dtype == torch.float32 and usable(qkv):
+        return _Attention.apply(qkv.contiguous(), heads)
+    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)
+    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
