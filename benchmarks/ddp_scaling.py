@@ -15,26 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-QUIET = ["sample.num_images=0", "eval.num_samples=0", "train.reuse=false", "train.progress=false",
-         "train.val_every=1000000", "train.checkpoint_every=1000000", "train.image_every=0"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_training import run_training  # noqa: E402
 
 
 def train_images_per_s(launcher: list[str], threads: int, steps: int, overrides: list[str], folder: Path) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [*launcher, str(REPO / "run.py"), *QUIET, f"train.max_steps={steps}", f"train.threads={threads}",
-           *overrides, f"hydra.run.dir={folder}"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:  # run.py's own one-sentence error when it gave one, else the log's tail
-        said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-        sys.exit(f"{' '.join(cmd)} failed: {said[0] if said else done.stderr[-3000:]}")
-    return json.loads((folder / "metrics.json").read_text())["train_images_per_s"]
+    return run_training(launcher, threads, steps, overrides, folder)[0]["train_images_per_s"]
 
 
 def main() -> None:

@@ -142,3 +142,17 @@ def test_evaluation_keys_compose(hydra_ctx):
     assert cfg.mode.name == "evaluate" and cfg.eval.num_samples == 2000 and list(cfg.eval.extractors) == ["classifier"]
     assert cfg.eval.inception_weights == "/w/inception.pth" and cfg.eval.classifier_steps == 300
     assert list(_compose([]).eval.extractors) == ["inception", "classifier"]
+
+
+def test_batches_must_split_over_processes_and_micro_batches(hydra_ctx):
+    from difflab.config import validate_batch_splits
+    from difflab.errors import UserError
+
+    validate_batch_splits(_compose(["train.batch_size=64", "train.grad_accum_steps=4"]), world_size=2)
+    with pytest.raises(UserError, match=r"train.batch_size=64 does not split into train.grad_accum_steps=3 equal "
+                                        r"micro-batches on each of the 2 torchrun processes: use a multiple of 6"):
+        validate_batch_splits(_compose(["train.batch_size=64", "train.grad_accum_steps=3"]), world_size=2)
+    with pytest.raises(UserError, match="autoencoder.train.batch_size=30 does not split"):
+        validate_batch_splits(_compose(["autoencoder=kl", "autoencoder.train.batch_size=30",
+                                        "train.grad_accum_steps=4"]), world_size=1)
+    validate_batch_splits(_compose(["mode=sample", "train.grad_accum_steps=3"]), world_size=1)  # trains nothing

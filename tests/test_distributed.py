@@ -52,10 +52,10 @@ def _problem() -> tuple[torch.nn.Module, Callable]:
     return net, lambda model, idx: F.mse_loss(model(x[idx], t[idx], y[idx]), target[idx])
 
 
-def _fit(ckpt_dir: Path, distributed: bool) -> Trainer:
+def _fit(ckpt_dir: Path, distributed: bool, accum: int = 1) -> Trainer:
     net, loss = _problem()
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {
-        "max_steps": STEPS, "lr": 1e-3, "warmup_steps": 1, "precision": "fp32", "grad_clip": 0.5, "log_every": 1,
+        "max_steps": STEPS, "grad_accum_steps": accum, "lr": 1e-3, "warmup_steps": 1, "precision": "fp32", "grad_clip": 0.5, "log_every": 1,
         "checkpoint_every": STEPS, "progress": False, "ema": {"decay": 0.9, "warmup": False, "decays": [0.5]}})
     trainer = Trainer(net, cfg, ckpt_dir, torch.device("cpu"), extra_state={"config": {}}, distributed=distributed)
     batches = trainer.step_batches(DATA, GLOBAL_BATCH)
@@ -72,14 +72,14 @@ def _state(trainer: Trainer) -> dict:
             "loss": trainer.loss_history}
 
 
-def _rank_fits(rank: int, world: int, port: int, out: Path) -> None:
+def _rank_fits(rank: int, world: int, port: int, out: Path, accum: int) -> None:
     """One torchrun rank, set up as torchrun does (env://), fitting in its own checkpoint folder."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1: two processes on two cores
     dist.init()
     try:
-        torch.save(_state(_fit(out / f"ckpt_rank{rank}", distributed=True)), out / f"rank{rank}.pt")
+        torch.save(_state(_fit(out / f"ckpt_rank{rank}", distributed=True, accum=accum)), out / f"rank{rank}.pt")
     finally:
         dist.teardown()
 
@@ -90,20 +90,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _assert_same_training(state: dict, whole: dict) -> None:
+    for part in ("model", "grad", "ema", "ema_0.5"):
+        for name, expected in whole[part].items():
+            torch.testing.assert_close(state[part][name], expected, rtol=1e-9, atol=1e-12, msg=f"{part} {name}")
+    assert [s for s, _ in state["loss"]] == [s for s, _ in whole["loss"]]
+    for (_, loss), (_, expected) in zip(state["loss"], whole["loss"]):
+        assert loss == pytest.approx(expected, rel=1e-6)  # means of parts (logged losses add up in float32)
+
+
+def test_accumulated_micro_batches_equal_one_step_on_the_whole_batch(tmp_path):
+    """train.grad_accum_steps=4: each step's batch in 4 micro-batches, one after another, gives
+    the weights, gradients, EMAs and logged losses of whole-batch steps."""
+    whole = _state(_fit(tmp_path / "whole", distributed=False))
+    initial = _problem()[0].state_dict()
+    assert all(not torch.equal(whole["model"][n], initial[n]) for n, p in whole["grad"].items() if p.abs().sum() > 0)
+    _assert_same_training(_state(_fit(tmp_path / "accum", distributed=False, accum=4)), whole)
+
+
 @pytest.mark.slow
-def test_ddp_steps_on_half_batches_equal_steps_on_the_whole_batch(tmp_path):
-    torch.multiprocessing.spawn(_rank_fits, args=(2, _free_port(), tmp_path), nprocs=2)
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ddp_steps_on_half_batches_equal_steps_on_the_whole_batch(tmp_path, accum):
+    """2 processes, each on its half of every batch (accum=2: in two micro-batches, all-reduced
+    once), reach the single process's whole-batch training."""
+    torch.multiprocessing.spawn(_rank_fits, args=(2, _free_port(), tmp_path, accum), nprocs=2)
     single = _state(_fit(tmp_path / "single", distributed=False))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     initial = _problem()[0].state_dict()
     assert all(not torch.equal(single["model"][n], initial[n]) for n, p in single["grad"].items() if p.abs().sum() > 0)
     for part in ("model", "grad", "ema", "ema_0.5"):
-        for name, expected in single[part].items():
+        for name in single[part]:
             assert torch.equal(ranks[0][part][name], ranks[1][part][name]), (part, name)  # the ranks agree exactly
-            torch.testing.assert_close(ranks[0][part][name], expected, rtol=1e-9, atol=1e-12, msg=f"{part} {name}")
+    _assert_same_training(ranks[0], single)
     assert [s for s, _ in ranks[0]["loss"]] == [1, 2]
-    for (_, ddp), (_, whole) in zip(ranks[0]["loss"], single["loss"]):
-        assert ddp == pytest.approx(whole, rel=1e-6)  # the ranks' mean (logged losses add up in float32)
     # rank 0 alone writes, and its checkpoint is a single process's (no DDP wrapper in the keys)
     assert not (tmp_path / "ckpt_rank1").exists()
     ddp_ckpt = torch.load(tmp_path / "ckpt_rank0" / "last.pt", weights_only=True)

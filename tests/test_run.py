@@ -188,6 +188,38 @@ def test_concurrent_runs_train_a_shared_model_once(tmp_path, shapes_dir):
     assert sorted(trained) == [False, True]
 
 
+def test_gradient_accumulation_trains_a_model_of_its_own(trained, shapes_dir, tmp_path):
+    """train.grad_accum_steps=2 trains the tiny run in two micro-batches a step. They draw other
+    noise than whole batches, so the artifact cache keeps that model apart from the whole-batch
+    one, whose key stays the one models had before the option existed."""
+    from omegaconf import OmegaConf
+
+    from difflab.artifacts import train_settings
+    from difflab.config import TrainConfig
+
+    run_dir = tmp_path / "accum"
+    proc = run_py(*tiny_overrides(shapes_dir, trained.parent / "cache"), "train.grad_accum_steps=2",
+                  f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m, whole = read_metrics(run_dir), read_metrics(trained)
+    assert m["trained"] is True and m["steps"] == 6 and np.isfinite(m["final_loss"])
+    assert m["artifact_key"] != whole["artifact_key"]
+    assert (run_dir / "samples" / "samples.npz").is_file()
+    assert "grad_accum_steps" not in train_settings(OmegaConf.structured(TrainConfig))
+
+
+@pytest.mark.parametrize("args, sentence", [
+    (["train.grad_accum_steps=3"], "error: train.batch_size=8 does not split into train.grad_accum_steps=3 equal "
+                                   "micro-batches: use a multiple of 3, or another train.grad_accum_steps."),
+    (["mode=classifier", "classifier.batch_size=6", "train.grad_accum_steps=4"],
+     "error: classifier.batch_size=6 does not split into train.grad_accum_steps=4"),
+    (["train.grad_accum_steps=0"], "error: train.grad_accum_steps=0 must be positive"),
+])
+def test_gradient_accumulation_refuses_uneven_micro_batches(args, sentence, shapes_dir, tmp_path):
+    _assert_clean_error(run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), *args,
+                               f"hydra.run.dir={tmp_path / 'run'}"), sentence)
+
+
 def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path, shapes_dir):
     proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "train.precision=bf16", "train.channels_last=true",
                   "objective.prediction=eps", "objective.loss=l1", "schedule=dns", "sampler=dpmpp_2m",

@@ -15,7 +15,7 @@ from difflab.config import TrainConfig
 from difflab.errors import UserError
 from difflab.train.checkpoint import atomic_save, load_checkpoint
 from difflab.train.ema import EMA
-from difflab.train.loop import EarlyStopper, StepBatches, Trainer, lr_lambda
+from difflab.train.loop import EarlyStopper, StepBatches, Trainer, lr_lambda, split_batch
 
 
 def test_ema_formula_start_and_warmup():
@@ -60,8 +60,20 @@ def test_batches_are_a_function_of_the_step():
     assert len(set(epoch.tolist())) == 96  # no repeats within an epoch
     assert torch.equal(b.indices(4), a.indices(4)) and torch.equal(b.indices(1), a.indices(1))
     assert not torch.equal(a.indices(0), a.indices(3))  # a new permutation each epoch
-    with pytest.raises(UserError, match="train.batch_size"):
+    with pytest.raises(UserError, match="fewer than train.batch_size=32: lower train.batch_size"):
         StepBatches(10, 32, seed=0)
+    with pytest.raises(UserError, match="fewer than classifier.batch_size=32: lower classifier.batch_size"):
+        StepBatches(10, 32, seed=0, key="classifier.batch_size")  # the stage's own setting is named
+
+
+def test_split_batch_into_micro_batches():
+    x, y = torch.arange(12).reshape(6, 2), torch.arange(6)
+    parts = split_batch((x, y, 7), 3)
+    assert len(parts) == 3 and all(p[2] == 7 for p in parts)  # non-tensors go to every part
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert split_batch(x, 1)[0] is x
+    with pytest.raises(ValueError, match="does not split into 4"):
+        split_batch(x, 4)
 
 
 def test_early_stopping_uses_mean_of_the_differences():

@@ -51,6 +51,8 @@ def train_settings(train_cfg: DictConfig) -> dict:
     settings = {k: v for k, v in OmegaConf.to_container(train_cfg, resolve=True).items() if k not in OBSERVATION_KEYS}
     if not settings["ema"]["decays"]:  # no extra EMA copies: the key models trained before copies existed had
         del settings["ema"]["decays"]
+    if settings.get("grad_accum_steps") == 1:  # whole batches: the key models trained before accumulation existed had
+        del settings["grad_accum_steps"]
     return settings
 
 

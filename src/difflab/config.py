@@ -139,7 +139,8 @@ class EarlyStopConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 2000
-    batch_size: int = 128
+    batch_size: int = 128  # images per optimizer step (under torchrun: over all processes together)
+    grad_accum_steps: int = 1  # micro-batches one step's batch is computed in, one after another: less memory, same step
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -266,7 +267,7 @@ CHOICES = {
 
 EVAL_EXTRACTORS = ("inception", "classifier")
 
-POSITIVE = ("train.max_steps", "train.batch_size", "train.log_every", "train.val_every",
+POSITIVE = ("train.max_steps", "train.batch_size", "train.grad_accum_steps", "train.log_every", "train.val_every",
             "train.checkpoint_every", "sample.batch_size", "dataset.image_size", "dataset.channels",
             "schedule.T", "autoencoder.channels", "autoencoder.latent_channels", "autoencoder.codebook_size",
             "classifier.max_steps", "classifier.batch_size", "classifier.accuracy_bands",
@@ -314,31 +315,42 @@ def validate(cfg) -> None:
         raise UserError("schedule.zero_terminal_snr=true leaves x0 undefined at the last step for eps prediction: add objective.prediction=v.")
 
 
+def autoencoder_batch_key(cfg) -> str:
+    """The setting the autoencoder's training batch size comes from."""
+    return "train.batch_size" if cfg.autoencoder.train.batch_size is None else "autoencoder.train.batch_size"
+
+
 def _trained_batch_keys(cfg) -> list[str]:
     """The keys of the batch sizes a run may train with: its stage's, and its autoencoder's."""
-    keys = {"reconstruction": [], "classifier": ["classifier.batch_size"]}.get(cfg.mode.name, ["train.batch_size"])
-    if cfg.autoencoder.name != "none":
-        keys.append("train.batch_size" if cfg.autoencoder.train.batch_size is None else "autoencoder.train.batch_size")
+    keys = {"reconstruction": [], "classifier": ["classifier.batch_size"],
+            "sample": [], "evaluate": []}.get(cfg.mode.name, ["train.batch_size"])
+    if cfg.autoencoder.name != "none" and cfg.mode.name not in ("sample", "evaluate"):
+        keys.append(autoencoder_batch_key(cfg))
     return keys
 
 
-def validate_world_size(cfg, world_size: int) -> None:
-    """Under torchrun (world_size > 1): the mode trains, and every global batch it may train
-    with splits evenly over the processes."""
+def validate_batch_splits(cfg, world_size: int) -> None:
+    """Every batch the run may train with splits evenly: over the torchrun processes (each takes
+    its slice of the global batch), then into train.grad_accum_steps micro-batches. Under
+    torchrun the mode must also train something."""
     from omegaconf import OmegaConf
 
     from difflab.errors import UserError
 
-    if world_size == 1:
-        return
-    if cfg.mode.name in ("sample", "evaluate"):
+    if world_size > 1 and cfg.mode.name in ("sample", "evaluate"):
         raise UserError(f"mode={cfg.mode.name} trains nothing, so torchrun's extra processes would have nothing to do: "
                         "run it with `python run.py`.")
+    accum = cfg.train.grad_accum_steps
     for key in _trained_batch_keys(cfg):
         value = OmegaConf.select(cfg, key)
-        if value % world_size:
+        if value % (world_size * accum) == 0:
+            continue
+        if accum == 1:
             raise UserError(f"{key}={value} is the global batch and does not split evenly over the {world_size} "
                             f"torchrun processes: use a multiple of {world_size}.")
+        over = f" on each of the {world_size} torchrun processes" if world_size > 1 else ""
+        raise UserError(f"{key}={value} does not split into train.grad_accum_steps={accum} equal micro-batches{over}: "
+                        f"use a multiple of {world_size * accum}, or another train.grad_accum_steps.")
 
 
 def validate_autoencoder(ae) -> None:

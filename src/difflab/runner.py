@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.allocator import keep_freed_memory
 from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, obtain, settings_key
-from difflab.config import validate, validate_world_size
+from difflab.config import validate, validate_batch_splits
 from difflab.errors import UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies
 from difflab.evaluate.metrics import evaluate_model
@@ -272,7 +272,7 @@ MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "join
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     """Run what cfg.mode asks for in run_dir; returns the sweep objective (lower is better)."""
     validate(cfg)
-    validate_world_size(cfg, dist.world_size())
+    validate_batch_splits(cfg, dist.world_size())
     overrides: list[str] = []
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig

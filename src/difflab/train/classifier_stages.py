@@ -43,6 +43,7 @@ class ClassifierStage(NoisyDataStage):
     when the run has an autoencoder)."""
 
     name = "classifier"
+    batch_key = "classifier.batch_size"
 
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None,
                  latent: Optional[LatentSpace] = None):

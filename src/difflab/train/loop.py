@@ -47,10 +47,11 @@ class StepBatches:
     world_size equal slices of it: together the ranks see each global batch once and no image
     twice per epoch (DistributedSampler's contract, still a pure function of the step)."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if size < batch_size:
-            raise UserError(f"The data set has {size} images, fewer than train.batch_size={batch_size}: lower train.batch_size.")
-        if batch_size % world_size:  # config.validate_world_size names the key and the fix first
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 key: str = "train.batch_size"):
+        if size < batch_size:  # `key`: the setting the batch size came from, for the message
+            raise UserError(f"The data set has {size} images, fewer than {key}={batch_size}: lower {key}.")
+        if batch_size % world_size:  # config.validate_batch_splits names the key and the fix first
             raise ValueError(f"a batch of {batch_size} does not split over {world_size} ranks")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.per_epoch = size // batch_size
@@ -74,6 +75,21 @@ def rank_step_seed(seed: int, rank: int, step: int) -> int:
     state in the checkpoint."""
     digest = hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: what manual_seed takes
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """`batch` as `parts` equal micro-batches: tensors split along their first dimension, tuples
+    and lists element by element, anything else (the step an autoencoder batch carries) given
+    to every part."""
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, Tensor):
+        if len(batch) % parts:  # config.validate_batch_splits names the key and the fix first
+            raise ValueError(f"a batch of {len(batch)} does not split into {parts} equal micro-batches")
+        return list(batch.chunk(parts))
+    if isinstance(batch, (tuple, list)):
+        return [type(batch)(items) for items in zip(*(split_batch(b, parts) for b in batch))]
+    return [batch] * parts
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
@@ -274,9 +290,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def step_batches(self, size: int, batch_size: int) -> StepBatches:
+    def step_batches(self, size: int, batch_size: int, key: str = "train.batch_size") -> StepBatches:
         """The batches of a data set of `size` items, this rank's slices of global batches."""
-        return StepBatches(size, batch_size, self.seed, self.rank, self.world_size)
+        return StepBatches(size, batch_size, self.seed, self.rank, self.world_size, key)
 
     def _objective(self, loss_fn: LossFn) -> Callable[[Any], Tensor]:
         """batch -> loss; under DDP through DistributedDataParallel, which averages the gradients
@@ -298,10 +314,19 @@ class Trainer:
         return float(dist.mean_over_ranks(value) if self.world_size > 1 else value)
 
     def _train_step(self, objective: Callable[[Any], Tensor], batch: Any) -> tuple[Tensor, Tensor]:
-        with self._autocast():
-            loss = objective(batch)
+        """One optimizer step on `batch`, computed in train.grad_accum_steps micro-batches: each
+        one's mean loss, divided by their number, adds its share of the whole batch's gradient."""
+        micro_batches = split_batch(batch, self.cfg.grad_accum_steps)
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        losses = []
+        for i, micro in enumerate(micro_batches):
+            # Under DDP only the last micro-batch's backward all-reduces; the others accumulate locally.
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or self.world_size == 1 else objective.no_sync():
+                with self._autocast():
+                    loss = objective(micro) / len(micro_batches)
+                self.scaler.scale(loss).backward()
+            losses.append(loss.detach())
         self.scaler.unscale_(self.opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
@@ -313,7 +338,7 @@ class Trainer:
         self.ema.update(self.model, self.step)
         for ema_copy in self.ema_copies.values():
             ema_copy.update(self.model, self.step)
-        return loss.detach(), grad_norm.detach()
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum(), grad_norm.detach()
 
     def _check_finite(self, value: float) -> None:
         if not math.isfinite(value):
@@ -334,6 +359,10 @@ class Trainer:
         window_steps, window_t0, last_loss, early = 0, time.perf_counter(), float("nan"), False
         self.model.train()
         objective = self._objective(loss_fn)
+        if cfg.grad_accum_steps > 1 and self.writes:
+            log.info("train.grad_accum_steps=%d: each step's batch of %d in micro-batches of %d%s", cfg.grad_accum_steps,
+                     batch_size, batch_size // (self.world_size * cfg.grad_accum_steps),
+                     f" per process ({self.world_size} processes)" if self.world_size > 1 else "")
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.writes), desc="train",
                    dynamic_ncols=True, leave=False)
         while self.step < cfg.max_steps:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from difflab.config import autoencoder_batch_key
 from difflab.data import ImageData, augment_batch, load_splits, to_model_range, to_uint8
 from difflab.evaluate.visualize import save_loss_curve, save_png
 from difflab.models import count_parameters
@@ -161,7 +162,7 @@ class AutoencoderStage:
         # train.resume=PATH inside a latent diffusion run names the diffusion checkpoint, not this one.
         own_resume = tcfg.resume if tcfg.resume == "auto" or cfg.mode.name == "reconstruction" else None
         resumed = trainer.maybe_resume(own_resume)
-        batches = trainer.step_batches(len(self.train_data), tcfg.batch_size)
+        batches = trainer.step_batches(len(self.train_data), tcfg.batch_size, autoencoder_batch_key(cfg))
         result = trainer.fit(self.loss, lambda s: self.batch(s, batches), tcfg.batch_size, self.make_val_fn())
         if not trainer.writes:  # another torchrun rank: rank 0 measures and writes the autoencoder
             return trainer, {}

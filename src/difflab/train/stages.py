@@ -71,6 +71,7 @@ class NoisyDataStage:
     the run's Gaussian process."""
 
     name = ""
+    batch_key = "train.batch_size"  # the setting of the stage's batch size
 
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None,
                  latent: Optional[LatentSpace] = None):
@@ -117,7 +118,7 @@ class NoisyDataStage:
         trainer = Trainer(model, train_cfg, self.run_dir / "checkpoints", self.device, self.writer, extra,
                           distributed=True, seed=self.cfg.seed)
         resumed = trainer.maybe_resume(self.cfg.train.resume)
-        batches = trainer.step_batches(len(self.train_data), train_cfg.batch_size)
+        batches = trainer.step_batches(len(self.train_data), train_cfg.batch_size, self.batch_key)
         result = trainer.fit(loss, lambda s: self.batch(s, batches), train_cfg.batch_size, val_fn, image_fn)
         result.resumed_from = resumed
         return trainer, result
