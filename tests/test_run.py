@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -218,6 +219,30 @@ def test_gradient_accumulation_trains_a_model_of_its_own(trained, shapes_dir, tm
 def test_gradient_accumulation_refuses_uneven_micro_batches(args, sentence, shapes_dir, tmp_path):
     _assert_clean_error(run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), *args,
                                f"hydra.run.dir={tmp_path / 'run'}"), sentence)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+def test_torch_compile_trains_as_eager_does(tmp_path, shapes_dir):
+    """train.compile=true (torch.compile; inductor's C++ on the CPU) trains the model eager mode
+    does, to float rounding, and so keeps its artifact key."""
+    runs = {}
+    for compile_ in ("false", "true"):
+        run_dir = tmp_path / f"compile_{compile_}"
+        proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "train.precision=fp32", "train.reuse=false",
+                      f"train.compile={compile_}", f"hydra.run.dir={run_dir}", timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[compile_] = read_metrics(run_dir)
+    eager, compiled = runs["false"], runs["true"]
+    assert compiled["trained"] is True and compiled["artifact_key"] == eager["artifact_key"]
+    assert compiled["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-4)
+    assert compiled["best_val_loss"] == pytest.approx(eager["best_val_loss"], rel=1e-4)
+
+
+def test_torch_compile_without_a_cpp_compiler_is_one_sentence(tmp_path, shapes_dir, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-difflab")
+    _assert_clean_error(run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "train.compile=true",
+                               f"hydra.run.dir={tmp_path / 'run'}"),
+                        "error: train.compile=true on the CPU needs a C++ compiler")
 
 
 def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path, shapes_dir):

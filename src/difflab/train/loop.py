@@ -127,6 +127,23 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def compiled(model: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile(model), after checking what inductor needs on the CPU: a C++ compiler
+    (without one, the first step would fail deep inside torch with a traceback)."""
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+        except ImportError:  # a torch whose inductor is laid out otherwise: let it report for itself
+            get_cpp_compiler = None
+        if get_cpp_compiler is not None:
+            try:
+                get_cpp_compiler()
+            except Exception:  # inductor's InvalidCxxCompiler
+                raise UserError("train.compile=true on the CPU needs a C++ compiler (g++, or the one $CXX names) and "
+                                "none works here: install one, or set train.compile=false.") from None
+    return torch.compile(model)
+
+
 class EarlyStopper:
     """Seed 001's criterion, corrected: keep the last `window` log-interval mean losses and stop
     when the mean absolute change between consecutive entries falls below the threshold."""
@@ -213,7 +230,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
         self.ema_copies = {d: EMA(self.model, d, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
                            for d in extra_decays(cfg.ema.decay, cfg.ema.decays)}
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.forward_model = compiled(self.model, device) if cfg.compile else self.model
         self.step = 0
         self.best_val: Optional[float] = None
         self.loss_history: list[tuple[int, float]] = []
