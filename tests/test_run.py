@@ -209,6 +209,19 @@ def test_gradient_accumulation_trains_a_model_of_its_own(trained, shapes_dir, tm
     assert "grad_accum_steps" not in train_settings(OmegaConf.structured(TrainConfig))
 
 
+def test_gradient_checkpointing_trains_the_same_model(trained, shapes_dir, tmp_path):
+    """train.gradient_checkpointing=true recomputes activations in the backward and ends with
+    the very same run (losses equal to the bit), so it keeps the artifact key."""
+    run_dir = tmp_path / "checkpointed"
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "train.gradient_checkpointing=true",
+                  f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m, plain = read_metrics(run_dir), read_metrics(trained)
+    assert m["trained"] is True and m["artifact_key"] == plain["artifact_key"]
+    assert m["final_loss"] == plain["final_loss"] and m["best_val_loss"] == plain["best_val_loss"]
+    assert "blocks recompute their activations" in (run_dir / "train.log").read_text()
+
+
 @pytest.mark.parametrize("args, sentence", [
     (["train.grad_accum_steps=3"], "error: train.batch_size=8 does not split into train.grad_accum_steps=3 equal "
                                    "micro-batches: use a multiple of 3, or another train.grad_accum_steps."),

@@ -33,7 +33,7 @@ log = logging.getLogger("difflab")
 
 # train.* keys that change how a run is watched or resumed, never the weights it ends with.
 OBSERVATION_KEYS = ("resume", "progress", "log_every", "val_every", "val_batches", "image_every",
-                    "checkpoint_every", "keep_checkpoints", "threads", "reuse", "compile")
+                    "checkpoint_every", "keep_checkpoints", "threads", "reuse", "compile", "gradient_checkpointing")
 
 
 def dataset_settings(cfg: DictConfig) -> dict:

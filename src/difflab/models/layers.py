@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -255,9 +256,29 @@ class _Interleave(torch.autograd.Function):
 
 
 class EmbedSequential(nn.Sequential):
-    """A Sequential whose ResBlocks also receive the embedding, so a network is a flat list."""
+    """A Sequential whose ResBlocks also receive the embedding, so a network is a flat list.
+
+    With `checkpoint` set (train.gradient_checkpointing), training keeps only the block's input
+    and recomputes its activations in the backward: less memory for one more forward. torch's
+    checkpoint restores the RNG state for the recomputation, so dropout draws the same masks."""
+
+    checkpoint = False
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._layers, x, emb, use_reentrant=False)
+        return self._layers(x, emb)
+
+    def _layers(self, x: Tensor, emb: Tensor) -> Tensor:
         for layer in self:
             x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
         return x
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Checkpoint (or not) every block of the UNets and classifiers inside `model`; returns how
+    many blocks there are (0 for a network without any, such as the autoencoder)."""
+    blocks = [m for m in model.modules() if isinstance(m, EmbedSequential)]
+    for block in blocks:
+        block.checkpoint = enabled
+    return len(blocks)

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from difflab.errors import UserError
+from difflab.models.layers import set_gradient_checkpointing
 from difflab.train import distributed as dist
 from difflab.train.checkpoint import atomic_save, load_checkpoint
 from difflab.train.ema import EMA, extra_decays
@@ -230,6 +231,10 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
         self.ema_copies = {d: EMA(self.model, d, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
                            for d in extra_decays(cfg.ema.decay, cfg.ema.decays)}
+        if cfg.gradient_checkpointing:
+            blocks = set_gradient_checkpointing(self.model)
+            log.info("train.gradient_checkpointing: %d blocks recompute their activations in the backward%s", blocks,
+                     "" if blocks else " (this network has none, so it trains as usual)")
         self.forward_model = compiled(self.model, device) if cfg.compile else self.model
         self.step = 0
         self.best_val: Optional[float] = None
