@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, run_py, tiny_overrides
+from conftest import REPO, read_metrics, run_py, tiny_overrides
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -115,6 +119,42 @@ def test_resume_reaches_the_same_weights(trained, tmp_path, shapes_dir):
     for name, tensor in a["ema"]["model"].items():
         assert torch.equal(tensor, b["ema"]["model"][name]), name
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_the_step_and_resumes_to_the_same_weights(tmp_path, shapes_dir, signum):
+    """Ctrl-C (or a scheduler's SIGTERM) mid-training: the step in progress finishes, last.pt holds it, run.py says how to
+    continue (exit 130) and metrics.json says interrupted; resumed, the run ends with exactly the
+    weights of one never interrupted."""
+    tiny = [*tiny_overrides(shapes_dir, tmp_path / "cache"), "train.max_steps=300", "train.val_every=300",
+            "train.image_every=0", "train.checkpoint_every=300", "train.reuse=false"]
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *tiny, f"hydra.run.dir={stopped}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = stopped / "train.log"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and "step 4 loss" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-3000:]
+    step = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 4 <= step < 300
+    assert f"interrupted after step {step}" in stderr and f"train.resume=auto hydra.run.dir={stopped}" in stderr
+    assert "Traceback" not in stderr
+    assert read_metrics(stopped)["status"] == "interrupted"
+
+    assert run_py(*tiny, "train.resume=auto", f"hydra.run.dir={stopped}").returncode == 0
+    whole = tmp_path / "whole"
+    assert run_py(*tiny, f"hydra.run.dir={whole}").returncode == 0
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (stopped, whole))
+    assert a["step"] == b["step"] == 300 and read_metrics(stopped)["status"] == "completed"
+    for name, tensor in b["model"].items():
+        assert torch.equal(a["model"][name], tensor), name
+    for name, tensor in b["ema"]["model"].items():
+        assert torch.equal(a["ema"]["model"][name], tensor), name
 
 
 def _assert_clean_error(proc, *needles):

@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.config import register_configs
-from difflab.errors import UserError
+from difflab.errors import TrainingInterrupted, UserError
 from difflab.sweep.named import register_named_sweeps
 from difflab.train import distributed as dist
 
@@ -79,6 +79,13 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     except UserError as e:
         logging.getLogger("difflab").error("%s", e)
         _fail(e)
+    except TrainingInterrupted as e:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+        print(f"stopped: training was interrupted after step {e.step} and {e.checkpoint} holds it; continue with the "
+              f"same command plus train.resume=auto hydra.run.dir={run_dir}", file=sys.stderr)
+        sys.exit(130)  # the shell's code for a process stopped by Ctrl-C
 
 
 def _rewrite_ckpt_shorthand(argv: list[str]) -> list[str]:

@@ -24,7 +24,7 @@ from difflab.train import distributed as dist
 
 log = logging.getLogger("difflab")
 
-STARTED, COMPLETED, FAILED = "started", "completed", "failed"
+STARTED, COMPLETED, FAILED, INTERRUPTED = "started", "completed", "failed", "interrupted"
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -58,6 +58,9 @@ def run_recorded(run: Callable[[DictConfig], Optional[float]], cfg: DictConfig) 
         torch.set_num_threads(threads)
     try:
         objective = run(cfg)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: recorded, and a sweep stops here
+        write_metrics(run_dir, {"status": INTERRUPTED, "error": str(e) or "interrupted"})
+        raise
     except Exception as e:
         error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         write_metrics(run_dir, {"status": FAILED, "error": error})

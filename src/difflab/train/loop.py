@@ -17,6 +17,8 @@ import contextlib
 import hashlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from difflab.errors import UserError
+from difflab.errors import TrainingInterrupted, UserError
 from difflab.models.layers import set_gradient_checkpointing
 from difflab.train import distributed as dist
 from difflab.train.checkpoint import atomic_save, load_checkpoint
@@ -159,6 +161,35 @@ class EarlyStopper:
             return False
         diffs = [abs(b - a) for a, b in zip(self.history, self.history[1:])]
         return sum(diffs) / len(diffs) < self.threshold
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training: Ctrl-C (SIGINT) or SIGTERM (a scheduler's pre-emption, torchrun passing
+    one on) is noted in the yielded list, for the loop to stop after the step in progress and
+    save it; a second one stops at once, as Python does by default."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield requested
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def note(signum, frame) -> None:
+        if requested:
+            restore()
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    for s in previous:
+        signal.signal(s, note)
+    try:
+        yield requested
+    finally:
+        restore()
 
 
 @dataclass
@@ -362,6 +393,22 @@ class Trainer:
             ema_copy.update(self.model, self.step)
         return losses[0] if len(losses) == 1 else torch.stack(losses).sum(), grad_norm.detach()
 
+    def _save_stopped(self, signals: list[int]) -> None:
+        """Save the step just finished as last.pt and stop with TrainingInterrupted."""
+        self.save("last.pt")
+        why = signal.Signals(signals[0]).name if signals else "another torchrun process's signal"
+        log.warning("%s: training stopped after step %d, saved in %s", why, self.step, self.ckpt_dir / "last.pt")
+        raise TrainingInterrupted(self.step, self.ckpt_dir / "last.pt")
+
+    def _stop_now(self, requested: bool) -> bool:
+        """Whether to stop after this step: on a request, at once on one process; under DDP all
+        ranks decide together at log intervals (one more all-reduce there), so none waits alone."""
+        if self.world_size == 1:
+            return requested
+        if self.step % self.cfg.log_every:
+            return False
+        return self._across_ranks(torch.tensor(float(requested), device=self.device)) > 0
+
     def _check_finite(self, value: float) -> None:
         if not math.isfinite(value):
             raise UserError(
@@ -387,47 +434,51 @@ class Trainer:
                      f" per process ({self.world_size} processes)" if self.world_size > 1 else "")
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.writes), desc="train",
                    dynamic_ncols=True, leave=False)
-        while self.step < cfg.max_steps:
-            self._seed_step()
-            loss, grad_norm = self._train_step(objective, get_batch(self.step))
-            window_loss += loss
-            window_steps += 1
-            bar.update(1)
-            at_end = self.step == cfg.max_steps
-            if self.step % cfg.log_every == 0 or at_end:
-                last_loss = self._across_ranks(window_loss) / window_steps  # the one host sync per interval
-                self._check_finite(last_loss)
-                ips = window_steps * batch_size / (time.perf_counter() - window_t0)
-                self.loss_history.append((self.step, last_loss))
-                self._scalar("train/loss", last_loss)
-                self._scalar("train/lr", self.sched.get_last_lr()[0])
-                self._scalar("train/grad_norm", float(grad_norm))
-                self._scalar("train/images_per_s", ips)
-                self._scalar("train/ema_decay", self.ema.current_decay())
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
-                log.info("step %d loss %.5f lr %.2e grad_norm %.3f images/s %.1f", self.step, last_loss,
-                         self.sched.get_last_lr()[0], float(grad_norm), ips)
-                early = cfg.early_stop.enabled and self.stopper.should_stop(last_loss)
-                window_loss.zero_()
-                window_steps, window_t0 = 0, time.perf_counter()
-            if val_fn is not None and self.writes and (self.step % cfg.val_every == 0 or at_end or early):
-                val = val_fn(self.ema.model)
-                self.val_history.append((self.step, val))
-                self._scalar("val/loss", val)
-                log.info("step %d validation loss (EMA weights) %.5f", self.step, val)
-                if self.best_val is None or val < self.best_val:
-                    self.best_val = val
-                    self.save("best.pt")
-            if image_fn is not None and self.writes and cfg.image_every and (self.step % cfg.image_every == 0 or at_end):
-                image_fn(self.ema.model, self.step)
-                self.model.train()
-            if self.step % cfg.checkpoint_every == 0 or at_end or early:
-                self._check_finite(self._across_ranks(loss))  # NaN weights show up as a NaN loss
-                self._save_periodic()
-            if early:
-                log.info("early stopping at step %d: mean loss change below %g over the last %d intervals",
-                         self.step, cfg.early_stop.threshold, cfg.early_stop.window)
-                break
+        with stop_requests() as stop:
+            while self.step < cfg.max_steps:
+                self._seed_step()
+                loss, grad_norm = self._train_step(objective, get_batch(self.step))
+                window_loss += loss
+                window_steps += 1
+                bar.update(1)
+                at_end = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or at_end:
+                    last_loss = self._across_ranks(window_loss) / window_steps  # the one host sync per interval
+                    self._check_finite(last_loss)
+                    ips = window_steps * batch_size / (time.perf_counter() - window_t0)
+                    self.loss_history.append((self.step, last_loss))
+                    self._scalar("train/loss", last_loss)
+                    self._scalar("train/lr", self.sched.get_last_lr()[0])
+                    self._scalar("train/grad_norm", float(grad_norm))
+                    self._scalar("train/images_per_s", ips)
+                    self._scalar("train/ema_decay", self.ema.current_decay())
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
+                    log.info("step %d loss %.5f lr %.2e grad_norm %.3f images/s %.1f", self.step, last_loss,
+                             self.sched.get_last_lr()[0], float(grad_norm), ips)
+                    early = cfg.early_stop.enabled and self.stopper.should_stop(last_loss)
+                    window_loss.zero_()
+                    window_steps, window_t0 = 0, time.perf_counter()
+                if val_fn is not None and self.writes and (self.step % cfg.val_every == 0 or at_end or early):
+                    val = val_fn(self.ema.model)
+                    self.val_history.append((self.step, val))
+                    self._scalar("val/loss", val)
+                    log.info("step %d validation loss (EMA weights) %.5f", self.step, val)
+                    if self.best_val is None or val < self.best_val:
+                        self.best_val = val
+                        self.save("best.pt")
+                if image_fn is not None and self.writes and cfg.image_every and (self.step % cfg.image_every == 0 or at_end):
+                    image_fn(self.ema.model, self.step)
+                    self.model.train()
+                if self.step % cfg.checkpoint_every == 0 or at_end or early:
+                    self._check_finite(self._across_ranks(loss))  # NaN weights show up as a NaN loss
+                    self._save_periodic()
+                if early:
+                    log.info("early stopping at step %d: mean loss change below %g over the last %d intervals",
+                             self.step, cfg.early_stop.threshold, cfg.early_stop.window)
+                    break
+                if self._stop_now(bool(stop)):
+                    bar.close()
+                    self._save_stopped(stop)
         bar.close()
         elapsed = time.perf_counter() - t_start
         trained = self.step - start_step
