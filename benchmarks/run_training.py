@@ -24,7 +24,7 @@ def run_training(launcher: list[str], threads: int, steps: int, overrides: list[
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
         # wait4's usage is this child's, its own waited-for children (torchrun's workers) included
         _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         if proc.returncode != 0:  # run.py's one-sentence error when it gave one, else the log's tail
             err.seek(0)
             stderr = err.read()

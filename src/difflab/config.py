@@ -323,9 +323,10 @@ def autoencoder_batch_key(cfg) -> str:
 
 def _trained_batch_keys(cfg) -> list[str]:
     """The keys of the batch sizes a run may train with: its stage's, and its autoencoder's."""
-    keys = {"reconstruction": [], "classifier": ["classifier.batch_size"],
-            "sample": [], "evaluate": []}.get(cfg.mode.name, ["train.batch_size"])
-    if cfg.autoencoder.name != "none" and cfg.mode.name not in ("sample", "evaluate"):
+    if cfg.mode.name in ("sample", "evaluate"):  # they train nothing
+        return []
+    keys = {"reconstruction": [], "classifier": ["classifier.batch_size"]}.get(cfg.mode.name, ["train.batch_size"])
+    if cfg.autoencoder.name != "none":
         keys.append(autoencoder_batch_key(cfg))
     return keys
 

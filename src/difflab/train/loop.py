@@ -136,14 +136,12 @@ def compiled(model: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cpu":
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
         except ImportError:  # a torch whose inductor is laid out otherwise: let it report for itself
-            get_cpp_compiler = None
-        if get_cpp_compiler is not None:
-            try:
-                get_cpp_compiler()
-            except Exception:  # inductor's InvalidCxxCompiler
-                raise UserError("train.compile=true on the CPU needs a C++ compiler (g++, or the one $CXX names) and "
-                                "none works here: install one, or set train.compile=false.") from None
+            pass
+        except Exception:  # inductor's InvalidCxxCompiler
+            raise UserError("train.compile=true on the CPU needs a C++ compiler (g++, or the one $CXX names) and "
+                            "none works here: install one, or set train.compile=false.") from None
     return torch.compile(model)
 
 
@@ -371,7 +369,7 @@ class Trainer:
         one's mean loss, divided by their number, adds its share of the whole batch's gradient."""
         micro_batches = split_batch(batch, self.cfg.grad_accum_steps)
         self.opt.zero_grad(set_to_none=True)
-        losses = []
+        step_loss = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
             # Under DDP only the last micro-batch's backward all-reduces; the others accumulate locally.
             last = i == len(micro_batches) - 1
@@ -379,7 +377,7 @@ class Trainer:
                 with self._autocast():
                     loss = objective(micro) / len(micro_batches)
                 self.scaler.scale(loss).backward()
-            losses.append(loss.detach())
+            step_loss += loss.detach()
         self.scaler.unscale_(self.opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
@@ -391,7 +389,7 @@ class Trainer:
         self.ema.update(self.model, self.step)
         for ema_copy in self.ema_copies.values():
             ema_copy.update(self.model, self.step)
-        return losses[0] if len(losses) == 1 else torch.stack(losses).sum(), grad_norm.detach()
+        return step_loss, grad_norm.detach()
 
     def _save_stopped(self, signals: list[int]) -> None:
         """Save the step just finished as last.pt and stop with TrainingInterrupted."""
