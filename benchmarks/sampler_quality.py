@@ -37,11 +37,11 @@ def main() -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from difflab.artifacts import ArtifactCache, diffusion_settings, settings_key
+    from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.cli import CONF_DIR
     from difflab.evaluate.metrics import evaluate_model
     from difflab.sampling import sample_images
-    from difflab.train.stages import load_diffusion_model
+    from difflab.trained import load_diffusion_model
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -52,20 +52,19 @@ def main() -> None:
             cfg = compose(config_name="config", overrides=[
                 f"sampler={sampler}", f"sampler.steps={'null' if steps == 'all' else steps}",
                 f"eval.num_samples={n}", *args.overrides.split()])
-            key = settings_key(diffusion_settings(cfg))
-            path = ArtifactCache(cfg.paths.cache_dir).find("diffusion", key)
-            if path is None:
+            entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg))
+            if entry is None:
                 sys.exit(f"no trained model for these settings in {cfg.paths.cache_dir}/artifacts: run `python run.py` first")
-            model = load_diffusion_model(str(path), device)
+            model = load_diffusion_model(str(entry.path), device)
             t0 = time.perf_counter()
-            metrics = evaluate_model(model, cfg, device, str(path),
+            metrics = evaluate_model(model, cfg, device, str(entry.path),
                                      lambda k: sample_images(model, cfg, k, "balanced", device))
             about = metrics.pop("eval")
             row = {"sampler": sampler, "steps": steps, "num_samples": int(n), **metrics,
                    "wall_s": time.perf_counter() - t0, "extractors": about["extractors"]}
             print(json.dumps(row), file=sys.stderr, flush=True)  # progress, one case per line
             results.append(row)
-    print(json.dumps({"model": str(path), "threads": args.threads, "device": "cpu", "results": results}, indent=2))
+    print(json.dumps({"model": str(entry.path), "threads": args.threads, "device": "cpu", "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,10 @@ def run_py(*args: str, cwd: Path | None = None, timeout: int = 300, nproc: int =
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def plan_sources(table: str) -> dict[str, str]:
+    """step -> source of the plan table `dry_run=true` prints (columns are 2+ spaces apart)."""
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.strip().splitlines()]
+    assert rows[0][:2] == ["step", "source"], table
+    return {row[0]: row[1] for row in rows[1:]}

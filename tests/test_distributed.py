@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from difflab.config import TrainConfig
 from difflab.models import build_unet
-from difflab.train import distributed as dist
+from difflab import distributed as dist
 from difflab.train.loop import StepBatches, Trainer
 
 DATA, GLOBAL_BATCH, STEPS = 16, 8, 2
@@ -145,7 +145,7 @@ def ddp_run(tmp_path_factory, shapes_dir) -> Path:
 
 @pytest.mark.slow
 def test_torchrun_trains_in_one_run_folder_written_by_rank_0(ddp_run):
-    from difflab.train.stages import load_diffusion_model
+    from difflab.trained import load_diffusion_model
 
     for rel in [".hydra/config.yaml", "checkpoints/last.pt", "checkpoints/best.pt", "checkpoints/step_00000003.pt",
                 "metrics.json", "samples/samples.npz", "samples/grid.png", "loss_curve.png", "train.log"]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, run_py, tiny_overrides
+from conftest import plan_sources, read_metrics, run_py, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +51,7 @@ def test_guided_sampling_finds_the_cached_classifier(classifier_run, shapes_dir,
     proc = run_py(*tiny_overrides(shapes_dir, cache), "classifier.max_steps=60", "classifier.lr=3e-3",
                   "guidance=classifier", "guidance.scale=3", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "cached classifier" in (tmp_path / "train.log").read_text()
+    assert read_metrics(tmp_path)["classifier_source"] == "cache"
     for folder in ("samples", "classifier_guided_samples"):
         data = np.load(tmp_path / folder / "samples.npz")
         assert data["images"].shape == (8, 16, 16, 1)
@@ -83,13 +85,25 @@ def test_joint_trains_both_and_a_scale_sweep_reuses_it(shapes_dir, cache, tmp_pa
     assert np.load(out / "classifier_guided_samples" / "samples.npz")["labels"].tolist()[:3] == [1, 1, 0]
 
 
-def test_guidance_without_a_classifier_says_how_to_get_one(shapes_dir, tmp_path):
-    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "guidance=classifier",
-                  f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: guidance=classifier needs") and "mode=classifier" in last
-    assert "Traceback" not in proc.stderr
+def test_guidance_without_a_classifier_trains_one_first(shapes_dir, tmp_path):
+    """No classifier given, in the run or cached: the plan adds its training (mode=classifier's
+    settings) before sampling, and a second run finds both models cached."""
+    base = [*tiny_overrides(shapes_dir, tmp_path / "cache"), "guidance=classifier", "guidance.scale=2"]
+    dry = run_py(*base, "dry_run=true")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    rows = plan_sources(dry.stdout)
+    assert rows["classifier"] == "train" and rows["diffusion model"] == "train"
+    first = tmp_path / "first"
+    proc = run_py(*base, f"hydra.run.dir={first}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(first)
+    assert m["classifier_source"] == "trained" and m["classifier_key"]
+    assert (first / "classifier" / "checkpoints" / "last.pt").is_file()
+    assert (first / "classifier_guided_samples" / "grid.png").is_file()
+    steps = [s["name"] for s in json.loads((first / "plan.json").read_text())["steps"]]
+    assert steps.index("classifier") < steps.index("sample")
+    dry = run_py(*base, "dry_run=true")
+    assert plan_sources(dry.stdout) == {**rows, "classifier": "cache", "diffusion model": "cache"}
 
 
 def test_ckpt_classifier_must_be_a_classifier(shapes_dir, classifier_run, tmp_path):

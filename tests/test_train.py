@@ -13,7 +13,7 @@ from torch import nn
 
 from difflab.config import TrainConfig
 from difflab.errors import UserError
-from difflab.train.checkpoint import atomic_save, load_checkpoint
+from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.train.ema import EMA
 from difflab.train.loop import EarlyStopper, StepBatches, Trainer, lr_lambda, split_batch
 

@@ -1,23 +1,25 @@
-"""The artifact cache: trained weights stored under a key derived from the settings that
-determine them, so a run whose model was already trained with the same settings (a sweep over
-sampling-only settings, a re-run, a later stage needing a prerequisite) reuses it.
+"""The artifact cache: trained weights stored under a key of the settings and the code that
+determine them, so a run whose model was already trained with the same settings by the same
+code (a sweep over sampling-only settings, a re-run, a later stage needing a prerequisite)
+reuses it, and a researcher who edits the loss or the network trains anew.
 
-Layout: {cache_dir}/artifacts/<stage>/<key>/{model.pt, record.json}. A file lock per key makes
-parallel jobs that need the same artifact wait for the one that trains it. Under torchrun only
-rank 0 reads, locks and writes the cache; the other ranks follow its decisions (see `obtain`).
-The number of processes is not part of a key: like the device, it changes how a model is
-trained, not the settings it is trained with.
+Layout: {cache_dir}/artifacts/<stage>/<key>/{model.pt, record.json}. record.json is written
+last and holds the sha256 of model.pt, which is checked before an entry is handed out, so a
+damaged or half-copied file is never reused. A file lock per key makes parallel jobs that need
+the same artifact wait for the one that makes it. Under torchrun only rank 0 reads, locks and
+writes the cache; the other ranks follow its decisions (see `obtain`). The number of processes
+is not part of a key: like the device, it changes how a model is trained, not the settings it
+is trained with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +28,38 @@ from typing import Callable, Iterator, Optional
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+import difflab
+from difflab import distributed as dist
+from difflab.checkpoint import atomic_copy, atomic_write_json
+from difflab.config import autoencoder_train_config, classifier_train_config
 from difflab.errors import UserError
-from difflab.train import distributed as dist
 
 log = logging.getLogger("difflab")
 
 # train.* keys that change how a run is watched or resumed, never the weights it ends with.
+# (init_from enters a key as the digest of its file, not as a path.)
 OBSERVATION_KEYS = ("resume", "progress", "log_every", "val_every", "val_batches", "image_every",
-                    "checkpoint_every", "keep_checkpoints", "threads", "reuse", "compile", "gradient_checkpointing")
+                    "checkpoint_every", "keep_checkpoints", "threads", "reuse", "reuse_other_code", "compile",
+                    "gradient_checkpointing", "init_from")
+
+# The code that determines what a trained artifact is: the networks, the diffusion math, the
+# training stages and loop, the data pipeline, and how a checkpoint becomes a model.
+CODE_PARTS = ("models", "diffusion", "train", "data", "trained.py")
+CODE_SUFFIXES = (".py", ".cpp", ".h")
+FORMAT_VERSION = 2  # bump when a change to the code makes stored weights unusable
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """difflab's version and a hash of the source files in CODE_PARTS."""
+    package = Path(difflab.__file__).parent
+    digest = hashlib.sha256(difflab.__version__.encode())
+    for part in CODE_PARTS:
+        root = package / part
+        files = sorted(p for p in root.rglob("*") if p.suffix in CODE_SUFFIXES) if root.is_dir() else [root]
+        for path in files:
+            digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def dataset_settings(cfg: DictConfig) -> dict:
@@ -56,15 +82,29 @@ def train_settings(train_cfg: DictConfig) -> dict:
     return settings
 
 
+def _with_init(settings: dict, init_key: Optional[str]) -> dict:
+    """A stage initialised from a checkpoint (train.init_from) is determined by that file too."""
+    return {**settings, "init_from": init_key} if init_key else settings
+
+
 def _autoencoder_settings(autoencoder_key: Optional[str]) -> dict:
     """A latent model is determined by its autoencoder, named by that one's own key."""
     return {"key": autoencoder_key} if autoencoder_key else {"name": "none"}
 
 
-def diffusion_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -> dict:
+def autoencoder_settings(cfg: DictConfig, init_key: Optional[str] = None) -> dict:
+    """Everything that determines a trained autoencoder: its config, the data set, the training
+    settings it is trained with and the seed."""
+    autoencoder = OmegaConf.to_container(cfg.autoencoder, resolve=True)
+    autoencoder.pop("train")  # enters through the merged train block below
+    return _with_init({"dataset": dataset_settings(cfg), "autoencoder": autoencoder,
+                       "train": train_settings(autoencoder_train_config(cfg)), "seed": cfg.seed}, init_key)
+
+
+def diffusion_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None, init_key: Optional[str] = None) -> dict:
     """Everything that determines a trained diffusion model, and nothing that only affects
     sampling (sampler, guidance scale, sample.*, eval.*) or bookkeeping."""
-    return {
+    return _with_init({
         "dataset": dataset_settings(cfg),
         "autoencoder": _autoencoder_settings(autoencoder_key),
         "unet": OmegaConf.to_container(cfg.unet, resolve=True),
@@ -73,7 +113,7 @@ def diffusion_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -
         "label_dropout": cfg.guidance.p_uncond if cfg.guidance.name == "cfg" else 0.0,
         "train": train_settings(cfg.train),
         "seed": cfg.seed,
-    }
+    }, init_key)
 
 
 # classifier.* keys that never enter a key: reporting, and the separate mode=classifier training
@@ -86,44 +126,56 @@ def _classifier_network(cfg: DictConfig, with_weight: bool) -> dict:
     return {k: v for k, v in node.items() if k not in CLASSIFIER_REPORT_KEYS and (with_weight or k != "weight")}
 
 
-def classifier_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -> dict:
+def classifier_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None, init_key: Optional[str] = None) -> dict:
     """Everything that determines a classifier trained by mode=classifier: the data it sees
     (through which autoencoder), the schedule that noises it, its network and its training
     (classifier.{max_steps,...} replace the train block's)."""
-    from difflab.train.classifier_stages import classifier_train_cfg
-
-    network = _classifier_network(cfg, with_weight=False)
-    return {
+    return _with_init({
         "dataset": dataset_settings(cfg),
         "autoencoder": _autoencoder_settings(autoencoder_key),
         "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
-        "classifier": network,
-        "train": train_settings(classifier_train_cfg(cfg)),
+        "classifier": _classifier_network(cfg, with_weight=False),
+        "train": train_settings(classifier_train_config(cfg)),
         "seed": cfg.seed,
-    }
+    }, init_key)
 
 
-def joint_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None) -> dict:
+def joint_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None, init_key: Optional[str] = None) -> dict:
     """A joint model is the diffusion model's settings plus the classifier's network and weight."""
-    network = _classifier_network(cfg, with_weight=True)
-    return {**diffusion_settings(cfg, autoencoder_key), "classifier": network}
+    return {**diffusion_settings(cfg, autoencoder_key, init_key), "classifier": _classifier_network(cfg, True)}
 
 
-FORMAT_VERSION = 1  # bump when a change to the code makes stored weights unusable
-
-
-def settings_key(settings: dict) -> str:
-    payload = json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
+def settings_key(settings: dict, code: Optional[str] = None) -> str:
+    """The key of `settings` as made by `code` (a fingerprint); code=None: by any code."""
+    payload = json.dumps({"format": FORMAT_VERSION, **settings, **({"code": code} if code else {})}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def artifact_key(settings: dict) -> str:
+    """The key an artifact of `settings` made by the code running now is stored under."""
+    return settings_key(settings, code_fingerprint())
 
 
 def file_digest(path: Path) -> str:
     """A file's identity by content, for artifacts derived from a given (not cached) file."""
+    return sha256_file(path)[:16]
+
+
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+@dataclass
+class Entry:
+    """A verified cache entry."""
+
+    path: Path  # model.pt
+    key: str
+    record: dict
 
 
 class ArtifactCache:
@@ -139,26 +191,61 @@ class ArtifactCache:
         with FileLock(str(self.root / stage / f"{key}.lock")):
             yield
 
-    def find(self, stage: str, key: str) -> Optional[Path]:
-        """The stored weights, if a complete entry exists (record.json is written last)."""
+    def _verified(self, stage: str, key: str) -> Optional[Entry]:
+        """The entry of `key` if it is complete and model.pt still has the hash recorded for it."""
         folder = self.folder(stage, key)
-        return folder / "model.pt" if (folder / "record.json").is_file() else None
+        try:
+            record = json.loads((folder / "record.json").read_text())
+        except (OSError, ValueError):
+            return None  # absent, or a record from before hashes (its weights cannot be checked)
+        expected = record.get("sha256")
+        path = folder / "model.pt"
+        if not expected or not path.is_file() or sha256_file(path) != expected:
+            log.warning("the cached %s %s is damaged (its weights no longer match the hash recorded when they "
+                        "were stored): ignoring it and making it anew", stage, folder)
+            return None
+        return Entry(path, key, record)
 
-    def record(self, stage: str, key: str) -> dict:
-        return json.loads((self.folder(stage, key) / "record.json").read_text())
+    def _same_settings(self, stage: str, settings: dict) -> list[Path]:
+        """Entries made with these settings by any code, newest first."""
+        loose = settings_key(settings)
+        found = []
+        for record_path in (self.root / stage).glob("*/record.json"):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(record_path.read_text()).get("loose_key") == loose:
+                    found.append(record_path.parent)
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
-    def store(self, stage: str, key: str, checkpoint: Path, record: dict) -> Path:
-        """Copy a checkpoint in atomically, then write the record that marks the entry complete."""
+    def find(self, stage: str, settings: dict, other_code: bool = False) -> Optional[Entry]:
+        """The verified entry made with `settings` by the code running now; with other_code,
+        else the newest one made by other code. Says in one line when only other code made one."""
+        entry = self._verified(stage, artifact_key(settings))
+        if entry is not None:
+            return entry
+        others = self._same_settings(stage, settings)
+        if other_code:
+            for folder in others:
+                entry = self._verified(stage, folder.name)
+                if entry is not None:
+                    log.info("train.reuse_other_code=true: reusing the %s %s made with these settings by other "
+                             "code (fingerprint %s, now %s)", stage, folder, entry.record.get("code"),
+                             code_fingerprint())
+                    return entry
+        elif others:
+            log.info("the %s cached with these settings (%s) was made by other code (difflab's source changed "
+                     "since): making it anew; train.reuse_other_code=true would reuse it", stage, others[0])
+        return None
+
+    def store(self, stage: str, settings: dict, checkpoint: Path, record: dict) -> Entry:
+        """Copy a checkpoint in atomically, then write the record (with its hash) that marks the
+        entry complete."""
+        key = artifact_key(settings)
         folder = self.folder(stage, key)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        shutil.copyfile(checkpoint, tmp)
-        os.replace(tmp, folder / "model.pt")
-        tmp_record = folder / "record.json.tmp"
-        tmp_record.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp_record, folder / "record.json")
-        return folder / "model.pt"
+        atomic_copy(checkpoint, folder / "model.pt")
+        record = {**record, "settings": settings, "sha256": sha256_file(folder / "model.pt"),
+                  "loose_key": settings_key(settings), "code": code_fingerprint()}
+        atomic_write_json(folder / "record.json", record)
+        return Entry(folder / "model.pt", key, record)
 
 
 @dataclass
@@ -175,43 +262,45 @@ class Artifact:
         return self.source == "trained"
 
 
-TrainFn = Callable[[], tuple[Path, dict]]  # trains the stage -> (checkpoint file, record to store)
+TrainFn = Callable[[], tuple[Path, dict]]  # makes the artifact -> (its file, record to store)
+
+
+def given_artifact(given: str, given_name: str, what: str) -> Artifact:
+    """An artifact the user named by path, keyed by its content."""
+    path = Path(given).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"The {what} file {path} given by {given_name} does not exist: point {given_name} "
+                        "to a .pt file inside a run's checkpoints/ folder, or leave it out to train one.")
+    return Artifact(path, f"file-{file_digest(path)}", "given", {})
 
 
 def obtain(cache: ArtifactCache, stage: str, settings: dict, train: TrainFn, *, reuse: bool = True,
-           given: Optional[str] = None, given_name: str = "a path", what: Optional[str] = None,
-           collective: bool = True) -> Artifact:
+           other_code: bool = False, given: Optional[str] = None, given_name: str = "a path",
+           what: Optional[str] = None, collective: bool = True) -> Artifact:
     """The artifact of `stage` for `settings`: the file `given` explicitly, else the cached one,
     else the result of `train()`, stored in the cache. The lookup and the training run under the
     key's file lock, so parallel jobs that need the same artifact train it once. Logs one line
     saying which of the three it did, naming the artifact `what` (default: the stage's name);
-    `reuse=False` trains anew (and replaces the cached entry).
+    `reuse=False` trains anew (and replaces the cached entry); `other_code` also reuses an entry
+    made with the same settings by other code.
 
     Under torchrun every rank calls this and all take rank 0's branch: rank 0 alone takes the
     lock, looks and stores; `train()` runs on every rank (DDP training needs them all) or, with
     collective=False, on rank 0 alone; every rank returns what rank 0 stored."""
     what = what or stage
     if given:
-        path = Path(given).expanduser().resolve()
-        if not path.is_file():
-            raise UserError(f"The {what} file {path} given by {given_name} does not exist: point {given_name} "
-                            "to a .pt file inside a run's checkpoints/ folder, or leave it out to train one.")
-        log.info("using the %s given by %s=%s", what, given_name, path)
-        return Artifact(path, f"file-{file_digest(path)}", "given", {})
-    key = settings_key(settings)
+        artifact = given_artifact(given, given_name, what)
+        log.info("using the %s given by %s=%s", what, given_name, artifact.path)
+        return artifact
+    key = artifact_key(settings)
     with cache.lock(stage, key) if dist.is_main() else contextlib.nullcontext():
-        cached = dist.from_main(lambda: cache.find(stage, key) if reuse else None)
+        cached = dist.from_main(lambda: cache.find(stage, settings, other_code) if reuse else None)
         if cached is not None:
-            record = cache.record(stage, key)
             log.info("reusing the %s made with these settings by %s (%s); train.reuse=false trains anew",
-                     what, record.get("run_dir"), cached)
-            return Artifact(cached, key, "cache", record)
+                     what, cached.record.get("run_dir"), cached.path)
+            return Artifact(cached.path, cached.key, "cache", cached.record)
         log.info("no %s made with these settings in the artifact cache yet: making it now (key %s)", what, key)
         checkpoint, record = train() if collective or dist.is_main() else (None, {})
-
-        def store() -> tuple[Path, dict]:
-            return cache.store(stage, key, checkpoint, {**record, "settings": settings}), record
-
-        stored, record = dist.from_main(store)  # the other ranks wait until it is stored
-        log.info("stored the %s in the artifact cache: %s", what, stored)
-        return Artifact(stored, key, "trained", record)
+        stored = dist.from_main(lambda: cache.store(stage, settings, checkpoint, record))
+        log.info("stored the %s in the artifact cache: %s", what, stored.path)
+        return Artifact(stored.path, stored.key, "trained", record)

@@ -2,7 +2,7 @@
 
 Under torchrun (several processes) main() first joins the processes into one process group,
 so that they agree on one run folder before Hydra names it, and keeps every rank but 0 from
-writing in that folder (see difflab.train.distributed for who does what).
+writing in that folder (see difflab.distributed for who does what).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from difflab.config import register_configs
 from difflab.errors import TrainingInterrupted, UserError
 from difflab.sweep.named import register_named_sweeps
-from difflab.train import distributed as dist
+from difflab import distributed as dist
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -73,6 +73,9 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from difflab.sweep.jobs import run_recorded
 
     try:
+        if cfg.dry_run:  # set by other means than the command line (which main() answers before Hydra runs)
+            _print_plans([cfg], None)
+            return None
         if dist.launched():
             _check_torchrun_job()
         return run_recorded(run, cfg)  # in a multirun, a failed job is recorded and the sweep goes on
@@ -86,6 +89,59 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         print(f"stopped: training was interrupted after step {e.step} and {e.checkpoint} holds it; continue with the "
               f"same command plus train.resume=auto hydra.run.dir={run_dir}", file=sys.stderr)
         sys.exit(130)  # the shell's code for a process stopped by Ctrl-C
+
+
+DRY_RUN = re.compile(r"^\+{0,2}dry_run=(true|True|yes|1)$")
+
+
+def _print_plans(cfgs: list[DictConfig], run_dir: Optional[Path]) -> None:
+    from difflab.plan import build_plan
+
+    for i, cfg in enumerate(cfgs):
+        plan = build_plan(cfg, run_dir)
+        print(("" if len(cfgs) == 1 else f"job {i}:\n") + plan.table())
+
+
+def _job_overrides(overrides: list[str]) -> list[list[str]]:
+    """The overrides of each job a command line (and the named sweep it selects) would run:
+    one list without sweep syntax, several with it, as Hydra's basic sweeper expands them."""
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    params = compose(config_name="config", overrides=plain, return_hydra_config=True).hydra.sweeper.get("params") or {}
+    given = {o.key_or_group for o in parsed}
+    parsed += parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in given])
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _dry_run(argv: list[str]) -> NoReturn:
+    """dry_run=true: the plan of the run (of each job, in a sweep), printed; nothing is written,
+    not even the run folder Hydra would make."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    overrides = [a for a in argv if not a.startswith("-")]  # -m, --multirun, --cfg ...: Hydra's own flags
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfgs = []
+            for job in _job_overrides(overrides):
+                cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+                given_dir = any(o.startswith("hydra.run.dir=") for o in job)
+                run_dir = Path(cfg.hydra.run.dir) if given_dir else None
+                with open_dict(cfg):
+                    del cfg["hydra"]
+                cfgs.append(cfg)
+            _print_plans(cfgs, run_dir)
+    except UserError as e:
+        _fail(e)
+    except Exception as e:  # Hydra's own errors: a wrong key, option or type
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
 
 
 def _rewrite_ckpt_shorthand(argv: list[str]) -> list[str]:
@@ -112,6 +168,8 @@ def _torchrun_main() -> None:
 
 def main() -> None:
     sys.argv = [sys.argv[0], *_rewrite_ckpt_shorthand(sys.argv[1:])]
+    if any(DRY_RUN.match(a) for a in sys.argv[1:]):
+        _dry_run(sys.argv[1:])
     if dist.launched():
         _torchrun_main()
     else:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -163,6 +163,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # periodic step_*.pt files kept besides last.pt and best.pt
     resume: Optional[str] = None  # null | auto | PATH
     reuse: bool = True  # take the model from the artifact cache when one was trained with the same settings
+    reuse_other_code: bool = False  # ... even when difflab's model, diffusion, training or data code has changed since
+    init_from: Optional[str] = None  # a checkpoint whose EMA weights the stage's networks start from (fresh optimizer, step 0)
     progress: bool = True
 
 
@@ -240,6 +242,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dry_run: bool = False  # print the run plan (steps, sources, keys) and exit without doing any of it
 
 
 GROUP_SCHEMAS = {
@@ -277,8 +280,6 @@ POSITIVE = ("train.max_steps", "train.batch_size", "train.grad_accum_steps", "tr
 
 def validate(cfg) -> None:
     """Checks the schema cannot express; raises UserError naming the key and the fix."""
-    from omegaconf import OmegaConf
-
     from difflab.errors import UserError
 
     for key, allowed in CHOICES.items():
@@ -316,6 +317,19 @@ def validate(cfg) -> None:
         raise UserError("schedule.zero_terminal_snr=true leaves x0 undefined at the last step for eps prediction: add objective.prediction=v.")
 
 
+def classifier_train_config(cfg) -> DictConfig:
+    """The train block with the noise-aware classifier's own steps, batch size and learning rate
+    (what mode=classifier trains with)."""
+    c = cfg.classifier
+    return OmegaConf.merge(cfg.train, {"max_steps": c.max_steps, "batch_size": c.batch_size, "lr": c.lr})
+
+
+def autoencoder_train_config(cfg) -> DictConfig:
+    """train.* with the autoencoder's own non-null autoencoder.train.* values on top."""
+    own = {k: v for k, v in OmegaConf.to_container(cfg.autoencoder.train).items() if v is not None}
+    return OmegaConf.merge(cfg.train, own)
+
+
 def autoencoder_batch_key(cfg) -> str:
     """The setting the autoencoder's training batch size comes from."""
     return "train.batch_size" if cfg.autoencoder.train.batch_size is None else "autoencoder.train.batch_size"
@@ -335,8 +349,6 @@ def validate_batch_splits(cfg, world_size: int) -> None:
     """Every batch the run may train with splits evenly: over the torchrun processes (each takes
     its slice of the global batch), then into train.grad_accum_steps micro-batches. Under
     torchrun the mode must also train something."""
-    from omegaconf import OmegaConf
-
     from difflab.errors import UserError
 
     if world_size > 1 and cfg.mode.name in ("sample", "evaluate"):

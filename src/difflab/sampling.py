@@ -18,12 +18,12 @@ from torchvision.utils import make_grid
 from difflab.data import to_model_range, to_uint8
 from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, respaced_timesteps, run_sampler
 from difflab.errors import UserError
-from difflab.evaluate.visualize import class_rows, save_denoising, save_png
+from difflab.pictures import class_rows, save_denoising, save_png
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from difflab.train.stages import DiffusionModel
+    from difflab.trained import DiffusionModel
 
 log = logging.getLogger("difflab.sample")
 
@@ -146,8 +146,6 @@ def class_accuracy(classifier: torch.nn.Module, model: DiffusionModel, result: S
 
 def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,
                      writer=None, step: int = 0, classifier: Optional[torch.nn.Module] = None) -> dict:
-    if cfg.guidance.name == "cfg" and not model.trained_with_label_dropout:
-        raise UserError("guidance=cfg needs a model trained with label dropout: train it with guidance=cfg (guidance.p_uncond=0.1), or sample with guidance=none.")
     if cfg.sample.num_images == 0:
         return {}
     result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif,

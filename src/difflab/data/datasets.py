@@ -9,7 +9,6 @@ jobs wait for the first one's decode instead of all decoding at once.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,7 +16,8 @@ import torch
 from filelock import FileLock
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from difflab.data.folder import MODES, read_folder
+from difflab.checkpoint import atomic_save
+from difflab.data.folder import MODES, folder_classes, read_folder
 from difflab.data.image_data import ImageData
 from difflab.data.sources import STANDARD, Splits, read_standard
 from difflab.data.transforms import fit_images
@@ -62,6 +62,13 @@ def load_split(cfg, split: str, cache_dir: str) -> ImageData:
     cache = Path(cache_dir).expanduser()
     data = _cached(cfg.name, split, cache, lambda: read_standard(cfg.name, root, split, cache, cfg.download))
     return ImageData(fit_images(data.images, cfg.channels, cfg.image_size), data.labels, data.num_classes)
+
+
+def dataset_classes(cfg) -> int:
+    """The number of classes the data set's labels have (0 = unlabelled), known before any image
+    is decoded: a folder's are its class sub-folders."""
+    _check(cfg)
+    return len(folder_classes(_root(cfg))) if cfg.name == "folder" else cfg.num_classes
 
 
 def _check(cfg) -> None:
@@ -123,18 +130,11 @@ def _load_cache(path: Path) -> Optional[ImageData]:
 
 
 def _save_cache(path: Path, data: ImageData) -> None:
-    """Atomic: a temp file, fsynced, then renamed, so a killed run never leaves half a cache."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     state = {"version": CACHE_VERSION, "images": data.images.contiguous(), "labels": data.labels.contiguous(),
              "num_classes": data.num_classes}
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_save(state, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"Cannot write the data cache {path} ({e.strerror}): set paths.cache_dir to a "
                         "writable folder with free space.") from None
     log.info("Cached %s (%d images) in %s.", path.stem, len(data), path)

@@ -51,6 +51,13 @@ def read_folder(root: Path, image_size: int, channels: int) -> ImageData:
     return ImageData(torch.stack(tensors), torch.tensor(labels, dtype=torch.int64), len(classes))
 
 
+def folder_classes(root: Path) -> list[str]:
+    """The class names read_folder would label the folder's images with, without decoding any."""
+    if not root.is_dir():
+        raise UserError(f"dataset.root={root} is not a folder: set dataset.root to a folder of .png or .jpg images.")
+    return sorted(set(_class_names(root, _image_files(root)).values()))
+
+
 def _image_files(root: Path) -> list[Path]:
     """Image files anywhere under root, skipping hidden files and folders (.git, .ipynb_checkpoints)."""
     return sorted(p for p in root.rglob("*")

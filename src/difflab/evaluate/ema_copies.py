@@ -1,6 +1,7 @@
 """Every EMA copy of a training run (train.ema.decays) scored and sampled, so one training run
 answers an EMA-decay sweep: metrics.json gets {"ema": {decay: {...}}} and each extra copy's
-images go to samples/ema_<decay>/."""
+images go to samples/ema_<decay>/. Works for every model a diffusion run trains: pixel or
+latent, diffusion or joint (whose copies hold the classifier beside the UNet)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from difflab.checkpoint import load_checkpoint
+from difflab.data import load_splits
 from difflab.sampling import sample_images, write_samples
-from difflab.train.checkpoint import load_checkpoint
-from difflab.train.stages import DiffusionModel, DiffusionStage
+from difflab.trained import DiffusionModel, network_weights
+from difflab.train.stages import ValBatch, fixed_val_batch, held_out_loss
 
 log = logging.getLogger("difflab.ema")
 
@@ -22,21 +25,29 @@ def samples_folder(decay: float, main: float) -> str:
     return "samples" if decay == main else f"samples/ema_{decay}"
 
 
+def validation_batch(model: DiffusionModel, cache_dir: str, device: torch.device):
+    """The fixed held-out batch the model's training validated on, in the space it denoises."""
+    train_cfg = model.cfg.train
+    _, val = load_splits(model.cfg.dataset, cache_dir)
+    return fixed_val_batch(val, train_cfg.val_batches * train_cfg.batch_size, model.process.T,
+                           model.to_model_space, device)
+
+
 def evaluate_ema_copies(cfg: DictConfig, run_dir: Path, checkpoint: Path, model: DiffusionModel,
-                        device: torch.device) -> dict:
-    """Validation loss of every copy on the run's fixed held-out batch, and samples of the extra
-    copies (the main copy was sampled already). `model.net` holds the main weights again after."""
+                        device: torch.device, val_batch: ValBatch | None) -> dict:
+    """Validation loss of every copy on `val_batch`, and samples of the extra copies (the main
+    copy was sampled already). `model.net` holds the main weights again after."""
     state = load_checkpoint(checkpoint, "checkpoint with the EMA copies")
-    main = float(cfg.train.ema.decay)
-    weights = {float(d): copy["model"] for d, copy in state.get("ema_copies", {}).items()}
-    weights[main] = state["ema"]["model"]  # last, so the model ends as it came
-    val_fn = DiffusionStage(cfg, run_dir, device).make_val_fn()
+    main = float(model.cfg.train.ema.decay)
+    copies = {float(d): copy for d, copy in state.get("ema_copies", {}).items()}
+    copies[main] = state["ema"]  # last, so the model ends as it came
     results = {}
-    for decay, state_dict in weights.items():
-        model.net.load_state_dict(state_dict)
+    for decay, copy in copies.items():
+        model.net.load_state_dict(network_weights({"stage": state["stage"], "ema": copy}, "unet"))
         entry = {"samples": samples_folder(decay, main)}
-        if val_fn is not None:
-            entry["val_loss"] = val_fn(model.net)
+        if val_batch is not None:
+            entry["val_loss"] = held_out_loss(model.process, model.cfg.objective, model.net, val_batch,
+                                              model.num_classes > 0, model.cfg.train.batch_size)
         if decay != main and cfg.sample.num_images > 0:
             images = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device)
             entry.update(write_samples(images, run_dir / entry["samples"]))

@@ -11,6 +11,7 @@ run on a data set is measured with the same extractor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from difflab.artifacts import ArtifactCache, diffusion_settings, settings_key
+from difflab.artifacts import ArtifactCache, dataset_settings, obtain
 from difflab.config import EMAConfig, TrainConfig
 from difflab.data import ImageData, load_splits, to_model_range
 from difflab.models import count_parameters
-from difflab.train.checkpoint import atomic_save, load_checkpoint
+from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.train.loop import StepBatches, Trainer
 
 log = logging.getLogger("difflab.evaluate")
@@ -80,7 +81,7 @@ def real_splits(cfg: DictConfig, held_out: int) -> tuple[ImageData, ImageData]:
 
 
 def classifier_settings(cfg: DictConfig) -> dict:
-    return {"dataset": diffusion_settings(cfg)["dataset"], "network": {"width": 32, "features": FEATURES, "norm": "layer"},
+    return {"dataset": dataset_settings(cfg), "network": {"width": 32, "features": FEATURES, "norm": "layer"},
             "steps": cfg.eval.classifier_steps, "batch_size": cfg.eval.classifier_batch_size,
             "seed": TRAIN_SEED}
 
@@ -143,21 +144,21 @@ def feature_classifier(cfg: DictConfig, device: torch.device) -> LoadedClassifie
     """The data set's evaluation classifier from the artifact cache, trained first if missing
     (parallel jobs wait on a lock for the one training it)."""
     cache, settings = ArtifactCache(cfg.paths.cache_dir), classifier_settings(cfg)
-    key = settings_key(settings)
-    trained_now, seconds = False, 0.0
-    with cache.lock(STAGE, key):
-        path = cache.find(STAGE, key)
-        if path is None:
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as until_stored:
+        def train() -> tuple[Path, dict]:  # the file lives until obtain has stored it
             log.info("training the evaluation classifier for %s (%d steps; once per data set, then cached)",
                      cfg.dataset.name, settings["steps"])
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory(dir=cache.root) as tmp:
-                state, metrics = _train(cfg, device, Path(tmp) / "checkpoints")
-                atomic_save(state, Path(tmp) / "model.pt")
-                path = cache.store(STAGE, key, Path(tmp) / "model.pt", {"metrics": metrics, "settings": settings})
-            trained_now, seconds = True, time.perf_counter() - t0
-    net, meta = load_classifier_file(path, device)
-    log.info("evaluation classifier %s: test accuracy %s on %d held-out images", path,
+            cache.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(until_stored.enter_context(tempfile.TemporaryDirectory(dir=cache.root)))
+            state, metrics = _train(cfg, device, tmp / "checkpoints")
+            atomic_save(state, tmp / "model.pt")
+            return tmp / "model.pt", {"metrics": metrics}
+
+        artifact = obtain(cache, STAGE, settings, train, what="evaluation classifier", collective=False)
+    seconds = time.perf_counter() - t0 if artifact.trained else 0.0
+    net, meta = load_classifier_file(artifact.path, device)
+    log.info("evaluation classifier %s: test accuracy %s on %d held-out images", artifact.path,
              "n/a" if meta["test_accuracy"] is None else f"{meta['test_accuracy']:.4f}", meta["test_images"])
-    return LoadedClassifier(net, meta["channels"], meta["image_size"], meta["num_classes"], path, key,
-                            meta["test_accuracy"], trained_now, seconds)
+    return LoadedClassifier(net, meta["channels"], meta["image_size"], meta["num_classes"], artifact.path,
+                            artifact.key, meta["test_accuracy"], artifact.trained, seconds)

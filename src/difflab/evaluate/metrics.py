@@ -28,7 +28,7 @@ from difflab.evaluate.feature_classifier import LoadedClassifier, accuracy, clas
 
 if TYPE_CHECKING:
     from difflab.sampling import SampleResult
-    from difflab.train.stages import DiffusionModel
+    from difflab.trained import DiffusionModel
 
 log = logging.getLogger("difflab.evaluate")
 

@@ -8,7 +8,6 @@ checkpoints). A single run still stops with its error.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,17 +18,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from difflab.errors import UserError
-from difflab.runner import write_metrics
-from difflab.train import distributed as dist
+from difflab.record import read_metrics, write_metrics
+from difflab import distributed as dist
 
 log = logging.getLogger("difflab")
 
 STARTED, COMPLETED, FAILED, INTERRUPTED = "started", "completed", "failed", "interrupted"
-
-
-def read_metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def launcher_threads(launcher: DictConfig) -> Optional[int]:

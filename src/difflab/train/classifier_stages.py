@@ -12,20 +12,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from difflab.config import classifier_train_config
 from difflab.errors import UserError
-from difflab.latent import LatentSpace
-from difflab.models import NoisyClassifier, build_classifier, count_parameters
-from difflab.train.checkpoint import load_checkpoint
+from difflab.models import build_classifier, count_parameters
+from difflab.trained import JointModule, LatentSpace, init_network, model_meta
 from difflab.train.loop import Trainer, TrainResult
-from difflab.train.stages import DiffusionStage, NoisyDataStage, _model_meta
+from difflab.train.stages import DiffusionStage, NoisyDataStage, init_source
 
 log = logging.getLogger("difflab.stages")
-
-
-def classifier_train_cfg(cfg: DictConfig) -> DictConfig:
-    """The train block with the classifier's own steps, batch size and learning rate."""
-    c = cfg.classifier
-    return OmegaConf.merge(cfg.train, {"max_steps": c.max_steps, "batch_size": c.batch_size, "lr": c.lr})
 
 
 def _require_classes(num_classes: int, what: str) -> None:
@@ -51,6 +45,11 @@ class ClassifierStage(NoisyDataStage):
         self.num_classes = self.train_data.num_classes
         _require_classes(self.num_classes, "mode=classifier")
         self.net = build_classifier(cfg.classifier, self.shape[0], self.shape[1], self.num_classes)
+        init = init_source(cfg)
+        if init:
+            state, source = init
+            init_network(self.net, state, "classifier", source)
+            log.info("the classifier starts from the EMA weights of %s", source)
         self.num_params = count_parameters(self.net)
         log.info("noise-aware classifier: %.2fM parameters, data %s, %d classes", self.num_params / 1e6,
                  "x".join(map(str, self.shape)), self.num_classes)
@@ -73,16 +72,7 @@ class ClassifierStage(NoisyDataStage):
 
     def fit(self) -> tuple[Trainer, TrainResult]:
         meta = _classifier_meta(self.shape, self.num_classes)
-        return self.train(self.net, classifier_train_cfg(self.cfg), meta, self.loss, self.make_val_fn())
-
-
-class JointModule(nn.Module):
-    """The diffusion network and the classifier as one module, so one optimizer, one EMA and one
-    checkpoint hold both (state-dict keys `unet.*` and `classifier.*`)."""
-
-    def __init__(self, unet: nn.Module, classifier: nn.Module):
-        super().__init__()
-        self.unet, self.classifier = unet, classifier
+        return self.train(self.net, classifier_train_config(self.cfg), meta, self.loss, self.make_val_fn())
 
 
 class JointStage(DiffusionStage):
@@ -95,6 +85,9 @@ class JointStage(DiffusionStage):
         super().__init__(cfg, run_dir, device, writer, latent)
         _require_classes(self.train_data.num_classes, "mode=joint")
         classifier = build_classifier(cfg.classifier, self.shape[0], self.shape[1], self.train_data.num_classes)
+        if self.init and self.init[0].get("stage") == "joint":  # a diffusion checkpoint has no classifier: it starts fresh
+            state, source = self.init
+            init_network(classifier, state, "classifier", source)
         self.joint = JointModule(self.net, classifier)
         self.num_params = count_parameters(self.joint)
         log.info("joint training: diffusion %.2fM + classifier %.2fM parameters, classifier.weight=%g",
@@ -110,7 +103,7 @@ class JointStage(DiffusionStage):
         return None if diffusion_val is None else (lambda model: diffusion_val(model.unet))
 
     def fit(self, image_fn=None) -> tuple[Trainer, TrainResult]:
-        meta = {**_model_meta(self.shape, self.num_classes, self.label_dropout),
+        meta = {**model_meta(self.shape, self.num_classes, self.label_dropout),
                 "classifier_classes": self.train_data.num_classes}
         grid = None if image_fn is None else (lambda model, step: image_fn(model.unet, step))
         return self.train(self.joint, self.cfg.train, meta, self.loss, self.make_val_fn(), grid)
@@ -134,20 +127,3 @@ def accuracy_by_band(stage: NoisyDataStage, classifier: nn.Module, bands: int) -
         correct = stage.process.classifier_loss(classifier, x0, y, t, noise)[1]
         out[f"{lo:0{width}d}-{hi:0{width}d}"] = float(correct.float().mean())
     return out
-
-
-def load_classifier(path: str, device: torch.device) -> tuple[NoisyClassifier, DictConfig, dict]:
-    """The EMA classifier of a classifier or joint checkpoint, its training config and shape meta."""
-    state = load_checkpoint(path, "classifier checkpoint (ckpt.classifier)")
-    stage = state.get("stage")
-    if stage not in ("classifier", "joint"):
-        raise UserError(f"The checkpoint {path} holds a {stage!r} model, not a classifier: pass the "
-                        "checkpoints/last.pt of a mode=classifier or mode=joint run.")
-    cfg, meta = OmegaConf.create(state["config"]), state["meta"]
-    weights = state["ema"]["model"]
-    if stage == "joint":
-        weights = {k.removeprefix("classifier."): v for k, v in weights.items() if k.startswith("classifier.")}
-    num_classes = meta.get("classifier_classes", meta["num_classes"])
-    net = build_classifier(cfg.classifier, meta["shape"][0], meta["shape"][1], num_classes)
-    net.load_state_dict(weights)
-    return net.to(device).eval().requires_grad_(False), cfg, meta

@@ -6,7 +6,7 @@ and batches are a pure function of the step, so a run killed and resumed reaches
 weights as one that was never interrupted.
 
 Under torchrun a Trainer built with distributed=True trains with the other ranks (see
-difflab.train.distributed): the loss runs inside DistributedDataParallel, each rank takes its
+difflab.distributed): the loss runs inside DistributedDataParallel, each rank takes its
 slice of every global batch, and only rank 0 writes. Its checkpoints are those of one process
 (the unwrapped model), so either kind of run resumes or samples from the other's.
 """
@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from difflab.errors import TrainingInterrupted, UserError
 from difflab.models.layers import set_gradient_checkpointing
-from difflab.train import distributed as dist
-from difflab.train.checkpoint import atomic_save, load_checkpoint
+from difflab import distributed as dist
+from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.train.ema import EMA, extra_decays
 
 log = logging.getLogger("difflab.train")

@@ -22,26 +22,22 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from difflab.config import autoencoder_batch_key
+from difflab.config import autoencoder_batch_key, autoencoder_train_config
 from difflab.data import ImageData, augment_batch, load_splits, to_model_range, to_uint8
-from difflab.evaluate.visualize import save_loss_curve, save_png
+from difflab.pictures import save_loss_curve, save_png
 from difflab.models import count_parameters
 from difflab.models.autoencoder import Autoencoder, VQAutoencoder, build_autoencoder, codebook_stats
 from difflab.models.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
-from difflab.train import distributed as dist
+from difflab import distributed as dist
 from difflab.train.loop import StepBatches, Trainer
+from difflab.train.stages import init_source
+from difflab.trained import init_network
 
 log = logging.getLogger("difflab.stages")
 
 SCALE_IMAGES = 2048  # training images whose latents give the scale factor 1/std(z)
 EVAL_IMAGES = 1000  # held-out images the reconstruction metrics average over
 SHOWN_PAIRS = 32  # original/reconstruction pairs in reconstructions/reconstructions.png
-
-
-def autoencoder_train_config(cfg: DictConfig) -> DictConfig:
-    """train.* with the autoencoder's own non-null autoencoder.train.* values on top."""
-    own = {k: v for k, v in OmegaConf.to_container(cfg.autoencoder.train).items() if v is not None}
-    return OmegaConf.merge(cfg.train, own)
 
 
 class AutoencoderWithLoss(nn.Module):
@@ -114,6 +110,11 @@ class AutoencoderStage:
         d = cfg.autoencoder.discriminator
         disc = PatchDiscriminator(self.image_shape[0], d.channels, d.num_layers) if d.enabled else None
         self.module = AutoencoderWithLoss(self.autoencoder, disc)
+        init = init_source(cfg)
+        if init:
+            state, source = init
+            init_network(self.autoencoder, state, "autoencoder", source)
+            log.info("the autoencoder starts from the EMA weights of %s", source)
         self.num_params = count_parameters(self.autoencoder)
         log.info("autoencoder=%s: %.2fM parameters, images %s -> latents %s%s", cfg.autoencoder.name,
                  self.num_params / 1e6, "x".join(map(str, self.image_shape)),

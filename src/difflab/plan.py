@@ -1,0 +1,405 @@
+"""The run plan: what a run will do, in which order, and where each thing it needs comes from,
+decided from the composed config before any data is read or anything trained.
+
+`build_plan` runs every check that needs no data (settings, combinations, checkpoint files and
+their kinds, sampler steps, labels, guidance against what the model is or will be trained
+with), so a mistake is one sentence within seconds, and lists the steps: each prerequisite
+(autoencoder, classifier, evaluation classifier) and the stage's own model, with its source
+(given | cache | train | resume | run) and artifact key. The `obtain_*` functions then make
+each prerequisite real (the given file, the cached one, or a training now) as the runner
+reaches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencoder_settings, classifier_settings,
+                               diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
+from difflab.checkpoint import load_checkpoint
+from difflab.config import (Config, autoencoder_train_config, classifier_train_config, validate,
+                            validate_batch_splits)
+from difflab.data import dataset_classes
+from difflab.diffusion import respaced_timesteps
+from difflab.errors import UserError
+from difflab.evaluate.feature_classifier import STAGE as EVAL_CLASSIFIER_STAGE
+from difflab.evaluate.feature_classifier import classifier_settings as eval_classifier_settings
+from difflab.models.autoencoder import build_autoencoder
+from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, DiffusionModel, LatentSpace, check_autoencoder,
+                             load_classifier, load_latent_space, network_weights)
+from difflab.train.makers import train_classifier
+from difflab.train.reconstruction import train_autoencoder
+
+log = logging.getLogger("difflab")
+
+TRAINING_MODES = ("reconstruction", "diffusion", "classifier", "joint")
+DIFFUSION_MODES = ("diffusion", "joint")
+LOADING_MODES = ("sample", "evaluate")
+INIT_PARTS = {"reconstruction": "autoencoder", "diffusion": "unet", "joint": "unet", "classifier": "classifier"}
+
+
+@dataclass
+class Step:
+    name: str
+    source: str  # given | cache | train | resume | run (made by the run's own training) | new
+    key: Optional[str] = None  # artifact key
+    steps: Optional[int] = None  # training steps, or sampler steps
+    detail: str = ""
+
+
+@dataclass
+class Plan:
+    mode: str
+    steps: list[Step] = field(default_factory=list)
+
+    def step(self, name: str) -> Optional[Step]:
+        return next((s for s in self.steps if s.name == name), None)
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "steps": [dataclasses.asdict(s) for s in self.steps]}
+
+    def table(self) -> str:
+        rows = [("step", "source", "key", "steps", "detail")]
+        rows += [(s.name, s.source, s.key or "-", "-" if s.steps is None else str(s.steps), s.detail) for s in self.steps]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+
+
+@dataclass
+class ModelFacts:
+    """What sampling needs to know of the diffusion model, before it exists."""
+
+    cfg: DictConfig  # the config it is (or will be) trained with
+    num_classes: int
+    label_dropout: float
+    shape: tuple[int, int, int]  # what it denoises
+    autoencoder_key: Optional[str]
+    joint: bool
+
+
+# ---------------------------------------------------------------- checks of the config alone
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """A top-level key added with `+` that no setting of difflab's has is refused, not ignored."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = [k for k in cfg.keys() if k not in known]
+    if unknown:
+        raise UserError(f"`{unknown[0]}` is not a setting of difflab (added with +{unknown[0]}=...): remove it or fix "
+                        "its spelling; `python run.py --cfg job` lists every setting.")
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Every float setting is a finite number: nan or inf would train or sample garbage silently."""
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise UserError(f"{path}={node} is not a finite number: give it a finite value.")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def _check_labels(spec: Any, num_classes: int) -> None:
+    if spec in ("balanced", "uniform"):
+        return
+    if isinstance(spec, (list, tuple, ListConfig)):
+        values = list(spec)
+        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            if num_classes == 0:
+                raise UserError(f"sample.labels={values} asks for classes, but the model is unconditional: "
+                                "leave sample.labels out, or train a class-conditional model.")
+            if min(values) >= 0 and max(values) < num_classes:
+                return
+        raise UserError(f"sample.labels={values} must be non-empty class ids in 0..{max(num_classes - 1, 0)}: fix the list.")
+    raise UserError(f"sample.labels={spec!r} is not understood: use balanced, uniform or a list such as [3,3,7].")
+
+
+def _check_sampler(cfg: DictConfig, T: int) -> int:
+    try:
+        return len(respaced_timesteps(T, cfg.sampler.steps))
+    except ValueError:
+        raise UserError(f"sampler.steps={cfg.sampler.steps} must be between 1 and the model's schedule.T={T}: "
+                        "use e.g. sampler.steps=50 (null = every step).") from None
+
+
+def _load_kind(path: str, setting: str, kinds: tuple[str, ...], what: str, fix: str) -> dict:
+    state = load_checkpoint(path, f"checkpoint given by {setting}")
+    if state.get("stage") not in kinds:
+        raise UserError(f"{setting}={path} holds a {state.get('stage')!r} model, not {what}: {fix}.")
+    return state
+
+
+# ---------------------------------------------------------------- what the model will be
+
+def _prerequisite_cfg(cfg: DictConfig) -> DictConfig:
+    """The config a prerequisite trains with: train.init_from names the run's own stage's start."""
+    return OmegaConf.merge(cfg, {"train": {"init_from": None}})
+
+
+def _image_shape(cfg: DictConfig) -> tuple[int, int, int]:
+    return cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size
+
+
+def _denoised_shape(cfg: DictConfig) -> tuple[int, int, int]:
+    if cfg.autoencoder.name == "none":
+        return _image_shape(cfg)
+    return tuple(build_autoencoder(cfg.autoencoder, cfg.dataset.channels, cfg.dataset.image_size).latent_shape)
+
+
+def init_key(cfg: DictConfig) -> Optional[str]:
+    path = cfg.train.init_from
+    if not path:
+        return None
+    part = INIT_PARTS.get(cfg.mode.name)
+    if part is None:
+        raise UserError(f"train.init_from is given but mode={cfg.mode.name} trains nothing: leave it out.")
+    state = load_checkpoint(path, "checkpoint to initialise from (train.init_from)")
+    if network_weights(state, part) is None:
+        raise UserError(f"train.init_from={path} holds a {state.get('stage')!r} model, which has no {part} network for "
+                        f"mode={cfg.mode.name}: initialise from a checkpoint that has one.")
+    return f"file-{file_digest(Path(path).expanduser())}"
+
+
+def resumes_training(cfg: DictConfig, run_dir: Optional[Path]) -> bool:
+    """Whether this run continues a training: resume=auto with no checkpoint in this folder starts
+    afresh (e.g. a re-run sweep job that had reused a model), so it may reuse a cached one."""
+    resume = cfg.train.resume
+    if not resume:
+        return False
+    if resume != "auto":
+        if not Path(resume).expanduser().is_file():
+            raise UserError(f"train.resume={resume} does not exist: give the checkpoints/last.pt of the run to "
+                            "continue, or train.resume=auto with hydra.run.dir=<its folder>.")
+        return True
+    return run_dir is not None and (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def _trained_source(cache: ArtifactCache, stage: str, settings: dict, cfg: DictConfig, resumes: bool = False) -> tuple[str, str]:
+    """(source, key) of an artifact the run obtains: resumed, cached, or trained now."""
+    key = artifact_key(settings)
+    if resumes:
+        return "resume", key
+    if cfg.train.reuse:
+        entry = cache.find(stage, settings, cfg.train.reuse_other_code)
+        if entry is not None:
+            return "cache", entry.key
+    return "train", key
+
+
+class PlanBuilder:
+    def __init__(self, cfg: DictConfig, run_dir: Optional[Path]):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.cache = ArtifactCache(cfg.paths.cache_dir)
+        self.plan = Plan(cfg.mode.name)
+
+    def add(self, *args, **kwargs) -> Step:
+        self.plan.steps.append(Step(*args, **kwargs))
+        return self.plan.steps[-1]
+
+    def autoencoder(self, main: bool) -> str:
+        """The autoencoder step; its key."""
+        cfg = self.cfg if main else _prerequisite_cfg(self.cfg)
+        steps = autoencoder_train_config(cfg).max_steps
+        if cfg.ckpt.autoencoder:
+            artifact = given_artifact(cfg.ckpt.autoencoder, "ckpt.autoencoder", f"{cfg.autoencoder.name} autoencoder")
+            check_autoencoder(load_checkpoint(artifact.path, "autoencoder checkpoint (ckpt.autoencoder)"),
+                              artifact.path, cfg, "ckpt.autoencoder")
+            self.add("autoencoder", "given", artifact.key, None, str(artifact.path))
+            return artifact.key
+        settings = autoencoder_settings(cfg, init_key(cfg) if main else None)
+        resumes = main and resumes_training(cfg, self.run_dir)
+        source, key = _trained_source(self.cache, "autoencoder", settings, cfg, resumes)
+        self.add("autoencoder", source, key, steps, f"{cfg.autoencoder.name}, {_dims(_denoised_shape(cfg))} latents")
+        return key
+
+    def model(self) -> ModelFacts:
+        """The diffusion model step of a training run, or the given model of sample/evaluate."""
+        cfg = self.cfg
+        if cfg.mode.name in LOADING_MODES:
+            return self.given_model()
+        num_classes = dataset_classes(cfg.dataset) if cfg.objective.class_conditional else 0
+        dropout = cfg.guidance.p_uncond if cfg.guidance.name == "cfg" and num_classes else 0.0
+        ae_key = self.autoencoder(main=False) if cfg.autoencoder.name != "none" else None
+        joint = cfg.mode.name == "joint"
+        if joint and dataset_classes(cfg.dataset) < 2:
+            raise UserError("mode=joint trains a classifier beside the model and needs a data set with at least 2 "
+                            "classes: use a labelled data set (a folder needs one sub-folder per class).")
+        settings = (joint_settings if joint else diffusion_settings)(cfg, ae_key, init_key(cfg))
+        source, key = _trained_source(self.cache, cfg.mode.name, settings, cfg, resumes_training(cfg, self.run_dir))
+        detail = f"{cfg.unet.name} unet, {_dims(_denoised_shape(cfg))}, {num_classes} classes"
+        if cfg.train.init_from:
+            detail += f", from {cfg.train.init_from}"
+        self.add("joint model" if joint else "diffusion model", source, key, cfg.train.max_steps, detail)
+        return ModelFacts(cfg, num_classes, dropout, _denoised_shape(cfg), ae_key, joint)
+
+    def given_model(self) -> ModelFacts:
+        cfg = self.cfg
+        if not cfg.ckpt.model:
+            raise UserError(f"mode={cfg.mode.name} needs a trained model: add ckpt=<run folder>/checkpoints/last.pt.")
+        state = _load_kind(cfg.ckpt.model, "ckpt", DIFFUSION_STAGES, "a diffusion model",
+                           "pass a diffusion run's checkpoints/last.pt")
+        meta, ae = state["meta"], state.get("autoencoder")
+        artifact = given_artifact(cfg.ckpt.model, "ckpt", "model")
+        self.add("diffusion model", "given", artifact.key, None, str(artifact.path))
+        ae_key = (ae.get("key") or ae["identity"]) if ae else None
+        return ModelFacts(OmegaConf.create(state["config"]), meta["num_classes"], meta["label_dropout"],
+                          tuple(meta["shape"]), ae_key, state["stage"] == "joint")
+
+    def guidance(self, model: ModelFacts) -> None:
+        """Guidance against the model, and the classifier of classifier guidance."""
+        cfg = self.cfg
+        if cfg.guidance.name == "cfg" and model.label_dropout <= 0:
+            why = ("it was trained without label dropout" if cfg.mode.name in LOADING_MODES else
+                   "the model would train without label dropout" + (" (it is unconditional)" if not model.num_classes else ""))
+            raise UserError(f"guidance=cfg needs a model trained with label dropout and {why}: train it with "
+                            "guidance=cfg guidance.p_uncond=0.1 on a labelled data set, or sample with guidance=none.")
+        if cfg.guidance.name != "classifier":
+            return
+        if cfg.ckpt.classifier:
+            state = _load_kind(cfg.ckpt.classifier, "ckpt.classifier", CLASSIFIER_STAGES, "a classifier",
+                               "pass the checkpoints/last.pt of a mode=classifier or mode=joint run")
+            if tuple(state["meta"]["shape"]) != tuple(model.shape):
+                raise UserError(f"The classifier {cfg.ckpt.classifier} reads inputs of shape {tuple(state['meta']['shape'])} "
+                                f"but the model denoises {tuple(model.shape)}: use a classifier trained on the same data "
+                                "(and autoencoder).")
+            artifact = given_artifact(cfg.ckpt.classifier, "ckpt.classifier", "classifier")
+            self.add("classifier", "given", artifact.key, None, str(artifact.path))
+            return
+        if model.joint:
+            self.add("classifier", "run" if cfg.mode.name == "joint" else "given", None, None,
+                     "trained with the model (joint)")
+            return
+        lookup = classifier_lookup_cfg(cfg, model.cfg)
+        if dataset_classes(lookup.dataset) < 2:
+            raise UserError("guidance=classifier needs a classifier of at least 2 classes and the model's data set has "
+                            "fewer: use a labelled data set, or guidance=none.")
+        source, key = _trained_source(self.cache, "classifier", classifier_settings(lookup, model.autoencoder_key), lookup)
+        self.add("classifier", source, key, classifier_train_config(lookup).max_steps,
+                 "noise-aware, for classifier guidance" + (" (mode=classifier settings)" if source == "train" else ""))
+
+    def sampling(self, model: ModelFacts) -> None:
+        cfg = self.cfg
+        classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
+        _check_labels(cfg.sample.labels, classes)
+        steps = _check_sampler(cfg, model.cfg.schedule.T)
+        if cfg.mode.name in DIFFUSION_MODES and cfg.train.ema.decays:
+            self.add("ema copies", "run", None, None, ", ".join(map(str, cfg.train.ema.decays)))
+        if cfg.sample.num_images > 0:
+            self.add("sample", "new", None, steps, f"{cfg.sample.num_images} images, {cfg.sampler.name}, "
+                     f"guidance={cfg.guidance.name}" + (f" x{cfg.guidance.scale:g}" if cfg.guidance.name != "none" else ""))
+        if cfg.eval.num_samples > 0 and cfg.mode.name != "sample":
+            data_cfg = OmegaConf.merge(model.cfg, {"paths": cfg.paths, "eval": cfg.eval})
+            if "classifier" in cfg.eval.extractors and dataset_classes(data_cfg.dataset) > 0:
+                settings = eval_classifier_settings(data_cfg)
+                key = artifact_key(settings)
+                found = self.cache.find(EVAL_CLASSIFIER_STAGE, settings)
+                self.add("evaluation classifier", "cache" if found else "train", key, settings["steps"],
+                         f"{data_cfg.dataset.name}, feature extractor of fd_classifier")
+            self.add("evaluate", "new", None, steps, f"{cfg.eval.num_samples} samples, {', '.join(cfg.eval.extractors)}")
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def classifier_lookup_cfg(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
+    """The config of the classifier that guides a model: the model's data, schedule and training,
+    with this run's classifier settings and seed (what `mode=classifier` with them trains)."""
+    return _prerequisite_cfg(OmegaConf.merge(model_cfg, {"classifier": cfg.classifier, "seed": cfg.seed,
+                                                         "paths": cfg.paths, "mode": {"name": "classifier"}}))
+
+
+def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1) -> Plan:
+    """Check the config and list the run's steps; a UserError names the first mistake."""
+    check_known_keys(cfg)
+    check_finite(cfg)
+    validate(cfg)
+    validate_batch_splits(cfg, world_size)
+    builder = PlanBuilder(cfg, run_dir)
+    mode = cfg.mode.name
+    if mode == "evaluate" and cfg.eval.num_samples <= 0:
+        raise UserError(f"mode=evaluate with eval.num_samples={cfg.eval.num_samples} has nothing to measure: add e.g. "
+                        "eval.num_samples=2000.")
+    if mode == "reconstruction":
+        builder.autoencoder(main=True)
+    elif mode == "classifier":
+        ae_key = builder.autoencoder(main=False) if cfg.autoencoder.name != "none" else None
+        if dataset_classes(cfg.dataset) < 2:
+            raise UserError("mode=classifier needs a data set with at least 2 classes: use a labelled data set "
+                            "(a folder needs one sub-folder per class).")
+        settings = classifier_settings(cfg, ae_key, init_key(cfg))
+        source, key = _trained_source(builder.cache, "classifier", settings, cfg, resumes_training(cfg, run_dir))
+        builder.add("classifier", source, key, cfg.classifier.max_steps, "noise-aware")
+    else:
+        model = builder.model()
+        builder.guidance(model)
+        builder.sampling(model)
+    return builder.plan
+
+
+# ---------------------------------------------------------------- obtaining what the plan lists
+
+def obtain_autoencoder(cfg: DictConfig, stage_dir: Path, device: torch.device, main: bool = False) -> Artifact:
+    """ckpt.autoencoder when given, else the cached autoencoder of these settings, else one
+    trained now in stage_dir (and cached)."""
+    if not main:
+        cfg = _prerequisite_cfg(cfg)
+    resumes = main and resumes_training(cfg, stage_dir)
+    return obtain(ArtifactCache(cfg.paths.cache_dir), "autoencoder",
+                  autoencoder_settings(cfg, init_key(cfg) if main else None),
+                  lambda: train_autoencoder(cfg, stage_dir, device), reuse=cfg.train.reuse and not resumes,
+                  other_code=cfg.train.reuse_other_code, given=cfg.ckpt.autoencoder, given_name="ckpt.autoencoder",
+                  what=f"{cfg.autoencoder.name} autoencoder")
+
+
+def load_artifact_latent_space(artifact: Artifact, cfg: DictConfig, device: torch.device) -> LatentSpace:
+    name = "ckpt.autoencoder" if artifact.source == "given" else "the cached autoencoder"
+    return load_latent_space(artifact.path, cfg, device, name, artifact.key, file_digest(artifact.path))
+
+
+def obtain_latent_space(cfg: DictConfig, run_dir: Path, device: torch.device) -> tuple[LatentSpace, dict]:
+    """The latent space of a latent run, and what its metrics.json says about it."""
+    artifact = obtain_autoencoder(cfg, run_dir / "autoencoder", device)
+    space = load_artifact_latent_space(artifact, cfg, device)
+    record = {"autoencoder_source": artifact.source, "autoencoder_trained": artifact.trained,
+              "autoencoder_key": artifact.key, "autoencoder_checkpoint": str(artifact.path),
+              "latent_shape": list(space.shape), "latent_scale": space.scale}
+    return space, record
+
+
+def obtain_guidance_classifier(cfg: DictConfig, model: DiffusionModel, run_dir: Path, device: torch.device,
+                               own: Optional[str] = None) -> tuple[Optional[torch.nn.Module], dict]:
+    """The classifier of guidance=classifier: ckpt.classifier, else the model's own (a joint
+    model), else the cached one trained by mode=classifier with the model's data and schedule,
+    else one trained now in run_dir/classifier with those settings (and cached). (None, {}) for
+    other guidance."""
+    if cfg.guidance.name != "classifier":
+        return None, {}
+    path = cfg.ckpt.classifier or own
+    if path is None and cfg.mode.name in LOADING_MODES and model.cfg.mode.name == "joint":
+        path = cfg.ckpt.model  # a joint checkpoint carries its classifier
+    record: dict = {"classifier_source": "given" if cfg.ckpt.classifier else "run"}
+    if path is None:
+        lookup = classifier_lookup_cfg(cfg, model.cfg)
+        settings = classifier_settings(lookup, model.latent.key if model.latent else None)
+        artifact = obtain(ArtifactCache(cfg.paths.cache_dir), "classifier", settings,
+                          lambda: train_classifier(lookup, run_dir / "classifier", device, model.latent),
+                          reuse=lookup.train.reuse, other_code=lookup.train.reuse_other_code,
+                          what="noise-aware classifier for classifier guidance")
+        path = str(artifact.path)
+        record = {"classifier_source": artifact.source, "classifier_key": artifact.key}
+    record["classifier_checkpoint"] = str(path)
+    classifier, _, _ = load_classifier(path, device)
+    return classifier, record

@@ -1,0 +1,223 @@
+"""What a trained model is, built from its checkpoint: a diffusion model (network, process,
+latent space, conditioning), the latent space of an autoencoder, the noise-aware classifier.
+
+A checkpoint carries the resolved config that built its network, so these rebuild the exact
+network without the user repeating its settings. Nothing here trains or caches: the training
+stages make these checkpoints, the plan decides which to load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from difflab.checkpoint import load_checkpoint
+from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, make_betas
+from difflab.errors import UserError
+from difflab.models import NoisyClassifier, build_classifier, build_unet
+from difflab.models.autoencoder import Autoencoder, build_autoencoder
+
+ENCODE_BATCH = 256
+DIFFUSION_STAGES = ("diffusion", "joint")
+CLASSIFIER_STAGES = ("classifier", "joint")
+
+
+def build_process(cfg: DictConfig) -> GaussianDiffusion:
+    s = cfg.schedule
+    betas = make_betas(s.name, s.T, s.beta_start, s.beta_end, s.cosine_s, s.dns_offset, s.zero_terminal_snr)
+    return GaussianDiffusion(betas, cfg.objective.prediction)
+
+
+def build_denoiser_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    return build_unet(cfg.unet, in_channels=shape[0], image_size=shape[1], num_classes=num_classes)
+
+
+def model_meta(shape: tuple[int, int, int], num_classes: int, label_dropout: float) -> dict:
+    return {"shape": list(shape), "num_classes": num_classes, "label_dropout": label_dropout}
+
+
+class JointModule(nn.Module):
+    """The diffusion network and the classifier as one module, so one optimizer, one EMA and one
+    checkpoint hold both (state-dict keys `unet.*` and `classifier.*`)."""
+
+    def __init__(self, unet: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.unet, self.classifier = unet, classifier
+
+
+def network_weights(state: dict, part: str) -> Optional[dict]:
+    """The EMA weights of network `part` (unet, classifier or autoencoder) in a checkpoint, or
+    None when it has no such network. A joint checkpoint holds the unet and classifier under
+    prefixes, an autoencoder checkpoint its autoencoder beside its discriminator."""
+    stage, weights = state.get("stage"), state["ema"]["model"]
+    own = {"diffusion": "unet", "classifier": "classifier"}.get(stage)
+    if own == part:
+        return weights
+    if (stage == "joint" and part in ("unet", "classifier")) or (stage == "autoencoder" and part == "autoencoder"):
+        prefix = f"{part}."
+        return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+    return None
+
+
+def init_network(net: nn.Module, state: dict, part: str, source: str) -> None:
+    """Load the `part` weights of checkpoint `state` into `net`, naming any shape that differs."""
+    weights = network_weights(state, part)
+    if weights is None:
+        raise UserError(f"{source} holds a {state.get('stage')!r} model, which has no {part} network: initialise "
+                        f"from a checkpoint that has one.")
+    own = net.state_dict()
+    for name, tensor in own.items():
+        theirs = weights.get(name)
+        if theirs is None or tuple(theirs.shape) != tuple(tensor.shape):
+            found = "is missing" if theirs is None else f"has shape {list(theirs.shape)}"
+            raise UserError(f"{source}: its {part} weight {name} {found}, but this run's network has shape "
+                            f"{list(tensor.shape)}: initialise from a checkpoint trained with the same network "
+                            "settings, or change them to match it.")
+    extra = sorted(set(weights) - set(own))
+    if extra:
+        raise UserError(f"{source}: its {part} has weights this run's network lacks ({extra[0]}, ...): initialise "
+                        "from a checkpoint trained with the same network settings.")
+    net.load_state_dict(weights)
+
+
+@dataclass
+class LatentSpace:
+    """What a diffusion model needs of its autoencoder: z = encode(x) * scale, x = decode(z / scale)."""
+
+    autoencoder: Autoencoder
+    config: dict  # the autoencoder config group node it was built from
+    image_shape: tuple[int, int, int]
+    scale: float
+    identity: str  # digest of the autoencoder file: names what encoded latents are derived from
+    key: str  # the autoencoder's artifact key: names the models trained in this latent space
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.autoencoder.latent_shape
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.cat([self.autoencoder.encode(xb).float() for xb in x.split(ENCODE_BATCH)]) * self.scale
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.cat([self.autoencoder.decode(zb / self.scale).float() for zb in z.split(ENCODE_BATCH)])
+
+    def state(self) -> dict:
+        return {"config": self.config, "image_shape": list(self.image_shape), "latent_scale": self.scale,
+                "identity": self.identity, "key": self.key, "weights": self.autoencoder.state_dict()}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> LatentSpace:
+        shape = tuple(state["image_shape"])
+        autoencoder = build_autoencoder(OmegaConf.create(state["config"]), shape[0], shape[1])
+        autoencoder.load_state_dict(state["weights"])
+        return cls(autoencoder.to(device).eval().requires_grad_(False), state["config"], shape,
+                   state["latent_scale"], state["identity"], state.get("key", state["identity"]))
+
+
+@dataclass
+class DiffusionModel:
+    """A trained (EMA) network with everything needed to sample from it."""
+
+    net: nn.Module
+    process: GaussianDiffusion
+    cfg: DictConfig  # the config the network was trained with
+    shape: tuple[int, int, int]  # C, H, W of what the network denoises
+    num_classes: int  # 0 = unconditional
+    trained_with_label_dropout: bool
+    latent: Optional[LatentSpace] = None  # None = pixel space
+
+    def denoiser(self, y: Optional[Tensor], guidance: DictConfig, clip_x0: bool,
+                 classifier: Optional[nn.Module] = None) -> GuidedDenoiser:
+        """`classifier` is required for guidance=classifier (the plan finds or trains one)."""
+        return GuidedDenoiser(
+            net=self.net, process=self.process, y=y, null_class=self.num_classes,
+            cfg_scale=guidance.scale if guidance.name == "cfg" else 1.0,
+            classifier=classifier, classifier_scale=guidance.scale if guidance.name == "classifier" else 0.0,
+            clip_x0=clip_x0 and self.latent is None,  # latents have no [-1, 1] range
+        )
+
+    def decode(self, x: Tensor) -> Tensor:
+        """What the network denoises -> images in [-1, 1]."""
+        return x if self.latent is None else self.latent.decode(x)
+
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] -> what the network denoises."""
+        return x if self.latent is None else self.latent.encode(x)
+
+
+def _require_stage(state: dict, path, allowed: tuple[str, ...], what: str, fix: str) -> None:
+    if state.get("stage") not in allowed:
+        raise UserError(f"The checkpoint {path} holds a {state.get('stage')!r} model, not {what}: {fix}.")
+
+
+def load_diffusion_model(path: str | Path, device: torch.device, given_name: str = "ckpt") -> DiffusionModel:
+    """Rebuild the EMA network of a diffusion (or joint) checkpoint with the config it was trained with."""
+    state = load_checkpoint(path, f"model checkpoint ({given_name})")
+    _require_stage(state, path, DIFFUSION_STAGES, "a diffusion model",
+                           "pass a diffusion run's checkpoints/last.pt")
+    cfg = OmegaConf.create(state["config"])
+    meta = state["meta"]
+    shape = tuple(meta["shape"])
+    net = build_denoiser_net(cfg, shape, meta["num_classes"])
+    net.load_state_dict(network_weights(state, "unet"))
+    latent = LatentSpace.from_state(state["autoencoder"], device) if state.get("autoencoder") else None
+    return DiffusionModel(net.to(device).eval(), build_process(cfg), cfg, shape, meta["num_classes"],
+                          meta["label_dropout"] > 0, latent)
+
+
+def load_classifier(path: str | Path, device: torch.device,
+                    given_name: str = "ckpt.classifier") -> tuple[NoisyClassifier, DictConfig, dict]:
+    """The EMA classifier of a classifier or joint checkpoint, its training config and shape meta."""
+    state = load_checkpoint(path, f"classifier checkpoint ({given_name})")
+    _require_stage(state, path, CLASSIFIER_STAGES, "a classifier",
+                           "pass the checkpoints/last.pt of a mode=classifier or mode=joint run")
+    cfg, meta = OmegaConf.create(state["config"]), state["meta"]
+    num_classes = meta.get("classifier_classes", meta["num_classes"])
+    net = build_classifier(cfg.classifier, meta["shape"][0], meta["shape"][1], num_classes)
+    net.load_state_dict(network_weights(state, "classifier"))
+    return net.to(device).eval().requires_grad_(False), cfg, meta
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def check_autoencoder(state: dict, path, cfg: DictConfig, given_name: str) -> None:
+    """An autoencoder checkpoint fits the run: a trained autoencoder, of this run's kind, for
+    its images, making the latents this run's autoencoder config makes."""
+    if state.get("stage") != "autoencoder" or "latent_scale" not in state:
+        raise UserError(f"{given_name}={path} holds a {state.get('stage')!r} model, not a trained autoencoder: "
+                        "pass the checkpoints/last.pt of a mode=reconstruction run.")
+    trained = OmegaConf.create(state["config"])
+    image_shape = tuple(state["meta"]["image_shape"])
+    here = (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
+    expected = build_autoencoder(cfg.autoencoder, here[0], here[1]).latent_shape
+    found = tuple(state["meta"]["latent_shape"])
+    if image_shape != here or found != expected or trained.autoencoder.name != cfg.autoencoder.name:
+        raise UserError(
+            f"{given_name}={path} is a {trained.autoencoder.name} autoencoder of {_dims(image_shape)} images with "
+            f"{_dims(found)} latents, but this run's autoencoder={cfg.autoencoder.name} and data set make "
+            f"{_dims(expected)} latents of {_dims(here)} images: pass an autoencoder trained with these settings, "
+            "or leave it out to train one.")
+
+
+def load_latent_space(path: Path, cfg: DictConfig, device: torch.device, given_name: str, key: str,
+                      identity: str) -> LatentSpace:
+    """The autoencoder checkpoint at `path` (checked against the run's autoencoder and data set)
+    as a latent space; `key` is its artifact key, `identity` the digest of its file."""
+    state = load_checkpoint(path, f"autoencoder checkpoint ({given_name})")
+    check_autoencoder(state, path, cfg, given_name)
+    trained = OmegaConf.create(state["config"])
+    image_shape = tuple(state["meta"]["image_shape"])
+    autoencoder = build_autoencoder(trained.autoencoder, image_shape[0], image_shape[1])
+    autoencoder.load_state_dict(network_weights(state, "autoencoder"))
+    return LatentSpace(autoencoder.to(device).eval().requires_grad_(False),
+                       OmegaConf.to_container(trained.autoencoder, resolve=True), image_shape,
+                       float(state["latent_scale"]), identity, key)
