@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from conftest import read_metrics, run_py, tiny_overrides
 from omegaconf import OmegaConf
 
+from difflab import distributed as dist
 from difflab.config import TrainConfig
 from difflab.models import build_unet
-from difflab import distributed as dist
 from difflab.train.loop import StepBatches, Trainer
 
 DATA, GLOBAL_BATCH, STEPS = 16, 8, 2

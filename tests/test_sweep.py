@@ -165,10 +165,16 @@ def test_guidance_sweep_in_parallel_trains_once(tmp_path, shapes_dir):
     assert all((sweep_dir / r["job"] / "samples" / "grid.png").is_file() for r in rows)
 
 
-def test_ema_decay_sweep_is_one_training(tmp_path, shapes_dir):
+LATENT = ["autoencoder=kl", "autoencoder.channels=16", "autoencoder.train.max_steps=8",
+          "autoencoder.train.batch_size=8", "autoencoder.train.warmup_steps=2"]
+
+
+@pytest.mark.parametrize("kind", [[], ["mode=joint"], LATENT], ids=["pixel", "joint", "latent"])
+def test_ema_decay_sweep_is_one_training(tmp_path, shapes_dir, kind):
+    """Every training mode: pixel and latent, diffusion and joint (whose copies hold the classifier too)."""
     sweep_dir = tmp_path / "sweep"
-    sweep("+sweep=ema_decay", *tiny_overrides(shapes_dir, tmp_path / "cache"), "train.threads=1", "train.ema.warmup=false",
-          f"hydra.sweep.dir={sweep_dir}")
+    sweep("+sweep=ema_decay", *tiny_overrides(shapes_dir, tmp_path / "cache"), *kind, "train.threads=1",
+          "train.ema.warmup=false", f"hydra.sweep.dir={sweep_dir}")
     assert [p.name for p in sweep_dir.iterdir() if p.is_dir()] == ["0"]
     metrics = read_metrics(sweep_dir / "0")
     assert metrics["trained"] is True

@@ -11,9 +11,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.config import TrainConfig
 from difflab.errors import UserError
-from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.train.ema import EMA
 from difflab.train.loop import EarlyStopper, StepBatches, Trainer, lr_lambda, split_batch
 

@@ -18,10 +18,10 @@ from typing import NoReturn, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from difflab import distributed as dist
 from difflab.config import register_configs
 from difflab.errors import TrainingInterrupted, UserError
 from difflab.sweep.named import register_named_sweeps
-from difflab import distributed as dist
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 

@@ -12,6 +12,9 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from difflab.diffusion.samplers import SAMPLERS
+from difflab.diffusion.schedules import SCHEDULES
+
 
 @dataclass
 class AugmentationConfig:
@@ -259,8 +262,8 @@ GROUP_SCHEMAS = {
 CHOICES = {
     "dataset.name": ("mnist", "fashion_mnist", "cifar10", "cifar100", "folder"),
     "autoencoder.name": ("none", "kl", "vq"),
-    "schedule.name": ("linear", "cosine", "dns"),
-    "sampler.name": ("ddpm", "ddim", "dpmpp_2m"),
+    "schedule.name": tuple(SCHEDULES),
+    "sampler.name": tuple(SAMPLERS),
     "guidance.name": ("none", "classifier", "cfg"),
     "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate"),
     "objective.prediction": ("eps", "x0", "v"),

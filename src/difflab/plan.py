@@ -25,18 +25,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencoder_settings, classifier_settings,
                                diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
 from difflab.checkpoint import load_checkpoint
-from difflab.config import (Config, autoencoder_train_config, classifier_train_config, validate,
-                            validate_batch_splits)
+from difflab.config import Config, autoencoder_train_config, classifier_train_config, validate, validate_batch_splits
 from difflab.data import dataset_classes
 from difflab.diffusion import respaced_timesteps
 from difflab.errors import UserError
 from difflab.evaluate.feature_classifier import STAGE as EVAL_CLASSIFIER_STAGE
 from difflab.evaluate.feature_classifier import classifier_settings as eval_classifier_settings
+from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
-from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, DiffusionModel, LatentSpace, check_autoencoder,
-                             load_classifier, load_latent_space, network_weights)
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
+from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, DiffusionModel, LatentSpace, build_denoiser_net,
+                             check_autoencoder, init_weights, load_classifier, load_latent_space)
 
 log = logging.getLogger("difflab")
 
@@ -158,7 +158,20 @@ def _denoised_shape(cfg: DictConfig) -> tuple[int, int, int]:
     return tuple(build_autoencoder(cfg.autoencoder, cfg.dataset.channels, cfg.dataset.image_size).latent_shape)
 
 
+def _stage_network(cfg: DictConfig, part: str) -> torch.nn.Module:
+    """The network of `part` this run's stage builds, on the meta device (shapes, no memory)."""
+    with torch.device("meta"):
+        if part == "autoencoder":
+            return build_autoencoder(cfg.autoencoder, cfg.dataset.channels, cfg.dataset.image_size)
+        shape, classes = _denoised_shape(cfg), dataset_classes(cfg.dataset)
+        if part == "classifier":
+            return build_classifier(cfg.classifier, shape[0], shape[1], classes)
+        return build_denoiser_net(cfg, shape, classes if cfg.objective.class_conditional else 0)
+
+
 def init_key(cfg: DictConfig) -> Optional[str]:
+    """The key train.init_from enters the stage's artifact key with, after checking that the
+    checkpoint holds the stage's networks in this run's shapes."""
     path = cfg.train.init_from
     if not path:
         return None
@@ -166,9 +179,10 @@ def init_key(cfg: DictConfig) -> Optional[str]:
     if part is None:
         raise UserError(f"train.init_from is given but mode={cfg.mode.name} trains nothing: leave it out.")
     state = load_checkpoint(path, "checkpoint to initialise from (train.init_from)")
-    if network_weights(state, part) is None:
-        raise UserError(f"train.init_from={path} holds a {state.get('stage')!r} model, which has no {part} network for "
-                        f"mode={cfg.mode.name}: initialise from a checkpoint that has one.")
+    source = f"train.init_from={path}"
+    init_weights(_stage_network(cfg, part), state, part, source)
+    if cfg.mode.name == "joint" and state.get("stage") == "joint":
+        init_weights(_stage_network(cfg, "classifier"), state, "classifier", source)
     return f"file-{file_digest(Path(path).expanduser())}"
 
 

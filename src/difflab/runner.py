@@ -21,14 +21,14 @@ from difflab.data import load_splits
 from difflab.errors import UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies, validation_batch
 from difflab.evaluate.metrics import evaluate_model
-from difflab.plan import (init_key, resumes_training, build_plan, load_artifact_latent_space,
-                          obtain_autoencoder, obtain_guidance_classifier, obtain_latent_space)
+from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
+                          obtain_guidance_classifier, obtain_latent_space, resumes_training)
 from difflab.record import write_metrics
 from difflab.sampling import sample_and_write, sample_images
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
-from difflab.trained import DiffusionModel, load_diffusion_model
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
+from difflab.trained import DiffusionModel, load_diffusion_model
 
 log = logging.getLogger("difflab")
 

@@ -64,8 +64,9 @@ def network_weights(state: dict, part: str) -> Optional[dict]:
     return None
 
 
-def init_network(net: nn.Module, state: dict, part: str, source: str) -> None:
-    """Load the `part` weights of checkpoint `state` into `net`, naming any shape that differs."""
+def init_weights(net: nn.Module, state: dict, part: str, source: str) -> dict:
+    """The `part` weights of checkpoint `state`, checked to fit `net` (a sentence naming any
+    shape that differs); `net` may live on the meta device."""
     weights = network_weights(state, part)
     if weights is None:
         raise UserError(f"{source} holds a {state.get('stage')!r} model, which has no {part} network: initialise "
@@ -82,7 +83,12 @@ def init_network(net: nn.Module, state: dict, part: str, source: str) -> None:
     if extra:
         raise UserError(f"{source}: its {part} has weights this run's network lacks ({extra[0]}, ...): initialise "
                         "from a checkpoint trained with the same network settings.")
-    net.load_state_dict(weights)
+    return weights
+
+
+def init_network(net: nn.Module, state: dict, part: str, source: str) -> None:
+    """Start `net` from the `part` weights of checkpoint `state`."""
+    net.load_state_dict(init_weights(net, state, part, source))
 
 
 @dataclass

@@ -16,8 +16,6 @@ from torch import Tensor
 
 from difflab.diffusion.process import GaussianDiffusion
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-
 OnStep = Callable[[int, Tensor, Tensor], None]  # (step index, x_t, x0_hat)
 
 
@@ -108,7 +106,8 @@ def dpmpp_2m(denoiser: Denoiser, process: GaussianDiffusion, x: Tensor, ts: list
     return x
 
 
-SAMPLER_FNS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
+# The registry of sampler.name: a new sampler is its function here plus its conf/sampler/ YAML.
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
 
 
 def run_sampler(name: str, denoiser: Denoiser, process: GaussianDiffusion, noise: Tensor,
@@ -116,11 +115,11 @@ def run_sampler(name: str, denoiser: Denoiser, process: GaussianDiffusion, noise
                 on_step: OnStep | None = None) -> Tensor:
     """Sample from noise x_T. Gradients stay off except where the denoiser enables them
     (classifier guidance differentiates through the classifier only)."""
-    if name not in SAMPLER_FNS:
+    if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}.")
     ts = respaced_timesteps(process.T, steps)
     # inference_mode skips autograd's version counters and views bookkeeping; classifier guidance
     # differentiates the classifier, which tensors made under inference_mode cannot enter.
     guided = getattr(denoiser, "classifier", None) is not None
     with torch.no_grad() if guided else torch.inference_mode():
-        return SAMPLER_FNS[name](denoiser, process, noise, ts, eta=eta, generator=generator, on_step=on_step)
+        return SAMPLERS[name](denoiser, process, noise, ts, eta=eta, generator=generator, on_step=on_step)

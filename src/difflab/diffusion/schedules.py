@@ -7,10 +7,9 @@ to well below float32 resolution; the process casts to float32 when it builds it
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
-
-SCHEDULES = ("linear", "cosine", "dns")
 
 
 def linear_betas(T: int, low: float = 1e-4, high: float = 0.02) -> torch.Tensor:
@@ -53,6 +52,15 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+# The registry of schedule.name: T and the schedule block's values -> betas. A new schedule is
+# its function here plus its conf/schedule/ YAML.
+SCHEDULES: dict[str, Callable[[int, dict], torch.Tensor]] = {
+    "linear": lambda T, p: linear_betas(T, p["beta_start"], p["beta_end"]),
+    "cosine": lambda T, p: cosine_betas(T, p["cosine_s"]),
+    "dns": lambda T, p: dns_betas(T, p["beta_start"], p["beta_end"], p["dns_offset"]),
+}
+
+
 def make_betas(
     name: str,
     T: int,
@@ -64,14 +72,10 @@ def make_betas(
 ) -> torch.Tensor:
     if T < 2:
         raise ValueError(f"schedule.T must be at least 2, got {T}: set schedule.T=1000.")
-    if name == "linear":
-        betas = linear_betas(T, beta_start, beta_end)
-    elif name == "cosine":
-        betas = cosine_betas(T, cosine_s)
-    elif name == "dns":
-        betas = dns_betas(T, beta_start, beta_end, dns_offset)
-    else:
+    if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}.")
+    betas = SCHEDULES[name](T, {"beta_start": beta_start, "beta_end": beta_end, "cosine_s": cosine_s,
+                                "dns_offset": dns_offset})
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return betas

@@ -14,8 +14,8 @@ from omegaconf import DictConfig
 from difflab.checkpoint import load_checkpoint
 from difflab.data import load_splits
 from difflab.sampling import sample_images, write_samples
-from difflab.trained import DiffusionModel, network_weights
 from difflab.train.stages import ValBatch, fixed_val_batch, held_out_loss
+from difflab.trained import DiffusionModel, network_weights
 
 log = logging.getLogger("difflab.ema")
 

@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from difflab.artifacts import ArtifactCache, dataset_settings, obtain
+from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.config import EMAConfig, TrainConfig
 from difflab.data import ImageData, load_splits, to_model_range
 from difflab.models import count_parameters
-from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.train.loop import StepBatches, Trainer
 
 log = logging.getLogger("difflab.evaluate")

@@ -22,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from difflab.artifacts import settings_key
-from difflab.evaluate.extractors import (Extractor, FidelityImages, classifier_extractor,
-                                         find_inception_weights, inception_extractor)
-from difflab.evaluate.feature_classifier import LoadedClassifier, accuracy, classifier_settings, feature_classifier, real_splits
+from difflab.evaluate.extractors import (Extractor, FidelityImages, classifier_extractor, find_inception_weights,
+                                         inception_extractor)
+from difflab.evaluate.feature_classifier import (LoadedClassifier, accuracy, classifier_settings, feature_classifier,
+                                                 real_splits)
 
 if TYPE_CHECKING:
     from difflab.sampling import SampleResult

@@ -17,9 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from difflab import distributed as dist
 from difflab.errors import UserError
 from difflab.record import read_metrics, write_metrics
-from difflab import distributed as dist
 
 log = logging.getLogger("difflab")
 

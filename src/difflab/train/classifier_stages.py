@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from difflab.config import classifier_train_config
 from difflab.errors import UserError
 from difflab.models import build_classifier, count_parameters
-from difflab.trained import JointModule, LatentSpace, init_network, model_meta
 from difflab.train.loop import Trainer, TrainResult
 from difflab.train.stages import DiffusionStage, NoisyDataStage, init_source
+from difflab.trained import JointModule, LatentSpace, init_network, model_meta
 
 log = logging.getLogger("difflab.stages")
 

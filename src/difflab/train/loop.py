@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from difflab.errors import TrainingInterrupted, UserError
-from difflab.models.layers import set_gradient_checkpointing
 from difflab import distributed as dist
 from difflab.checkpoint import atomic_save, load_checkpoint
+from difflab.errors import TrainingInterrupted, UserError
+from difflab.models.layers import set_gradient_checkpointing
 from difflab.train.ema import EMA, extra_decays
 
 log = logging.getLogger("difflab.train")

@@ -15,9 +15,9 @@ from difflab import distributed as dist
 from difflab.pictures import class_rows, save_accuracy_curve, save_loss_curve
 from difflab.record import write_loss_csv
 from difflab.sampling import sample_images
-from difflab.trained import LatentSpace
 from difflab.train.classifier_stages import ClassifierStage, JointStage, accuracy_by_band
 from difflab.train.stages import DiffusionStage
+from difflab.trained import LatentSpace
 
 log = logging.getLogger("difflab")
 

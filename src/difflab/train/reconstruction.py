@@ -22,13 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from difflab import distributed as dist
 from difflab.config import autoencoder_batch_key, autoencoder_train_config
 from difflab.data import ImageData, augment_batch, load_splits, to_model_range, to_uint8
-from difflab.pictures import save_loss_curve, save_png
 from difflab.models import count_parameters
 from difflab.models.autoencoder import Autoencoder, VQAutoencoder, build_autoencoder, codebook_stats
 from difflab.models.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
-from difflab import distributed as dist
+from difflab.pictures import save_loss_curve, save_png
 from difflab.train.loop import StepBatches, Trainer
 from difflab.train.stages import init_source
 from difflab.trained import init_network

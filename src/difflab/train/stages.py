@@ -18,9 +18,8 @@ from difflab.data import ImageData, augment_batch, load_splits, to_model_range
 from difflab.data.latents import cached_latents
 from difflab.diffusion import GaussianDiffusion
 from difflab.models import count_parameters
-from difflab.trained import (DiffusionModel, LatentSpace, build_denoiser_net, build_process, init_network,
-                             model_meta)
 from difflab.train.loop import StepBatches, Trainer, TrainResult
+from difflab.trained import DiffusionModel, LatentSpace, build_denoiser_net, build_process, init_network, model_meta
 
 log = logging.getLogger("difflab.stages")
 
