@@ -73,6 +73,8 @@ def test_checkpoints_of_the_wrong_kind_are_refused_at_start(diffusion_ckpt, shap
         ([*AE, f"ckpt.autoencoder={diffusion_ckpt}"], "holds a 'diffusion' model, not a trained autoencoder"),
         (["guidance=classifier", f"ckpt.classifier={diffusion_ckpt}"], "holds a 'diffusion' model, not a classifier"),
         (["mode=joint", f"train.init_from={REPO / 'pyproject.toml'}"], "could not be read"),
+        (["mode=sample", f"ckpt={diffusion_ckpt}", "guidance=cfg"], "it was trained without label dropout"),
+        (["mode=sample", f"ckpt={diffusion_ckpt}", "sampler.steps=51"], "must be between 1 and the model's schedule.T=50"),
     ]
     for i, (overrides, needle) in enumerate(cases):
         run_dir = tmp_path / str(i)
@@ -129,11 +131,13 @@ def test_init_from_starts_the_joint_stage_from_the_diffusion_model(diffusion_ckp
     losses = []
     for net in (stage.joint.unet, teacher.net):
         torch.manual_seed(0)
-        losses.append(float(DiffusionStage.loss(stage, net, batch)))
+        with torch.no_grad():
+            losses.append(float(DiffusionStage.loss(stage, net, batch)))
     assert losses[0] == losses[1]  # the joint stage's first diffusion loss is the checkpoint's
     fresh = JointStage(OmegaConf.merge(cfg, {"train": {"init_from": None}}), tmp_path, torch.device("cpu"))
     torch.manual_seed(0)
-    assert float(DiffusionStage.loss(fresh, fresh.joint.unet, batch)) != losses[0]
+    with torch.no_grad():
+        assert float(DiffusionStage.loss(fresh, fresh.joint.unet, batch)) != losses[0]
 
     run_dir, plain = tmp_path / "joint", tmp_path / "plain"
     proc = run_py(*overrides, "sample.num_images=0", f"hydra.run.dir={run_dir}")

@@ -12,6 +12,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from difflab.checkpoint import atomic_write
+
 
 def class_rows(images: Tensor, labels: Optional[Tensor], per_row: int = 10, max_rows: int = 10) -> Tensor:
     """Up to `per_row` images of each class, one class per row (uint8 N,C,H,W in, grid out).
@@ -34,8 +36,7 @@ def save_png(grid: Tensor, path: str | Path, min_size: int = 256) -> None:
     scale = max(1, -(-min_size // max(img.size)))  # ceil
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_denoising(frames: Sequence[Tensor], folder: str | Path, gif_path: str | Path, duration_ms: int = 120) -> None:
@@ -48,7 +49,16 @@ def save_denoising(frames: Sequence[Tensor], folder: str | Path, gif_path: str |
         save_png(frame, folder / f"frame_{i:03d}.png", min_size=1024)
         pil.append(Image.open(folder / f"frame_{i:03d}.png").convert("P"))
     durations = [duration_ms] * (len(pil) - 1) + [duration_ms * 15]
-    pil[0].save(gif_path, save_all=True, append_images=pil[1:], duration=durations, loop=0)
+    atomic_write(gif_path, lambda f: pil[0].save(f, format="GIF", save_all=True, append_images=pil[1:],
+                                                 duration=durations, loop=0))
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """A matplotlib figure to `path`, in the format its suffix names, and closed."""
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:]))
+    plt.close(fig)
 
 
 def save_loss_curve(history: Sequence[tuple[int, float]], path: str | Path,
@@ -71,8 +81,7 @@ def save_loss_curve(history: Sequence[tuple[int, float]], path: str | Path,
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_accuracy_curve(by_band: dict[str, float], path: str | Path) -> None:
@@ -91,5 +100,4 @@ def save_accuracy_curve(by_band: dict[str, float], path: str | Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

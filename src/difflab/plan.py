@@ -35,7 +35,7 @@ from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
-from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, DiffusionModel, LatentSpace, build_denoiser_net,
+from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, LatentSpace, build_denoiser_net,
                              check_autoencoder, init_weights, load_classifier, load_latent_space)
 
 log = logging.getLogger("difflab")
@@ -393,27 +393,29 @@ def obtain_latent_space(cfg: DictConfig, run_dir: Path, device: torch.device) ->
     return space, record
 
 
-def obtain_guidance_classifier(cfg: DictConfig, model: DiffusionModel, run_dir: Path, device: torch.device,
-                               own: Optional[str] = None) -> tuple[Optional[torch.nn.Module], dict]:
-    """The classifier of guidance=classifier: ckpt.classifier, else the model's own (a joint
-    model), else the cached one trained by mode=classifier with the model's data and schedule,
-    else one trained now in run_dir/classifier with those settings (and cached). (None, {}) for
-    other guidance."""
+def obtain_guidance_classifier(cfg: DictConfig, model_cfg: DictConfig, latent: Optional[LatentSpace], run_dir: Path,
+                               device: torch.device, own: Optional[str] = None) -> tuple[Optional[torch.nn.Module], dict]:
+    """The classifier of guidance=classifier for a model trained with `model_cfg` in `latent`
+    space: ckpt.classifier, else the model's own (`own`: a joint model), else the cached one
+    trained by mode=classifier with the model's data and schedule, else one trained now in
+    run_dir/classifier with those settings (and cached). (None, {}) for other guidance. Under
+    torchrun every rank calls it: a classifier trained now trains on all of them."""
     if cfg.guidance.name != "classifier":
         return None, {}
-    path = cfg.ckpt.classifier or own
-    if path is None and cfg.mode.name in LOADING_MODES and model.cfg.mode.name == "joint":
-        path = cfg.ckpt.model  # a joint checkpoint carries its classifier
-    record: dict = {"classifier_source": "given" if cfg.ckpt.classifier else "run"}
-    if path is None:
-        lookup = classifier_lookup_cfg(cfg, model.cfg)
-        settings = classifier_settings(lookup, model.latent.key if model.latent else None)
+    if cfg.ckpt.classifier:
+        path, record = cfg.ckpt.classifier, {"classifier_source": "given"}
+    elif own:
+        path, record = own, {"classifier_source": "run"}
+    elif cfg.mode.name in LOADING_MODES and model_cfg.mode.name == "joint":
+        path, record = cfg.ckpt.model, {"classifier_source": "given"}  # a joint checkpoint carries its classifier
+    else:
+        lookup = classifier_lookup_cfg(cfg, model_cfg)
+        settings = classifier_settings(lookup, latent.key if latent else None)
         artifact = obtain(ArtifactCache(cfg.paths.cache_dir), "classifier", settings,
-                          lambda: train_classifier(lookup, run_dir / "classifier", device, model.latent),
+                          lambda: train_classifier(lookup, run_dir / "classifier", device, latent),
                           reuse=lookup.train.reuse, other_code=lookup.train.reuse_other_code,
                           what="noise-aware classifier for classifier guidance")
-        path = str(artifact.path)
-        record = {"classifier_source": artifact.source, "classifier_key": artifact.key}
-    record["classifier_checkpoint"] = str(path)
+        path, record = str(artifact.path), {"classifier_source": artifact.source, "classifier_key": artifact.key}
+    record["classifier_checkpoint"] = str(Path(path).expanduser().resolve())
     classifier, _, _ = load_classifier(path, device)
     return classifier, record

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from difflab.checkpoint import atomic_write, atomic_write_json
+from difflab.checkpoint import atomic_write_json, atomic_write_text
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -22,5 +22,4 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
 def write_loss_csv(path: Path, train: list, val: list) -> None:
     """step,split,loss rows."""
     rows = [f"{s},train,{v:.6g}" for s, v in train] + [f"{s},val,{v:.6g}" for s, v in val]
-    text = "step,split,loss\n" + "\n".join(rows) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_text(path, "step,split,loss\n" + "\n".join(rows) + "\n")

@@ -60,10 +60,9 @@ def balanced_sampler(model: DiffusionModel, cfg: DictConfig, device: torch.devic
 
 
 def sample_and_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, model: DiffusionModel,
-                        checkpoint: str, writer, step: int = 0, own_classifier: Optional[str] = None) -> dict:
+                        classifier: Optional[torch.nn.Module], checkpoint: str, writer, step: int = 0) -> dict:
     """The samples, guided as the run asks, and their evaluation when eval.num_samples > 0."""
-    classifier, metrics = obtain_guidance_classifier(cfg, model, run_dir, device, own_classifier)
-    metrics.update(sample_and_write(model, cfg, run_dir, device, writer, step, classifier))
+    metrics = sample_and_write(model, cfg, run_dir, device, writer, step, classifier)
     if cfg.eval.num_samples > 0:
         metrics.update(evaluate_model(model, cfg, device, checkpoint, balanced_sampler(model, cfg, device, classifier),
                                       writer, step))
@@ -83,17 +82,19 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
                       lambda: train_diffusion(cfg, run_dir, device, writer, latent),
                       reuse=cfg.train.reuse and not resumes_training(cfg, run_dir), other_code=cfg.train.reuse_other_code,
                       what="joint diffusion model and classifier" if joint else "diffusion model")
+    classifier, classifier_record = obtain_guidance_classifier(cfg, cfg, latent, run_dir, device,
+                                                               str(artifact.path) if joint else None)
     if not dist.is_main():  # sampling and evaluation are rank 0's
         return {}
     model = load_diffusion_model(str(artifact.path), device)
-    metrics = {**artifact.record["metrics"], **latent_record, "trained": artifact.trained}
+    metrics = {**artifact.record["metrics"], **latent_record, **classifier_record, "trained": artifact.trained}
     if not artifact.trained:
         metrics["checkpoint"] = str(artifact.path)
     metrics.update({"stage": cfg.mode.name, "artifact_key": artifact.key})
     if cfg.train.init_from:
         metrics["init_from"] = str(Path(cfg.train.init_from).expanduser().resolve())
-    metrics.update(sample_and_evaluate(cfg, run_dir, device, model, metrics["checkpoint"], writer, metrics["steps"],
-                                       str(artifact.path) if joint else None))
+    metrics.update(sample_and_evaluate(cfg, run_dir, device, model, classifier, metrics["checkpoint"], writer,
+                                       metrics["steps"]))
     if cfg.train.ema.decays:
         metrics["ema"] = evaluate_ema_copies(cfg, run_dir, Path(metrics["checkpoint"]), model, device,
                                              validation_batch(model, cfg.paths.cache_dir, device))
@@ -138,7 +139,7 @@ def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> 
 def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     model = load_diffusion_model(cfg.ckpt.model, device)
     checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
-    classifier, metrics = obtain_guidance_classifier(cfg, model, run_dir, device)
+    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
     metrics.update({"stage": "sample", "checkpoint": checkpoint})
     metrics.update(sample_and_write(model, cfg, run_dir, device, classifier=classifier))
     return metrics
@@ -148,8 +149,9 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     model = load_diffusion_model(cfg.ckpt.model, device)
     checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
     writer = _writer(run_dir)
-    metrics = {"stage": "evaluate", "checkpoint": checkpoint,
-               **sample_and_evaluate(cfg, run_dir, device, model, checkpoint, writer)}
+    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
+    metrics.update({"stage": "evaluate", "checkpoint": checkpoint,
+                    **sample_and_evaluate(cfg, run_dir, device, model, classifier, checkpoint, writer)})
     writer.close()
     return metrics
 

@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from difflab.checkpoint import atomic_copy
+
 log = logging.getLogger("difflab")
 
 HERE = Path(__file__).parent
@@ -64,7 +66,7 @@ def _build(compiler: str, target: Path) -> None:
         out = Path(tmp) / target.name
         subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(out)], check=True, capture_output=True,
                        text=True, timeout=300)
-        os.replace(out, target)  # atomic: concurrent processes each build, the last rename wins
+        atomic_copy(out, target)  # concurrent processes each build, the last rename wins
 
 
 def _load() -> Optional[ctypes.CDLL]:

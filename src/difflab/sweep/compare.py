@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -25,7 +26,9 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
 from difflab.artifacts import OBSERVATION_KEYS
+from difflab.checkpoint import atomic_write, atomic_write_text
 from difflab.errors import UserError
+from difflab.pictures import save_figure
 
 FILES = ("comparison.md", "comparison.csv", "comparison.png", "comparison_samples.png")
 # Overrides that never change a job's result, so they are not settings a comparison shows.
@@ -148,12 +151,13 @@ def metric_columns(results: list[JobResult]) -> list[str]:
 
 # ---- tables -------------------------------------------------------------------------------
 def write_csv(results: list[JobResult], swept: list[str], metrics: list[str], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["job", "status", *swept, *metrics, "error"])
-        for r in results:
-            writer.writerow([r.name, r.status, *(r.settings.get(k, "") for k in swept),
-                             *("" if r.metrics.get(k) is None else r.metrics[k] for k in metrics), r.error])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["job", "status", *swept, *metrics, "error"])
+    for r in results:
+        writer.writerow([r.name, r.status, *(r.settings.get(k, "") for k in swept),
+                         *("" if r.metrics.get(k) is None else r.metrics[k] for k in metrics), r.error])
+    atomic_write_text(path, text.getvalue())
 
 
 def _cell(value) -> str:
@@ -208,7 +212,7 @@ def write_markdown(results: list[JobResult], swept: list[str], metrics: list[str
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", "![metrics against the swept settings, loss curves](comparison.png)", "",
               "![each job's samples](comparison_samples.png)", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 # ---- pictures -----------------------------------------------------------------------------
@@ -301,8 +305,7 @@ def write_plot(results: list[JobResult], swept: list[str], metrics: list[str], p
     for ax in axes[len(plotted) + 1:]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _fit(img: Image.Image, width: int) -> Image.Image:
@@ -330,7 +333,7 @@ def write_samples_grid(results: list[JobResult], swept: list[str], path: Path, p
         else:
             draw.rectangle([x, y + caption, x + tile, y + caption + cell], fill=(225, 225, 225))
             draw.text((x + 8, y + caption + cell // 2), "no samples", fill="black", font=font)
-    sheet.save(path)
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
 
 
 def write_comparison(folders: list[Path], out: Optional[Path] = None) -> list[Path]:
