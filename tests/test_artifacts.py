@@ -118,3 +118,20 @@ def test_given_artifacts_are_keyed_by_content(tmp_path):
     torch.save({"config": {}}, path)
     given = obtain(ArtifactCache(tmp_path), "autoencoder", SETTINGS, lambda: pytest.fail("trained"), given=str(path))
     assert isinstance(given, Artifact) and given.source == "given" and given.key.startswith("file-")
+
+
+def test_a_run_waiting_for_another_says_for_whom(tmp_path, caplog):
+    script = (
+        "import sys, time\n"
+        "from difflab.artifacts import ArtifactCache\n"
+        f"with ArtifactCache({str(tmp_path / 'cache')!r}).lock('diffusion', 'k'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(2)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with caplog.at_level(logging.INFO, logger="difflab"):
+        with ArtifactCache(tmp_path / "cache").lock("diffusion", "k"):
+            pass
+    holder.wait(timeout=30)
+    assert f"waiting for process {holder.pid} on " in caplog.text and "making this diffusion" in caplog.text

@@ -156,3 +156,31 @@ def test_batches_must_split_over_processes_and_micro_batches(hydra_ctx):
         validate_batch_splits(_compose(["autoencoder=kl", "autoencoder.train.batch_size=30",
                                         "train.grad_accum_steps=4"]), world_size=1)
     validate_batch_splits(_compose(["mode=sample", "train.grad_accum_steps=3"]), world_size=1)  # trains nothing
+
+
+def _numeric_fields(schema, prefix: str = ""):
+    """Dotted keys of every int or float setting (or list of them) in a dataclass schema."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        kind, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            yield from _numeric_fields(kind, f"{key}.")
+            continue
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        inner = args[0] if args else kind
+        inner = (typing.get_args(inner) or [inner])[0] if typing.get_origin(inner) in (list, typing.List) else inner
+        if inner in (int, float):
+            yield key
+
+
+def test_every_numeric_setting_has_a_range():
+    from difflab.config import RANGES, Config, GROUP_SCHEMAS
+
+    keys = set(_numeric_fields(Config)) - set(GROUP_SCHEMAS)
+    for group, schema in GROUP_SCHEMAS.items():
+        keys |= {f"{group}.{k}" for k in _numeric_fields(schema)}
+    assert keys - set(RANGES) == set()
+    assert set(RANGES) - keys == set()  # and no entry for a setting that does not exist

@@ -270,6 +270,30 @@ def test_folder_skips_corrupt_file_with_one_warning(tmp_path, caplog):
     assert len(warnings) == 1 and "broken.jpg" in warnings[0].getMessage()
 
 
+def test_a_class_folder_without_a_readable_image_is_no_class(tmp_path, caplog):
+    for cls in ("cat", "dog"):
+        for i in range(2):
+            save_image(tmp_path / cls / f"{i}.png", 10 + i)
+    (tmp_path / "owl").mkdir()
+    (tmp_path / "owl" / "0.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING, logger="difflab.data"):
+        data = load_split(folder_cfg(tmp_path), "train", str(tmp_path / "cache"))
+    assert data.num_classes == 2 and sorted(set(data.labels.tolist())) == [0, 1]
+    assert "Skipped the class folder(s) owl" in caplog.text
+
+
+def test_an_unreadable_file_whose_name_is_not_utf8_is_named_in_the_warning(tmp_path, caplog):
+    for i in range(2):
+        save_image(tmp_path / f"{i}.png", 50 * i)
+    (tmp_path / os.fsdecode(b"caf\xe9.png")).write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING, logger="difflab.data"):
+        data = load_split(folder_cfg(tmp_path), "train", str(tmp_path / "cache"))
+    assert len(data) == 2
+    message = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][0]
+    assert "caf\\udce9.png" in message
+    message.encode("utf-8")  # what a log file or console can write
+
+
 @pytest.mark.parametrize("content", [None, "notes.txt"])
 def test_folder_without_images_is_a_user_error(tmp_path, content):
     if content:

@@ -49,11 +49,27 @@ def diffusion_ckpt(tmp_path_factory, shapes_dir):
     (["train.resume=/nonexistent/last.pt"], "train.resume=/nonexistent/last.pt does not exist"),
     (["mode=evaluate", "ckpt=/nonexistent/last.pt", "eval.num_samples=8"], "does not exist"),
     (["mode=sample"], "mode=sample needs a trained model"),
+    (["objective.min_snr_gamma=-1"], "objective.min_snr_gamma=-1.0 must be positive"),
+    (["unet.channel_mults=[]"], "unet.channel_mults=[] leaves the network without levels"),
+    (["schedule.beta_end=2"], "schedule.beta_end=2.0 must be in (0, 1)"),
+    (["schedule.T=1"], "schedule.T=1 must be 2 or more"),
+    (["train.ema.decays=[0.9,1.5]"], "has 1.5, but each element must be in [0, 1)"),
 ])
 def test_mistakes_stop_before_any_work(shapes_dir, tmp_path, overrides, needle):
     run_dir = tmp_path / "run"
     proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), *overrides, f"hydra.run.dir={run_dir}")
     _assert_stops_at_start(proc, run_dir, needle)
+
+
+def test_output_and_cache_folders_that_cannot_be_folders_are_refused(shapes_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    run_dir = tmp_path / "run"
+    cases = [([f"hydra.run.dir={blocker}"], f"hydra.run.dir={blocker} is a file, not a folder"),
+             ([f"paths.cache_dir={blocker / 'cache'}", f"hydra.run.dir={run_dir}"], "cannot be a folder")]
+    for overrides, needle in cases:
+        proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), *overrides)
+        _assert_stops_at_start(proc, run_dir, needle)
 
 
 def test_guidance_needs_classes_before_training(tmp_path):

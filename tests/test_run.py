@@ -157,6 +157,25 @@ def test_ctrl_c_saves_the_step_and_resumes_to_the_same_weights(tmp_path, shapes_
         assert torch.equal(a["ema"]["model"][name], tensor), name
 
 
+def test_ctrl_c_while_sampling_keeps_the_training_record_and_says_how_to_sample(tmp_path, shapes_dir):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *tiny_overrides(shapes_dir, tmp_path / "cache"),
+                             "sample.num_images=20000", "sample.batch_size=50", "sampler=ddpm",
+                             f"hydra.run.dir={run_dir}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    log, deadline = run_dir / "train.log", time.monotonic() + 120
+    while not (log.is_file() and "stored the diffusion model" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not finish"
+        time.sleep(0.05)
+    time.sleep(1)  # now sampling
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "sampling was interrupted" in stderr and "mode=sample ckpt=" in stderr
+    m = read_metrics(run_dir)
+    assert m["status"] == "interrupted" and m["steps"] == 6 and m["final_loss"] > 0
+
+
 def _assert_clean_error(proc, *needles):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -13,7 +13,7 @@ from torch import nn
 
 from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.config import TrainConfig
-from difflab.errors import UserError
+from difflab.errors import TrainingInterrupted, UserError
 from difflab.train.ema import EMA
 from difflab.train.loop import EarlyStopper, StepBatches, Trainer, lr_lambda, split_batch
 
@@ -192,3 +192,68 @@ def test_ema_copies_follow_their_own_decays_and_resume(tmp_path):
                            resumed.ema_copies[decay].model.parameters()):
             assert torch.equal(a, b) and torch.equal(b, c)
     assert not torch.equal(full.ema_copies[0.5].model.weight, full.ema_copies[0.99].model.weight)
+
+
+def test_a_run_resumed_between_log_lines_reports_the_uninterrupted_loss(tmp_path):
+    """The loss window since the last log line is in the checkpoint: stopped after step 5 of 6
+    (log every 4) and resumed, the final loss is the mean over steps 5 and 6, as uninterrupted."""
+    import signal
+
+    x = torch.randn(64, 2)
+    batches = StepBatches(64, 16, seed=0)
+    settings = {"max_steps": 6, "log_every": 4, "lr_schedule": "constant", "warmup_steps": 0}
+    plain = lambda model, idx: model(x[idx]).pow(2).mean()  # noqa: E731
+    whole = _trainer(tmp_path / "whole", **settings).fit(plain, batches.indices, 16)
+
+    def stopped_after_5(model, idx):
+        if len(batches_seen) == 4:  # the 5th step: as if Ctrl-C arrived during it
+            os.kill(os.getpid(), signal.SIGINT)
+        batches_seen.append(idx)
+        return plain(model, idx)
+
+    batches_seen: list = []
+    with pytest.raises(TrainingInterrupted):
+        _trainer(tmp_path / "stopped", **settings).fit(stopped_after_5, batches.indices, 16)
+    resumed = _trainer(tmp_path / "stopped", **settings)
+    assert resumed.maybe_resume("auto") and resumed.step == 5
+    result = resumed.fit(plain, batches.indices, 16)
+    assert result.final_loss == whole.final_loss
+
+
+def test_resume_auto_falls_back_to_the_newest_loadable_checkpoint(tmp_path, caplog):
+    import logging
+
+    x = torch.randn(8, 2)
+    loss = lambda model, step: model(x).pow(2).mean()  # noqa: E731
+    _trainer(tmp_path, max_steps=6, checkpoint_every=2, keep_checkpoints=2).fit(loss, lambda s: s, 8)
+    ckpt = tmp_path / "ckpt"
+    for name in ("last.pt", "step_00000006.pt"):  # killed mid-write, or a disk error
+        (ckpt / name).write_bytes((ckpt / name).read_bytes()[:100])
+    resumed = _trainer(tmp_path, max_steps=6, checkpoint_every=2)
+    with caplog.at_level(logging.WARNING, logger="difflab"):
+        assert resumed.maybe_resume("auto") == str(ckpt / "step_00000004.pt")
+    assert resumed.step == 4 and "skips" in caplog.text and "last.pt" in caplog.text
+    (ckpt / "step_00000004.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="no loadable checkpoint"):
+        _trainer(tmp_path, max_steps=6).maybe_resume("auto")
+
+
+def test_a_write_killed_earlier_leaves_no_temp_file_for_good(tmp_path):
+    stale = tmp_path / "ckpt" / ".last.pt.x1y2.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")
+    _trainer(tmp_path, max_steps=2)
+    assert not stale.exists()
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path):
+    atomic_save({"config": {}, "format": 99}, tmp_path / "new.pt")
+    with pytest.raises(UserError, match="checkpoint format 99, newer than"):
+        load_checkpoint(tmp_path / "new.pt")
+
+
+def test_nan_without_any_checkpoint_says_so(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=10, lr=0.01, checkpoint_every=100)
+    x = torch.randn(8, 2)
+    with pytest.raises(UserError, match=r"no checkpoint was written before it\): train.lr=0.01 is the likely cause"):
+        trainer.fit(lambda model, step: model(x).pow(2).mean() * float("nan"), lambda s: s, 8)

@@ -20,12 +20,13 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 import difflab
@@ -169,6 +170,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _holder(path: Path) -> str:
+    """Who holds a lock, as the holder wrote it down."""
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
 @dataclass
 class Entry:
     """A verified cache entry."""
@@ -187,9 +196,25 @@ class ArtifactCache:
 
     @contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
-        (self.root / stage).mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / stage / f"{key}.lock")):
+        """The key's lock; says so when another process holds it (and which, when it said)."""
+        folder = self.root / stage
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"Cannot create the artifact cache {folder} ({e.strerror}): set paths.cache_dir to a "
+                            "writable folder.") from None
+        lock, holder = FileLock(str(folder / f"{key}.lock")), folder / f"{key}.holder"
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("waiting for %s, which is making this %s (lock %s)", _holder(holder), stage, lock.lock_file)
+            lock.acquire()
+        try:
+            with contextlib.suppress(OSError):
+                holder.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
             yield
+        finally:
+            lock.release()
 
     def _verified(self, stage: str, key: str) -> Optional[Entry]:
         """The entry of `key` if it is complete and model.pt still has the hash recorded for it."""

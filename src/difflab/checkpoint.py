@@ -19,6 +19,8 @@ import torch
 from difflab.errors import UserError
 
 
+CHECKPOINT_FORMAT = 1  # the layout of a training checkpoint; one without the key is format 1
+
 # Files get the permissions a plain open() would give them (mkstemp's are private to the owner),
 # so a cache or run folder shared with a group stays readable by it.
 _UMASK = os.umask(0)
@@ -83,4 +85,7 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
         raise UserError(f"The {what} {path} could not be read ({type(e).__name__}): it is corrupt or not a difflab checkpoint; use another one.") from None
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"The {what} {path} is not a difflab checkpoint: use a .pt file written by a difflab run.")
+    if state.get("format", 1) > CHECKPOINT_FORMAT:
+        raise UserError(f"The {what} {path} has checkpoint format {state['format']}, newer than the {CHECKPOINT_FORMAT} "
+                        "this difflab reads: upgrade difflab to use it.")
     return state

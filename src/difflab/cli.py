@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab import distributed as dist
 from difflab.config import register_configs
-from difflab.errors import TrainingInterrupted, UserError
+from difflab.errors import SamplingInterrupted, TrainingInterrupted, UserError
 from difflab.sweep.named import register_named_sweeps
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -89,6 +89,10 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         print(f"stopped: training was interrupted after step {e.step} and {e.checkpoint} holds it; continue with the "
               f"same command plus train.resume=auto hydra.run.dir={run_dir}", file=sys.stderr)
         sys.exit(130)  # the shell's code for a process stopped by Ctrl-C
+    except SamplingInterrupted as e:
+        print(f"stopped: sampling was interrupted, and the trained model is kept in {e.checkpoint}: sample it with "
+              f"`python run.py mode=sample ckpt={e.checkpoint}`, or measure it with mode=evaluate", file=sys.stderr)
+        sys.exit(130)
 
 
 DRY_RUN = re.compile(r"^\+{0,2}dry_run=(true|True|yes|1)$")
@@ -144,6 +148,14 @@ def _dry_run(argv: list[str]) -> NoReturn:
     sys.exit(0)
 
 
+def _check_output_folders(argv: list[str]) -> None:
+    """A run or sweep folder named on the command line must be a folder Hydra can make or use."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and Path(value).expanduser().is_file():
+            _fail(UserError(f"{key}={value} is a file, not a folder: name a folder for the run's outputs."))
+
+
 def _rewrite_ckpt_shorthand(argv: list[str]) -> list[str]:
     """`ckpt=PATH` is short for `ckpt.model=PATH` (ckpt also holds .autoencoder, .classifier)."""
     return [re.sub(r"^ckpt=", "ckpt.model=", a) for a in argv]
@@ -168,6 +180,7 @@ def _torchrun_main() -> None:
 
 def main() -> None:
     sys.argv = [sys.argv[0], *_rewrite_ckpt_shorthand(sys.argv[1:])]
+    _check_output_folders(sys.argv[1:])
     if any(DRY_RUN.match(a) for a in sys.argv[1:]):
         _dry_run(sys.argv[1:])
     if dist.launched():

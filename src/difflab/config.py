@@ -6,11 +6,12 @@ key, type or option fails when Hydra composes the config, before any work starts
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.diffusion.schedules import SCHEDULES
@@ -274,11 +275,85 @@ CHOICES = {
 
 EVAL_EXTRACTORS = ("inception", "classifier")
 
-POSITIVE = ("train.max_steps", "train.batch_size", "train.grad_accum_steps", "train.log_every", "train.val_every",
-            "train.checkpoint_every", "sample.batch_size", "dataset.image_size", "dataset.channels",
-            "schedule.T", "autoencoder.channels", "autoencoder.latent_channels", "autoencoder.codebook_size",
-            "classifier.max_steps", "classifier.batch_size", "classifier.accuracy_bands",
-            "eval.batch_size", "eval.classifier_steps", "eval.classifier_batch_size")
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take; a list setting's every element."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return "positive" if (self.low, self.low_open) == (0, True) else f"{self.low:g} or more"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
+FRACTION, BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
+BETA = Range(0, 1, low_open=True, high_open=True)
+
+# Every numeric setting's allowed values, checked at start (a null is allowed where the schema
+# has Optional). The schema fixes the types; this fixes the ranges.
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**63 - 1),
+    "dataset.image_size": POSITIVE, "dataset.channels": POSITIVE, "dataset.num_classes": AT_LEAST_0,
+    "dataset.val_size": AT_LEAST_0, "dataset.augmentation.crop_padding": AT_LEAST_0,
+    "autoencoder.channels": POSITIVE, "autoencoder.channel_mults": POSITIVE, "autoencoder.num_res_blocks": AT_LEAST_1,
+    "autoencoder.norm_groups": POSITIVE, "autoencoder.latent_channels": POSITIVE, "autoencoder.kl_weight": AT_LEAST_0,
+    "autoencoder.codebook_size": Range(2), "autoencoder.commitment": AT_LEAST_0, "autoencoder.codebook_ema": BELOW_1,
+    "autoencoder.discriminator.channels": POSITIVE, "autoencoder.discriminator.num_layers": AT_LEAST_1,
+    "autoencoder.discriminator.weight": AT_LEAST_0, "autoencoder.discriminator.start": AT_LEAST_0,
+    "autoencoder.train.max_steps": POSITIVE, "autoencoder.train.batch_size": POSITIVE,
+    "autoencoder.train.lr": POSITIVE, "autoencoder.train.warmup_steps": AT_LEAST_0,
+    "unet.channels": POSITIVE, "unet.channel_mults": POSITIVE, "unet.num_res_blocks": AT_LEAST_1,
+    "unet.attention_resolutions": POSITIVE, "unet.head_channels": POSITIVE, "unet.dropout": BELOW_1,
+    "unet.norm_groups": POSITIVE,
+    "schedule.T": Range(2), "schedule.beta_start": BETA, "schedule.beta_end": BETA, "schedule.cosine_s": POSITIVE,
+    "schedule.dns_offset": POSITIVE,
+    "sampler.steps": AT_LEAST_1, "sampler.eta": FRACTION,
+    "guidance.scale": AT_LEAST_0, "guidance.p_uncond": BELOW_1,
+    "objective.min_snr_gamma": POSITIVE,
+    "train.max_steps": POSITIVE, "train.batch_size": POSITIVE, "train.grad_accum_steps": POSITIVE,
+    "train.lr": POSITIVE, "train.weight_decay": AT_LEAST_0, "train.betas": BELOW_1, "train.warmup_steps": AT_LEAST_0,
+    "train.min_lr_ratio": FRACTION, "train.grad_clip": AT_LEAST_0, "train.threads": POSITIVE,
+    "train.ema.decay": BELOW_1, "train.ema.update_every": POSITIVE, "train.ema.start": AT_LEAST_0,
+    "train.ema.decays": BELOW_1, "train.early_stop.threshold": AT_LEAST_0, "train.early_stop.window": POSITIVE,
+    "train.log_every": POSITIVE, "train.val_every": POSITIVE, "train.val_batches": POSITIVE,
+    "train.image_every": AT_LEAST_0, "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": AT_LEAST_0,
+    "classifier.channels": POSITIVE, "classifier.channel_mults": POSITIVE, "classifier.num_res_blocks": AT_LEAST_1,
+    "classifier.attention_resolutions": POSITIVE, "classifier.head_channels": POSITIVE, "classifier.dropout": BELOW_1,
+    "classifier.norm_groups": POSITIVE, "classifier.max_steps": POSITIVE, "classifier.batch_size": POSITIVE,
+    "classifier.lr": POSITIVE, "classifier.weight": AT_LEAST_0, "classifier.accuracy_bands": POSITIVE,
+    "sample.num_images": AT_LEAST_0, "sample.batch_size": POSITIVE, "sample.gif_images": AT_LEAST_0,
+    "sample.gif_frames": AT_LEAST_1,
+    "eval.num_samples": AT_LEAST_0, "eval.batch_size": POSITIVE, "eval.classifier_steps": POSITIVE,
+    "eval.classifier_batch_size": POSITIVE,
+}
+NONEMPTY = ("unet.channel_mults", "autoencoder.channel_mults", "classifier.channel_mults")
+
+
+def check_ranges(cfg) -> None:
+    """Every numeric setting within its RANGES entry; one sentence naming the key and the range."""
+    from difflab.errors import UserError
+
+    for key, allowed in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        values = [] if value is None else (list(value) if isinstance(value, ListConfig) else [value])
+        for v in values:
+            if not allowed.holds(v):
+                what = f"{key}={value}" if len(values) == 1 and not isinstance(value, ListConfig) else \
+                    f"{key}={list(value)} has {v}, but each element"
+                raise UserError(f"{what} must be {allowed}: set it within that range.")
+    for key in NONEMPTY:
+        if not OmegaConf.select(cfg, key):
+            raise UserError(f"{key}=[] leaves the network without levels: give at least one multiplier, e.g. [1, 2, 2].")
 
 
 def validate(cfg) -> None:
@@ -289,29 +364,15 @@ def validate(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise UserError(f"{key}={value} is not an option: choose one of {', '.join(allowed)}.")
-    for key in POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if value <= 0:
-            raise UserError(f"{key}={value} must be positive: set it to a number above 0.")
-    if cfg.train.lr <= 0:
-        raise UserError(f"train.lr={cfg.train.lr} must be positive: use e.g. train.lr=2e-4.")
-    if cfg.guidance.scale < 0:
-        raise UserError(f"guidance.scale={cfg.guidance.scale} must be 0 or more: 0 is unguided, try 1 to 5.")
-    if cfg.classifier.lr <= 0 or cfg.classifier.weight < 0:
-        raise UserError("classifier.lr must be positive and classifier.weight 0 or more: use e.g. classifier.lr=2e-3 classifier.weight=1.")
-    if not 0 <= cfg.guidance.p_uncond < 1:
-        raise UserError(f"guidance.p_uncond={cfg.guidance.p_uncond} must be in [0, 1): use 0.1.")
-    for decay in [cfg.train.ema.decay, *cfg.train.ema.decays]:
-        if not 0 <= decay < 1:
-            raise UserError(f"EMA decay {decay} (train.ema.decay / train.ema.decays) must be in [0, 1): use e.g. 0.999.")
+    check_ranges(cfg)
+    if cfg.schedule.beta_start > cfg.schedule.beta_end:
+        raise UserError(f"schedule.beta_start={cfg.schedule.beta_start} is above schedule.beta_end="
+                        f"{cfg.schedule.beta_end}: the noise must grow over the steps, so swap them.")
     unknown = [name for name in cfg.eval.extractors if name not in EVAL_EXTRACTORS]
     if unknown:
         raise UserError(f"eval.extractors has {unknown[0]}, not an extractor: list some of {', '.join(EVAL_EXTRACTORS)}, e.g. eval.extractors=[classifier].")
-    if cfg.eval.num_samples < 0 or 0 < cfg.eval.num_samples < 4:
+    if 0 < cfg.eval.num_samples < 4:
         raise UserError(f"eval.num_samples={cfg.eval.num_samples} must be 0 (no evaluation) or at least 4: use e.g. 500.")
-    if cfg.sample.num_images < 0:
-        raise UserError(f"sample.num_images={cfg.sample.num_images} must be 0 or more: use e.g. 100.")
-    validate_autoencoder(cfg.autoencoder)
     if cfg.mode.name == "reconstruction" and cfg.autoencoder.name == "none":
         raise UserError("mode=reconstruction trains an autoencoder, but autoencoder=none: add autoencoder=kl or autoencoder=vq.")
     if cfg.ckpt.autoencoder and cfg.autoencoder.name == "none" and cfg.mode.name != "sample":
@@ -368,18 +429,6 @@ def validate_batch_splits(cfg, world_size: int) -> None:
         over = f" on each of the {world_size} torchrun processes" if world_size > 1 else ""
         raise UserError(f"{key}={value} does not split into train.grad_accum_steps={accum} equal micro-batches{over}: "
                         f"use a multiple of {world_size * accum}, or another train.grad_accum_steps.")
-
-
-def validate_autoencoder(ae) -> None:
-    from difflab.errors import UserError
-
-    if ae.kl_weight < 0 or ae.commitment < 0 or ae.discriminator.weight < 0:
-        raise UserError("autoencoder.kl_weight, .commitment and .discriminator.weight must be 0 or more: use e.g. 1e-6, 0.25, 0.5.")
-    if not 0 <= ae.codebook_ema < 1:
-        raise UserError(f"autoencoder.codebook_ema={ae.codebook_ema} must be in [0, 1): use 0.99, or 0 to learn the codebook by its loss.")
-    for key, value in ae.train.items():
-        if value is not None and value <= 0 and key != "warmup_steps":
-            raise UserError(f"autoencoder.train.{key}={value} must be positive: set a number above 0, or null for train.{key}.")
 
 
 def register_configs() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -109,6 +110,18 @@ def check_finite(cfg: DictConfig) -> None:
             raise UserError(f"{path}={node} is not a finite number: give it a finite value.")
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def check_cache_dir(cfg: DictConfig) -> None:
+    """paths.cache_dir is a folder difflab can write in, or can be made."""
+    folder = Path(cfg.paths.cache_dir).expanduser()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"paths.cache_dir={folder} cannot be a folder ({existing} is a file): set paths.cache_dir to a "
+                        "writable folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"paths.cache_dir={folder} is not writable ({existing} is not): set paths.cache_dir to a "
+                        "writable folder, e.g. paths.cache_dir=~/.cache/difflab.")
 
 
 def _check_labels(spec: Any, num_classes: int) -> None:
@@ -340,6 +353,7 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1) ->
     check_known_keys(cfg)
     check_finite(cfg)
     validate(cfg)
+    check_cache_dir(cfg)
     validate_batch_splits(cfg, world_size)
     builder = PlanBuilder(cfg, run_dir)
     mode = cfg.mode.name

@@ -18,7 +18,7 @@ from difflab.allocator import keep_freed_memory
 from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, obtain
 from difflab.checkpoint import atomic_write_json
 from difflab.data import load_splits
-from difflab.errors import UserError
+from difflab.errors import SamplingInterrupted, UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies, validation_batch
 from difflab.evaluate.metrics import evaluate_model
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
@@ -86,18 +86,22 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
                                                                str(artifact.path) if joint else None)
     if not dist.is_main():  # sampling and evaluation are rank 0's
         return {}
-    model = load_diffusion_model(str(artifact.path), device)
+    model = load_diffusion_model(str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
     metrics = {**artifact.record["metrics"], **latent_record, **classifier_record, "trained": artifact.trained}
     if not artifact.trained:
         metrics["checkpoint"] = str(artifact.path)
     metrics.update({"stage": cfg.mode.name, "artifact_key": artifact.key})
     if cfg.train.init_from:
         metrics["init_from"] = str(Path(cfg.train.init_from).expanduser().resolve())
-    metrics.update(sample_and_evaluate(cfg, run_dir, device, model, classifier, metrics["checkpoint"], writer,
-                                       metrics["steps"]))
-    if cfg.train.ema.decays:
-        metrics["ema"] = evaluate_ema_copies(cfg, run_dir, Path(metrics["checkpoint"]), model, device,
-                                             validation_batch(model, cfg.paths.cache_dir, device))
+    write_metrics(run_dir, metrics)  # the training's record is kept whatever happens while sampling
+    try:
+        metrics.update(sample_and_evaluate(cfg, run_dir, device, model, classifier, metrics["checkpoint"], writer,
+                                           metrics["steps"]))
+        if cfg.train.ema.decays:
+            metrics["ema"] = evaluate_ema_copies(cfg, run_dir, Path(metrics["checkpoint"]), model, device,
+                                                 validation_batch(model, cfg.paths.cache_dir, device))
+    except KeyboardInterrupt:
+        raise SamplingInterrupted(metrics["checkpoint"]) from None
     writer.close()
     return metrics
 

@@ -31,24 +31,37 @@ def read_folder(root: Path, image_size: int, channels: int) -> ImageData:
         raise UserError(f"dataset.root={root} is not a folder: set dataset.root to a folder of .png or .jpg images.")
     files = _image_files(root)
     class_of = _class_names(root, files)
-    classes = sorted(set(class_of.values()))
-    index = {name: i for i, name in enumerate(classes)}
-    tensors, labels, bad = [], [], []
+    decoded, bad = [], []
     for path in files:
         try:
-            tensors.append(_decode(path, image_size, MODES[channels]))
+            decoded.append((_decode(path, image_size, MODES[channels]), class_of.get(path)))
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):  # PIL's ways to fail
             bad.append(path)
-            continue
-        labels.append(index[class_of[path]] if classes else 0)
     if bad:
         _warn_skipped(root, bad)
-    if not tensors:
-        raise UserError(f"No readable images found in {root}: put .png or .jpg files there "
+    if not decoded:
+        raise UserError(f"No readable images found in {_shown(root)}: put .png or .jpg files there "
                         "(optionally in one sub-folder per class) or set dataset.root.")
-    log.info("Read %d images from %s (%s).", len(tensors), root,
+    classes = _readable_classes(root, set(class_of.values()), {name for _, name in decoded if name is not None})
+    index = {name: i for i, name in enumerate(classes)}
+    labels = [index[name] if classes else 0 for _, name in decoded]
+    log.info("Read %d images from %s (%s).", len(decoded), _shown(root),
              f"{len(classes)} classes: {', '.join(classes)}" if classes else "unlabelled")
-    return ImageData(torch.stack(tensors), torch.tensor(labels, dtype=torch.int64), len(classes))
+    return ImageData(torch.stack([t for t, _ in decoded]), torch.tensor(labels, dtype=torch.int64), len(classes))
+
+
+def _readable_classes(root: Path, named: set[str], readable: set[str]) -> list[str]:
+    """The class folders that kept at least one readable image: a class without any would be
+    sampled and scored though nothing of it was learnt. Fewer than two left: unlabelled."""
+    empty = sorted(named - readable)
+    if empty:
+        log.warning("Skipped the class folder(s) %s of %s: none of their images is readable.",
+                    ", ".join(map(_shown, empty)), _shown(root))
+    if named and len(readable) < 2:
+        log.warning("Only %d class folder of %s has readable images: the images are read as unlabelled.",
+                    len(readable), _shown(root))
+        return []
+    return sorted(readable)
 
 
 def folder_classes(root: Path) -> list[str]:
@@ -93,7 +106,12 @@ def _centre_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+def _shown(path: Path | str) -> str:
+    """A path as text any log stream can take: bytes of a name that is not UTF-8 as escapes."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _warn_skipped(root: Path, bad: list[Path]) -> None:
-    names = [str(p.relative_to(root)) for p in bad[:NAMED_IN_WARNING]]
+    names = [_shown(p.relative_to(root)) for p in bad[:NAMED_IN_WARNING]]
     more = f" and {len(bad) - NAMED_IN_WARNING} more" if len(bad) > NAMED_IN_WARNING else ""
-    log.warning("Skipped %d unreadable image file(s) in %s: %s%s.", len(bad), root, ", ".join(names), more)
+    log.warning("Skipped %d unreadable image file(s) in %s: %s%s.", len(bad), _shown(root), ", ".join(names), more)
