@@ -51,15 +51,19 @@ def test_a_cached_artifact_is_reused_only_by_the_same_code(tmp_path, monkeypatch
     assert len(calls) == 2
 
 
-def test_a_damaged_cache_entry_is_made_anew(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["flipped byte", "another model"])
+def test_a_damaged_cache_entry_is_made_anew(tmp_path, caplog, damage):
     cache = ArtifactCache(tmp_path / "cache")
     train, calls = _made(tmp_path, 2.0)
     stored = obtain(cache, "classifier", SETTINGS, train)
-    with open(stored.path, "r+b") as f:  # one flipped byte, as a bad disk or a partial copy leaves
-        f.seek(-1, 2)
-        last = f.read(1)
-        f.seek(-1, 2)
-        f.write(bytes([last[0] ^ 0xFF]))
+    if damage == "another model":  # a valid checkpoint put in its place
+        torch.save({"config": {}, "w": torch.zeros(3)}, stored.path)
+    else:  # as a bad disk or a partial copy leaves it
+        with open(stored.path, "r+b") as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([last[0] ^ 0xFF]))
     with caplog.at_level(logging.WARNING, logger="difflab"):
         again = obtain(cache, "classifier", SETTINGS, train)
     assert again.source == "trained" and len(calls) == 2 and "is damaged" in caplog.text

@@ -7,7 +7,9 @@ Files: comparison.csv (one row per job: swept settings, status, every scalar of 
 error), comparison.md (the same as a table, the best job, the pictures), comparison.png (each
 metric against the swept setting, and all jobs' loss curves overlaid) and comparison_samples.png
 (each job's sample grid side by side). A job that trained several EMA copies (train.ema.decays)
-gives one row per decay.
+gives one row per decay. A job whose metrics.json or .hydra/overrides.yaml cannot be read is one
+row with status unreadable and the reason in its error column, so it costs the comparison only
+that row; a damaged picture or loss curve of a job is left out of the pictures with a warning.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from difflab.artifacts import OBSERVATION_KEYS
@@ -37,13 +40,20 @@ IGNORED_PREFIXES = ("hydra.", "paths.")
 PATH_METRICS = ("checkpoint", "resumed_from", "samples")  # in the CSV, too long for the table
 MAIN_EMA_ONLY = ("best_val_loss",)  # tracked during training for the main EMA copy alone
 NOT_FINISHED = "no result recorded (killed or still running): re-run the sweep with train.resume=auto"
+UNREADABLE = "unreadable"  # a job whose metrics.json or .hydra/overrides.yaml is damaged
+STATUSES = ("completed", "failed", "interrupted", "incomplete", UNREADABLE)
+REDO = "delete it and re-run the job with train.resume=auto"  # the fix for a damaged job file
+DAMAGED = (OSError, ValueError, KeyError, TypeError)  # what reading a damaged picture or curve raises
+
+log = logging.getLogger("difflab")
+T = TypeVar("T")
 
 
 @dataclass
 class JobResult:
     name: str
     run_dir: Path
-    status: str  # completed | failed | incomplete
+    status: str  # one of STATUSES
     settings: dict[str, str]
     metrics: dict = field(default_factory=dict)  # scalars only
     error: str = ""
@@ -71,10 +81,56 @@ def find_runs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and is_run(p)), key=_job_order)
 
 
+class Unreadable(Exception):
+    """A damaged job file; the message names the file, what is wrong with it and the fix."""
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON ({e.msg} at line {e.lineno})") from e
+
+
+def _parse_yaml(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = f"{e.problem} at line {mark.line + 1}" if mark else str(e).splitlines()[0]
+        raise ValueError(f"is not valid YAML ({problem})") from e
+
+
+def _kind(value: Any) -> str:
+    """JSON's (and YAML's) name for the type of a parsed value."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _load(run_dir: Path, name: str, parse: Callable[[str], Any], expected: type) -> Any:
+    """The job file `name` parsed, an empty `expected` when the job has none; Unreadable when it
+    cannot be read, does not parse, or holds another kind of value than `expected`."""
+    path = run_dir / name
+    if not path.is_file():
+        return expected()
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror})"
+    except ValueError as e:  # the parsers' syntax errors
+        problem = str(e)
+    else:
+        if isinstance(value, expected):
+            return value
+        problem = f"holds {_kind(value)}, not {_kind(expected())}"
+    raise Unreadable(f"{name} {problem}: {REDO}.")
+
+
 def read_settings(run_dir: Path) -> dict[str, str]:
     """The job's command-line overrides as key -> value, without bookkeeping keys."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    overrides = _load(run_dir, ".hydra/overrides.yaml", _parse_yaml, list)
     settings = {}
     for item in overrides:
         key, _, value = str(item).lstrip("+~").partition("=")
@@ -86,7 +142,18 @@ def read_settings(run_dir: Path) -> dict[str, str]:
 def _status(metrics: dict) -> str:
     """Runs record their status; an older run without one is complete once wall_time_s is in."""
     status = metrics.get("status") or ("completed" if "wall_time_s" in metrics else "incomplete")
+    if not isinstance(status, str):
+        raise Unreadable(f'metrics.json has a "status" that is not a string: {REDO}.')
     return "incomplete" if status == "started" else status
+
+
+def _ema_copies(metrics: dict) -> dict:
+    """decay -> the entry of each extra EMA copy, whose "samples" folder the comparison shows."""
+    copies = metrics.get("ema") or {}
+    if isinstance(copies, dict) and all(isinstance(c, dict) and isinstance(c.get("samples"), str)
+                                        for c in copies.values()):
+        return copies
+    raise Unreadable(f'metrics.json has an "ema" entry that is not {{decay: {{"samples": folder, ...}}}}: {REDO}.')
 
 
 def _scalars(metrics: dict) -> dict:
@@ -95,14 +162,16 @@ def _scalars(metrics: dict) -> dict:
 
 
 def read_job(run_dir: Path, name: str) -> list[JobResult]:
-    """One result per job, or one per EMA decay for a job that kept several EMA copies."""
-    path = run_dir / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
-    status = _status(metrics)
+    """One result per job, or one per EMA decay for a job that kept several EMA copies; a job
+    whose files are damaged is one unreadable result saying why, so the others still compare."""
+    try:
+        settings = read_settings(run_dir)
+        metrics = _load(run_dir, "metrics.json", _parse_json, dict)
+        status, copies = _status(metrics), _ema_copies(metrics)
+    except Unreadable as e:
+        return [JobResult(name, run_dir, UNREADABLE, {}, error=str(e))]
     error = metrics.get("error") or (NOT_FINISHED if status == "incomplete" else "")
-    base = JobResult(name, run_dir, status, read_settings(run_dir), _scalars(metrics), error,
-                     run_dir / "samples")
-    copies = metrics.get("ema") or {}
+    base = JobResult(name, run_dir, status, settings, _scalars(metrics), error, run_dir / "samples")
     if not copies:
         return [base]
     shared = {k: v for k, v in base.metrics.items() if k not in MAIN_EMA_ONLY}
@@ -138,9 +207,11 @@ def collect(folders: list[Path]) -> list[JobResult]:
 
 
 def swept_keys(results: list[JobResult]) -> list[str]:
-    """Settings whose value differs between jobs, in the order they first appear."""
-    keys = list(dict.fromkeys(k for r in results for k in r.settings))
-    return [k for k in keys if len({r.settings.get(k, "") for r in results}) > 1]
+    """Settings whose value differs between jobs, in the order they first appear; an unreadable
+    job's settings are unknown rather than different, so it does not count."""
+    known = [r for r in results if r.status != UNREADABLE]
+    keys = list(dict.fromkeys(k for r in known for k in r.settings))
+    return [k for k in keys if len({r.settings.get(k, "") for r in known}) > 1]
 
 
 def metric_columns(results: list[JobResult]) -> list[str]:
@@ -197,7 +268,7 @@ def write_markdown(results: list[JobResult], swept: list[str], metrics: list[str
     columns = ["job", "status", *swept, *shown, "error"]
     lines = [f"# Comparison of {len(results)} jobs", "",
              "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
-    counts = {s: sum(r.status == s for r in results) for s in ("completed", "failed", "incomplete")}
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".")
     common = [f"{m}={_cell(v)}" for m, v in same.items() if m not in shown]
     if common:
@@ -237,6 +308,17 @@ def _x_axis(results: list[JobResult], swept: list[str]) -> tuple[list[JobResult]
     return results, [_settings_text(r, swept, "\n") or r.name for r in results], "job"
 
 
+def _read_or_skip(path: Path, read: Callable[[Path], T]) -> Optional[T]:
+    """`read(path)`, or None with a warning when the file is damaged: a job's broken picture or
+    curve leaves only itself out of the comparison's pictures."""
+    try:
+        return read(path)
+    except DAMAGED as e:
+        log.warning("%s cannot be read (%s: %s), so the comparison's pictures leave it out: restore it, or re-run "
+                    "its job to write it again.", path, type(e).__name__, e)
+        return None
+
+
 def losses_file(r: JobResult) -> Optional[Path]:
     """The job's losses.csv; for a job that reused a cached model, the one of the run that
     trained it (named in the cache entry's record)."""
@@ -245,8 +327,8 @@ def losses_file(r: JobResult) -> Optional[Path]:
         return own
     record = Path(str(r.metrics.get("checkpoint"))).parent / "record.json"
     if r.metrics.get("checkpoint") and record.is_file():
-        trained_in = Path(json.loads(record.read_text())["run_dir"]) / "losses.csv"
-        return trained_in if trained_in.is_file() else None
+        trained_in = _read_or_skip(record, lambda p: Path(json.loads(p.read_text())["run_dir"]) / "losses.csv")
+        return trained_in if trained_in and trained_in.is_file() else None
     return None
 
 
@@ -289,7 +371,7 @@ def write_plot(results: list[JobResult], swept: list[str], metrics: list[str], p
         if (source := losses_file(r)) is not None:
             sharing.setdefault(source, []).append(r)
     for source, jobs in sharing.items():
-        curves = read_losses(source)
+        curves = _read_or_skip(source, read_losses) or {}
         more = f" (+{len(jobs) - 1} sharing its model)" if len(jobs) > 1 else ""
         if "train" in curves:
             line, = curves_ax.plot(*zip(*curves["train"]), label=_label(jobs[0], swept) + more)
@@ -318,7 +400,8 @@ def write_samples_grid(results: list[JobResult], swept: list[str], path: Path, p
                        tile: int = 256) -> None:
     """Each job's samples/grid.png scaled to one width, captioned, side by side."""
     caption, pad = 30, 8
-    grids = [_fit(Image.open(r.grid).convert("RGB"), tile) if r.grid else None for r in results]
+    grids = [_read_or_skip(r.grid, lambda p: _fit(Image.open(p).convert("RGB"), tile)) if r.grid else None
+             for r in results]
     cell = max([g.height for g in grids if g is not None] + [tile // 2])
     cols = min(per_row, len(results))
     rows = -(-len(results) // cols)
@@ -336,19 +419,26 @@ def write_samples_grid(results: list[JobResult], swept: list[str], path: Path, p
     atomic_write(path, lambda f: sheet.save(f, format="PNG"))
 
 
-def write_comparison(folders: list[Path], out: Optional[Path] = None) -> list[Path]:
-    """Write the four comparison files into `out` (default: the first folder); returns them."""
+def write_comparison(folders: list[Path], out: Optional[Path] = None) -> tuple[list[JobResult], list[Path]]:
+    """Write the four comparison files into `out` (default: the first folder); returns the jobs
+    compared and the files."""
     folders = [Path(f).expanduser() for f in folders]
     results = collect(folders)
     out = Path(out).expanduser() if out is not None else folders[0]
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the comparison (one that is missing is created).")
     swept, metrics = swept_keys(results), metric_columns(results)
     paths = [out / name for name in FILES]
-    write_markdown(results, swept, metrics, paths[0], folders)
-    write_csv(results, swept, metrics, paths[1])
-    write_plot(results, swept, metrics, paths[2])
-    write_samples_grid(results, swept, paths[3])
-    return paths
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_markdown(results, swept, metrics, paths[0], folders)
+        write_csv(results, swept, metrics, paths[1])
+        write_plot(results, swept, metrics, paths[2])
+        write_samples_grid(results, swept, paths[3])
+    except OSError as e:
+        raise UserError(f"The comparison cannot be written into {out} ({e.strerror or e}): give a folder you can "
+                        "write to with --out.") from e
+    return results, paths
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -357,7 +447,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write the comparison (default: the first folder)")
     args = parser.parse_args(argv)
     try:
-        paths = write_comparison(args.folders, args.out)
+        _, paths = write_comparison(args.folders, args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
