@@ -61,9 +61,6 @@ class Plan:
     mode: str
     steps: list[Step] = field(default_factory=list)
 
-    def step(self, name: str) -> Optional[Step]:
-        return next((s for s in self.steps if s.name == name), None)
-
     def to_json(self) -> dict:
         return {"mode": self.mode, "steps": [dataclasses.asdict(s) for s in self.steps]}
 
@@ -226,14 +223,15 @@ def _trained_source(cache: ArtifactCache, stage: str, settings: dict, cfg: DictC
 
 
 class PlanBuilder:
+    """Adds each step in the order the run takes it, checking what that step needs."""
+
     def __init__(self, cfg: DictConfig, run_dir: Optional[Path]):
         self.cfg, self.run_dir = cfg, run_dir
         self.cache = ArtifactCache(cfg.paths.cache_dir)
         self.plan = Plan(cfg.mode.name)
 
-    def add(self, *args, **kwargs) -> Step:
+    def add(self, *args, **kwargs) -> None:
         self.plan.steps.append(Step(*args, **kwargs))
-        return self.plan.steps[-1]
 
     def autoencoder(self, main: bool) -> str:
         """The autoencoder step; its key."""
@@ -250,6 +248,17 @@ class PlanBuilder:
         source, key = _trained_source(self.cache, "autoencoder", settings, cfg, resumes)
         self.add("autoencoder", source, key, steps, f"{cfg.autoencoder.name}, {_dims(_denoised_shape(cfg))} latents")
         return key
+
+    def classifier(self) -> None:
+        """The noise-aware classifier mode=classifier trains (after its autoencoder, in latent space)."""
+        cfg = self.cfg
+        ae_key = self.autoencoder(main=False) if cfg.autoencoder.name != "none" else None
+        if dataset_classes(cfg.dataset) < 2:
+            raise UserError("mode=classifier needs a data set with at least 2 classes: use a labelled data set "
+                            "(a folder needs one sub-folder per class).")
+        settings = classifier_settings(cfg, ae_key, init_key(cfg))
+        source, key = _trained_source(self.cache, "classifier", settings, cfg, resumes_training(cfg, self.run_dir))
+        self.add("classifier", source, key, cfg.classifier.max_steps, "noise-aware")
 
     def model(self) -> ModelFacts:
         """The diffusion model step of a training run, or the given model of sample/evaluate."""
@@ -363,13 +372,7 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1) ->
     if mode == "reconstruction":
         builder.autoencoder(main=True)
     elif mode == "classifier":
-        ae_key = builder.autoencoder(main=False) if cfg.autoencoder.name != "none" else None
-        if dataset_classes(cfg.dataset) < 2:
-            raise UserError("mode=classifier needs a data set with at least 2 classes: use a labelled data set "
-                            "(a folder needs one sub-folder per class).")
-        settings = classifier_settings(cfg, ae_key, init_key(cfg))
-        source, key = _trained_source(builder.cache, "classifier", settings, cfg, resumes_training(cfg, run_dir))
-        builder.add("classifier", source, key, cfg.classifier.max_steps, "noise-aware")
+        builder.classifier()
     else:
         model = builder.model()
         builder.guidance(model)
