@@ -42,6 +42,8 @@ def diffusion_ckpt(tmp_path_factory, shapes_dir):
     (["guidance=cfg", "objective.class_conditional=false"], "(it is unconditional)"),
     (["sample.labels=[0,7]"], "sample.labels=[0, 7] must be non-empty class ids in 0..1"),
     (["sample.labels=seven"], "sample.labels='seven' is not understood"),
+    (["sample.labels=[-1]"], "sample.labels=[-1] must be non-empty class ids in 0..1"),
+    (["sample.labels={a:1}"], "sample.labels={'a': 1} is not understood"),
     (["guidance=classifier", "guidance.scale=nan"], "guidance.scale=nan is not a finite number"),
     (["train.lr=inf"], "train.lr=inf is not a finite number"),
     (["+experiment=typo"], "`experiment` is not a setting of difflab"),
