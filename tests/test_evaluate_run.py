@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch_fidelity
 from conftest import read_metrics, run_py, tiny_overrides
+
+from difflab.evaluate.extractors import FidelityImages, inception_extractor
+from difflab.evaluate.metrics import FIDELITY_SEED, KEYS, fidelity_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +106,22 @@ def test_evaluate_mode_with_inception_weights(trained, stand_in_inception, tmp_p
     inception = m["eval"]["extractors"]["inception"]
     assert inception["weights"] == str(stand_in_inception) and inception["name"].startswith("inception-v3-")
     assert m["eval"]["produced_by"]["fid"] == "inception" and "fd_classifier" not in m
+
+
+def test_inception_metrics_are_torch_fidelitys_calculate_metrics(stand_in_inception):
+    """FID, KID, IS, precision and recall from difflab's extraction, as calculate_metrics (its
+    cache off) gives them: 4 random images each."""
+    ex = inception_extractor(stand_in_inception)
+    rng = torch.Generator().manual_seed(0)
+    generated, reference = (torch.randint(0, 256, (4, 3, 16, 16), generator=rng, dtype=torch.uint8) for _ in "ab")
+    ours = fidelity_metrics(generated, reference, ex, torch.device("cpu"), 4, "/nonexistent-never-written")
+    theirs = torch_fidelity.calculate_metrics(
+        input1=FidelityImages(generated), input2=FidelityImages(reference), fid=True, kid=True, isc=True, prc=True,
+        feature_extractor=ex.name, feature_extractor_weights_path=str(ex.weights), cuda=False, batch_size=4,
+        save_cpu_ram=True, verbose=False, cache=False, kid_subset_size=2, isc_splits=4, rng_seed=FIDELITY_SEED)
+    assert set(ours) == set(KEYS["inception"].values())
+    for their_key, our_key in KEYS["inception"].items():
+        assert ours[our_key] == pytest.approx(theirs[their_key], rel=1e-6, abs=1e-9), our_key
 
 
 def _assert_clean_error(proc, *needles):

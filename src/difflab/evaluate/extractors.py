@@ -1,5 +1,6 @@
-"""The feature extractors torch-fidelity computes metrics with, registered under names that
-identify their weights, so its feature and statistics cache never mixes two sets of weights.
+"""The feature extractors the metrics are computed with, registered with torch-fidelity under
+names that identify their weights, so the feature cache (feature_cache.py) never mixes two sets
+of weights, and the extraction itself, done as torch_fidelity.calculate_metrics does it.
 
 - Inception-v3 (torch-fidelity's own network): when its weights file is at hand, from
   `eval.inception_weights` or torch's hub cache; offline without it, it is skipped.
@@ -11,11 +12,11 @@ the classifier converts back to its own channels and size.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch_fidelity
@@ -24,7 +25,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+from difflab.artifacts import sha256_file
 from difflab.data.transforms import fit_images
 from difflab.errors import UserError
 from difflab.evaluate.feature_classifier import load_classifier_file
@@ -121,10 +124,32 @@ def inception_extractor(path: Path) -> Extractor:
     if tuple(fc.shape) != (1008, 2048):
         raise UserError(f"eval.inception_weights={path} has a {tuple(fc.shape)} fc layer, not Inception's (1008, 2048): "
                         f"use torch-fidelity's {INCEPTION_FILE}.")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    name = f"inception-v3-{digest.hexdigest()[:12]}"
+    name = f"inception-v3-{sha256_file(path)[:12]}"
     _register(name, FeatureExtractorInceptionV3)
     return Extractor("inception", name, path)
+
+
+def metric_layers(extractor: Extractor, metrics: Iterable[str]) -> dict[str, str]:
+    """metric (isc, fid, kid, prc) -> the layer torch-fidelity computes it on with this extractor."""
+    registered = FEATURE_EXTRACTORS_REGISTRY[extractor.name]
+    return {metric: registered.get_default_feature_layer_for_metric(metric) for metric in metrics}
+
+
+class FeatureExtraction:
+    """uint8 images -> {layer: N x D features}, through the module, data loader and batch size
+    torch_fidelity.calculate_metrics uses, so the features are the ones it would compute. The
+    module (for Inception, its weights) is built on first use, so a call whose inputs' features
+    are all cached never builds it."""
+
+    def __init__(self, extractor: Extractor, layers: Sequence[str], device: torch.device, batch_size: int):
+        self.extractor, self.layers, self.batch_size = extractor, list(layers), batch_size
+        self.cuda = device.type == "cuda"
+
+    @functools.cached_property
+    def module(self) -> torch_fidelity.FeatureExtractorBase:
+        return create_feature_extractor(self.extractor.name, self.layers, cuda=self.cuda, verbose=False,
+                                        feature_extractor_weights_path=str(self.extractor.weights))
+
+    def __call__(self, images: Tensor) -> dict[str, Tensor]:
+        return get_featuresdict_from_dataset(FidelityImages(images), self.module, self.batch_size, self.cuda,
+                                             save_cpu_ram=True, verbose=False)

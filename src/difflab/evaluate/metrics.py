@@ -1,29 +1,37 @@
-"""Sample quality through torch-fidelity, the same code path for every extractor:
+"""Sample quality through torch-fidelity's metric functions, the same code path for every extractor:
 
 - Inception (when its weights are at hand): FID, KID, Inception Score, precision and recall;
 - the data set's evaluation classifier: the same Frechet distance and KID in its feature space,
   and the class accuracy of class-conditional samples.
 
 Each is computed for the generated samples and, as the reference a reader needs, for a held-out
-real sample of equal size, both against the same seeded pick of real training images. The real
-images' features and statistics are cached by torch-fidelity under names of the data set,
-split, size and extractor, in paths.cache_dir/fidelity.
+real sample of equal size, both against the same seeded pick of real training images. difflab
+extracts the features as torch_fidelity.calculate_metrics does and computes the metrics from
+them with torch-fidelity's feature-level functions and calculate_metrics' settings, so the values
+are the ones calculate_metrics gives; the real images' features are cached by difflab
+(feature_cache.py) under names of the data set, split, size and extractor, in
+paths.cache_dir/features, and torch-fidelity reads no cache file.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-import torch_fidelity
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
 from difflab.artifacts import settings_key
-from difflab.evaluate.extractors import (Extractor, FidelityImages, classifier_extractor, find_inception_weights,
-                                         inception_extractor)
+from difflab.evaluate.extractors import (Extractor, FeatureExtraction, classifier_extractor, find_inception_weights,
+                                         inception_extractor, metric_layers)
+from difflab.evaluate.feature_cache import cached_features
 from difflab.evaluate.feature_classifier import (LoadedClassifier, accuracy, classifier_settings, feature_classifier,
                                                  real_splits)
 
@@ -48,21 +56,37 @@ KEYS = {
 
 
 def fidelity_metrics(images: Tensor, reference: Tensor, extractor: Extractor, device: torch.device, batch_size: int,
-                     cache_root: str, names: tuple[Optional[str], Optional[str]] = (None, None)) -> dict[str, float]:
+                     cache_root: str | Path,
+                     names: tuple[Optional[str], Optional[str]] = (None, None)) -> dict[str, float]:
     """FD and KID of uint8 `images` against `reference` in the extractor's feature space (with
     Inception also IS, precision and recall), under difflab's metric names. A named input's
-    features are cached; an unnamed one (generated samples) never is. KID averages over subsets
-    of half the samples (at most 1000), so its std says how much it varies."""
+    features are cached in `cache_root`; an unnamed one (generated samples) never is. KID
+    averages over subsets of half the samples (at most 1000), so its std says how much it varies."""
     inception = extractor.kind == "inception"
-    raw = torch_fidelity.calculate_metrics(
-        input1=FidelityImages(images), input2=FidelityImages(reference), fid=True, kid=True, isc=inception,
-        prc=inception and min(len(images), len(reference)) >= MIN_IMAGES, feature_extractor=extractor.name, feature_extractor_weights_path=str(extractor.weights),
-        cuda=device.type == "cuda", batch_size=batch_size, save_cpu_ram=True, verbose=False, cache=True,
-        cache_root=cache_root, input1_cache_name=names[0], input2_cache_name=names[1],
-        kid_subset_size=max(2, min(1000, len(images), len(reference)) // 2), isc_splits=min(10, len(images)),
-        rng_seed=FIDELITY_SEED,
-    )
+    wanted = {"isc": inception, "fid": True, "kid": True,
+              "prc": inception and min(len(images), len(reference)) >= MIN_IMAGES}
+    layers = metric_layers(extractor, [metric for metric, on in wanted.items() if on])
+    extract = FeatureExtraction(extractor, sorted(set(layers.values())), device, batch_size)
+    first, second = (cached_features(x, extract, Path(cache_root), name) for x, name in zip((images, reference), names))
+    raw = _metrics_from_features(first, second, layers, rng_seed=FIDELITY_SEED, save_cpu_ram=True, verbose=False,
+                                 kid_subset_size=max(2, min(1000, len(images), len(reference)) // 2),
+                                 isc_splits=min(10, len(images)))
     return {ours: float(raw[theirs]) for theirs, ours in KEYS[extractor.kind].items() if theirs in raw}
+
+
+def _metrics_from_features(first: dict[str, Tensor], second: dict[str, Tensor], layers: dict[str, str],
+                           **settings) -> dict[str, float]:
+    """torch-fidelity's results for the metrics in `layers` (metric -> feature layer), from the
+    two inputs' features by its own feature-level functions, as calculate_metrics calls them."""
+    raw = {}
+    if "isc" in layers:
+        raw.update(isc_featuresdict_to_metric(first, layers["isc"], **settings))
+    statistics = [fid_featuresdict_to_statistics(features, layers["fid"]) for features in (first, second)]
+    raw.update(fid_statistics_to_metric(*statistics, verbose=False))
+    raw.update(kid_featuresdict_to_metric(first, second, layers["kid"], **settings))
+    if "prc" in layers:
+        raw.update(prc_featuresdict_to_metric(first, second, layers["prc"], **settings))
+    return raw
 
 
 def _extractors(cfg: DictConfig, num_classes: int, device: torch.device) -> tuple[list[Extractor], Optional[LoadedClassifier], dict]:
@@ -106,7 +130,7 @@ def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device,
     ref_name, held_name = f"{tag}-train{len(reference)}-seed{REFERENCE_SEED}", f"{tag}-heldout{len(held_out)}"
     metrics: dict = {}
     produced_by: dict[str, str] = {}
-    cache_root = str(OmegaConf.select(data_cfg, "paths.cache_dir")) + "/fidelity"
+    cache_root = Path(str(OmegaConf.select(data_cfg, "paths.cache_dir"))).expanduser() / "features"
     for ex in extractors:
         generated = fidelity_metrics(samples.images, reference, ex, device, cfg.eval.batch_size, cache_root,
                                      (None, ref_name))
