@@ -52,7 +52,7 @@ class ArrayUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
 
 
-def load(file: IO[bytes]) -> Any:
+def load_arrays(file: IO[bytes]) -> Any:
     """The object pickled in `file`, python-2 strings read as latin-1 (what numpy arrays need);
     raises ForbiddenGlobal for a pickle that names anything else."""
     return ArrayUnpickler(file, encoding="latin1").load()

