@@ -1,12 +1,20 @@
-"""The run record a researcher reads afterwards: metrics.json (merged by every stage of a run)
-and losses.csv (the curves a sweep comparison overlays without reading TensorBoard)."""
+"""The run record a researcher reads afterwards: metrics.json (merged by every stage of a run,
+with the provenance of what made it) and losses.csv (the curves a sweep comparison overlays
+without reading TensorBoard)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
+import torch
+
+import difflab
+from difflab.artifacts import code_fingerprint
 from difflab.checkpoint import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("difflab")
@@ -32,6 +40,27 @@ def read_metrics(run_dir: Path) -> dict:
 def write_metrics(run_dir: Path, metrics: dict) -> None:
     """Merge into metrics.json atomically, so stages of one run add to one file."""
     atomic_write_json(run_dir / "metrics.json", {**read_metrics(run_dir), **metrics})
+
+
+def provenance(device: str) -> dict:
+    """What made the run's numbers: difflab's version and code fingerprint, its git commit when
+    it runs from a checkout (and whether that had uncommitted changes), the library versions,
+    the device and the command line."""
+    return {"difflab": difflab.__version__, "code_fingerprint": code_fingerprint(), **_git_state(),
+            "python": platform.python_version(), "torch": torch.__version__, "device": device,
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or
+            platform.machine(), "command": " ".join(sys.argv)}
+
+
+def _git_state() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(difflab.__file__).parent, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", "."))}
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an installed wheel)
+        return {}
 
 
 def write_loss_csv(path: Path, train: list, val: list) -> None:

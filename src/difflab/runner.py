@@ -23,7 +23,7 @@ from difflab.evaluate.ema_copies import evaluate_ema_copies, validation_batch
 from difflab.evaluate.metrics import evaluate_model
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
                           obtain_guidance_classifier, obtain_latent_space, resumes_training)
-from difflab.record import write_metrics
+from difflab.record import provenance, write_metrics
 from difflab.sampling import sample_and_write, sample_images
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.train.makers import train_classifier, train_diffusion
@@ -187,6 +187,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     if not dist.is_main():  # the other torchrun ranks only trained; rank 0 writes the run's record
         return None
     metrics["wall_time_s"] = time.perf_counter() - t0
+    metrics["provenance"] = provenance(str(device))
     write_metrics(run_dir, metrics)
     write_hparams(run_dir / "tb", overrides_to_hparams(overrides), metrics)
     log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))

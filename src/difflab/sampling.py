@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 import torch
 from einops import rearrange
+from omegaconf import OmegaConf
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -144,13 +145,21 @@ def class_accuracy(classifier: torch.nn.Module, model: DiffusionModel, result: S
     return float((logits.argmax(1).cpu() == result.labels).float().mean())
 
 
+def sampled_with(cfg: DictConfig) -> dict:
+    """The settings that made a run's samples, for its record."""
+    return {"sampler": cfg.sampler.name, "steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
+            "guidance": cfg.guidance.name, "guidance_scale": cfg.guidance.scale, "seed": cfg.seed,
+            "labels": OmegaConf.to_container(cfg.sample.labels) if OmegaConf.is_config(cfg.sample.labels)
+            else cfg.sample.labels}
+
+
 def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,
                      writer=None, step: int = 0, classifier: Optional[torch.nn.Module] = None) -> dict:
     if cfg.sample.num_images == 0:
         return {}
     result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif,
                            classifier=classifier)
-    metrics = write_samples(result, run_dir / "samples", writer, step)
+    metrics = {**write_samples(result, run_dir / "samples", writer, step), "sampled_with": sampled_with(cfg)}
     if classifier is not None and result.labels is not None:
         write_samples(replace(result, frames=[]), run_dir / "classifier_guided_samples")  # seed 000's folder name
         metrics["sample_class_accuracy_t0"] = class_accuracy(classifier, model, result, device)
