@@ -4,6 +4,7 @@ wheel is in the session cache)."""
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 import pickle
@@ -77,7 +78,8 @@ def test_real_mnist_has_the_standard_splits(mnist):
 
 def test_real_mnist_cache_is_reused(mnist):
     cfg, cache, train, test = mnist
-    assert (cache / "datasets" / "mnist-train.pt").is_file() and (cache / "datasets" / "mnist-test.pt").is_file()
+    entries = [json.loads(r.read_text())["settings"] for r in (cache / "artifacts" / "datasets").glob("*/record.json")]
+    assert sorted(e["split"] for e in entries if e["dataset"] == "mnist") == ["test", "train"]  # both, decoded once
     start = time.perf_counter()
     again = load_split(cfg, "train", str(cache))
     assert time.perf_counter() - start < 1.0
@@ -205,10 +207,11 @@ def test_unreadable_cache_is_rebuilt(tmp_path, caplog):
     write_cifar(tmp_path / "data", "cifar10")
     cfg = make_cfg(name="cifar10", root=str(tmp_path / "data"), image_size=32, channels=3, download=False)
     first = load_split(cfg, "test", str(tmp_path / "cache"))
-    (tmp_path / "cache" / "datasets" / "cifar10-test.pt").write_bytes(b"truncated")
-    with caplog.at_level(logging.WARNING, logger="difflab.data"):
+    for entry in (tmp_path / "cache" / "artifacts" / "datasets").glob("*/model.pt"):
+        entry.write_bytes(entry.read_bytes()[:100])  # truncated
+    with caplog.at_level(logging.WARNING, logger="difflab"):
         again = load_split(cfg, "test", str(tmp_path / "cache"))
-    assert torch.equal(first.images, again.images) and "unreadable data cache" in caplog.text
+    assert torch.equal(first.images, again.images) and "is damaged" in caplog.text
 
 
 def test_missing_cifar_names_the_fix(tmp_path):

@@ -207,15 +207,18 @@ def test_torchrun_latent_diffusion_trains_autoencoder_and_model_together(shapes_
 @pytest.mark.slow
 def test_torchrun_trains_the_guidance_classifier_the_plan_adds(shapes_dir, tmp_path):
     """guidance=classifier with none cached: both processes train the classifier the plan adds,
-    then the diffusion model's samples are guided by it."""
+    then the diffusion model's samples are guided by it, and rank 0 alone evaluates them (its
+    evaluation classifier and held-out data obtained without the other process)."""
     run_dir = tmp_path / "run"
     proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "guidance=classifier", "guidance.scale=2",
-                  "train.max_steps=4", "classifier.max_steps=4", f"hydra.run.dir={run_dir}", nproc=2, timeout=240)
+                  "train.max_steps=4", "classifier.max_steps=4", "eval.num_samples=8", "eval.classifier_steps=4",
+                  "eval.extractors=[classifier]", f"hydra.run.dir={run_dir}", nproc=2, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_metrics(run_dir)
     assert m["classifier_source"] == "trained" and m["trained"] is True
     assert torch.load(run_dir / "classifier" / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
     assert (run_dir / "classifier_guided_samples" / "samples.npz").is_file()
+    assert m["fd_classifier"] > 0 and 0 <= m["class_accuracy"] <= 1
 
 
 @pytest.mark.slow

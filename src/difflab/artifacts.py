@@ -301,31 +301,37 @@ def given_artifact(given: str, given_name: str, what: str) -> Artifact:
 
 def obtain(cache: ArtifactCache, stage: str, settings: dict, train: TrainFn, *, reuse: bool = True,
            other_code: bool = False, given: Optional[str] = None, given_name: str = "a path",
-           what: Optional[str] = None, collective: bool = True) -> Artifact:
+           what: Optional[str] = None, collective: bool = True, alone: bool = False,
+           anew: str = "train.reuse=false trains anew") -> Artifact:
     """The artifact of `stage` for `settings`: the file `given` explicitly, else the cached one,
     else the result of `train()`, stored in the cache. The lookup and the training run under the
     key's file lock, so parallel jobs that need the same artifact train it once. Logs one line
     saying which of the three it did, naming the artifact `what` (default: the stage's name);
-    `reuse=False` trains anew (and replaces the cached entry); `other_code` also reuses an entry
-    made with the same settings by other code.
+    `reuse=False` trains anew (and replaces the cached entry), and `anew` tells the user how to
+    ask for that ("" where no setting does); `other_code` also reuses an entry made with the same
+    settings by other code.
 
     Under torchrun every rank calls this and all take rank 0's branch: rank 0 alone takes the
     lock, looks and stores; `train()` runs on every rank (DDP training needs them all) or, with
-    collective=False, on rank 0 alone; every rank returns what rank 0 stored."""
+    collective=False, on rank 0 alone; every rank returns what rank 0 stored. `alone=True` is
+    for a call this process makes on its own (rank 0's evaluation, say): no other rank takes
+    part, and the file lock alone orders it with other processes."""
     what = what or stage
     if given:
         artifact = given_artifact(given, given_name, what)
         log.info("using the %s given by %s=%s", what, given_name, artifact.path)
         return artifact
     key = artifact_key(settings)
-    with cache.lock(stage, key) if dist.is_main() else contextlib.nullcontext():
-        cached = dist.from_main(lambda: cache.find(stage, settings, other_code) if reuse else None)
+    decides = alone or dist.is_main()
+    share = (lambda make: make()) if alone else dist.from_main
+    with cache.lock(stage, key) if decides else contextlib.nullcontext():
+        cached = share(lambda: cache.find(stage, settings, other_code) if reuse else None)
         if cached is not None:
-            log.info("reusing the %s made with these settings by %s (%s); train.reuse=false trains anew",
-                     what, cached.record.get("run_dir"), cached.path)
+            by = f" by {cached.record['run_dir']}" if cached.record.get("run_dir") else ""
+            log.info("reusing the %s made with these settings%s (%s)%s", what, by, cached.path, anew and f"; {anew}")
             return Artifact(cached.path, cached.key, "cache", cached.record)
         log.info("no %s made with these settings in the artifact cache yet: making it now (key %s)", what, key)
-        checkpoint, record = train() if collective or dist.is_main() else (None, {})
-        stored = dist.from_main(lambda: cache.store(stage, settings, checkpoint, record))
+        checkpoint, record = train() if collective or decides else (None, {})
+        stored = share(lambda: cache.store(stage, settings, checkpoint, record))
         log.info("stored the %s in the artifact cache: %s", what, stored.path)
         return Artifact(stored.path, stored.key, "trained", record)

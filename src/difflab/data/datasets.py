@@ -1,21 +1,24 @@
 """Loads the configured data set as uint8 tensors at the configured size and channels.
 
-The standard data sets are decoded once and cached as tensors in
-{cache_dir}/datasets/<name>-<split>.pt (native size, before any resize), so later runs load
-in a fraction of a second; delete the file to decode again. A file lock makes parallel sweep
-jobs wait for the first one's decode instead of all decoding at once.
+The standard data sets are decoded once and kept as tensors (native size, before any resize)
+in the artifact cache, {cache_dir}/artifacts/datasets/<key>/, one entry per split, so later
+runs load in a fraction of a second; the cache's lock makes parallel sweep jobs wait for the
+first one's decode instead of all decoding at once, and its hash check decodes a damaged entry
+again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-from filelock import FileLock
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from difflab.artifacts import ArtifactCache, obtain
 from difflab.checkpoint import atomic_save
 from difflab.data.folder import MODES, folder_classes, read_folder
 from difflab.data.image_data import ImageData
@@ -27,6 +30,7 @@ log = logging.getLogger("difflab.data")
 
 SPLITS = ("train", "test")
 CACHE_VERSION = 1  # bump when what a cache file holds changes
+STAGE = "datasets"  # their folder in the artifact cache
 HOLDOUT_SEED = 0
 FOLDER_VAL_FRACTION = 0.1  # a folder has no test split: hold out at most this much of it
 
@@ -100,33 +104,37 @@ def _seeded_permutation(n: int) -> torch.Tensor:
 
 
 def _cached(name: str, split: str, cache_dir: Path, read: Callable[[], Splits]) -> ImageData:
-    folder = cache_dir / "datasets"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"Cannot create the data cache {folder} ({e.strerror}): set paths.cache_dir to a "
-                        "writable folder.") from None
-    path = folder / f"{name}-{split}.pt"
-    with FileLock(f"{path}.lock"):
-        data = _load_cache(path)
-        if data is None:
+    """The decoded split, from the artifact cache or decoded now (every split `read` gives is
+    stored, so the next split a run needs is there already). Each process obtains it on its own:
+    rank 0 alone reads the held-out split for an evaluation."""
+    cache = ArtifactCache(cache_dir)
+    with contextlib.ExitStack() as until_stored:
+        def decode() -> tuple[Path, dict]:  # the files live until obtain has stored them
+            cache.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(until_stored.enter_context(tempfile.TemporaryDirectory(dir=cache.root)))
             splits = read()
-            for each, decoded in splits.items():
-                _save_cache(folder / f"{name}-{each}.pt", decoded)
-            data = splits[split]
-    return data
+            for each, data in splits.items():
+                _save_cache(tmp / f"{each}.pt", data)
+                if each != split:
+                    cache.store(STAGE, _split_settings(name, each), tmp / f"{each}.pt", _record(data))
+            return tmp / f"{split}.pt", _record(splits[split])
+
+        artifact = obtain(cache, STAGE, _split_settings(name, split), decode, what=f"decoded {name} {split} split",
+                          alone=True, anew="")
+    return _load_cache(artifact.path)  # its hash was checked
 
 
-def _load_cache(path: Path) -> Optional[ImageData]:
-    if not path.is_file():
-        return None
-    try:
-        saved = torch.load(path, weights_only=True)
-        if saved["version"] == CACHE_VERSION:
-            return ImageData(saved["images"], saved["labels"], saved["num_classes"])
-    except Exception as e:  # a truncated or foreign file: decode again rather than fail
-        log.warning("Ignoring the unreadable data cache %s (%s): decoding the data set again.", path, e)
-    return None
+def _split_settings(name: str, split: str) -> dict:
+    return {"dataset": name, "split": split, "version": CACHE_VERSION}
+
+
+def _record(data: ImageData) -> dict:
+    return {"images": len(data), "shape": list(data.images.shape[1:]), "num_classes": data.num_classes}
+
+
+def _load_cache(path: Path) -> ImageData:
+    saved = torch.load(path, weights_only=True)
+    return ImageData(saved["images"], saved["labels"], saved["num_classes"])
 
 
 def _save_cache(path: Path, data: ImageData) -> None:
@@ -137,4 +145,3 @@ def _save_cache(path: Path, data: ImageData) -> None:
     except OSError as e:
         raise UserError(f"Cannot write the data cache {path} ({e.strerror}): set paths.cache_dir to a "
                         "writable folder with free space.") from None
-    log.info("Cached %s (%d images) in %s.", path.stem, len(data), path)

@@ -37,5 +37,6 @@ def cached_latents(space: LatentSpace, images_uint8: Tensor, cache_dir: str, dev
             atomic_save({"latents": z}, tmp / "latents.pt")
             return tmp / "latents.pt", {"images": len(z), "shape": list(z.shape[1:])}
 
-        artifact = obtain(cache, "latents", settings, encode_all, what="encoded training latents", collective=False)
+        artifact = obtain(cache, "latents", settings, encode_all, what="encoded training latents", collective=False,
+                            anew="")
     return torch.load(artifact.path, map_location="cpu", weights_only=True)["latents"].to(device)

@@ -155,7 +155,7 @@ def feature_classifier(cfg: DictConfig, device: torch.device) -> LoadedClassifie
             atomic_save(state, tmp / "model.pt")
             return tmp / "model.pt", {"metrics": metrics}
 
-        artifact = obtain(cache, STAGE, settings, train, what="evaluation classifier", collective=False)
+        artifact = obtain(cache, STAGE, settings, train, what="evaluation classifier", alone=True, anew="")
     seconds = time.perf_counter() - t0 if artifact.trained else 0.0
     net, meta = load_classifier_file(artifact.path, device)
     log.info("evaluation classifier %s: test accuracy %s on %d held-out images", artifact.path,
