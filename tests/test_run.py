@@ -166,7 +166,7 @@ def test_ctrl_c_saves_the_step_and_resumes_to_the_same_weights(tmp_path, shapes_
 def test_ctrl_c_while_sampling_keeps_the_training_record_and_says_how_to_sample(tmp_path, shapes_dir):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *tiny_overrides(shapes_dir, tmp_path / "cache"),
-                             "sample.num_images=20000", "sample.batch_size=50", "sampler=ddpm",
+                             "sample.num_images=20000", "sample.batch_size=50", "sampler=ddpm", "sampler.steps=50",
                              f"hydra.run.dir={run_dir}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     log, deadline = run_dir / "train.log", time.monotonic() + 120

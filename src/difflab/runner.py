@@ -86,7 +86,6 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
                                                                str(artifact.path) if joint else None)
     if not dist.is_main():  # sampling and evaluation are rank 0's
         return {}
-    model = load_diffusion_model(str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
     metrics = {**artifact.record["metrics"], **latent_record, **classifier_record, "trained": artifact.trained}
     if not artifact.trained:
         metrics["checkpoint"] = str(artifact.path)
@@ -95,6 +94,7 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
         metrics["init_from"] = str(Path(cfg.train.init_from).expanduser().resolve())
     write_metrics(run_dir, metrics)  # the training's record is kept whatever happens while sampling
     try:
+        model = load_diffusion_model(str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
         metrics.update(sample_and_evaluate(cfg, run_dir, device, model, classifier, metrics["checkpoint"], writer,
                                            metrics["steps"]))
         if cfg.train.ema.decays:
