@@ -6,6 +6,11 @@ flags and this CPU, and loaded with ctypes; its OpenMP regions run on the libgom
 loaded. Where it cannot be had (no compiler, not Linux, torch not on libgomp, a failed build)
 `library()` is None after one warning and each layer keeps its torch fallback;
 DIFFLAB_FUSED_KERNELS=0 turns the kernels off.
+
+The layers reach the library only through typed torch operators (torch.ops.difflab.*, defined
+by `cpu_operator` in group_norm_silu.py and attention.py) that `expect` their tensors first: the
+C code trusts every pointer and size it is given, so a wrong dtype, device, shape or layout would
+read or write out of bounds instead of failing.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Collection, Optional
 
 import torch
 from torch import Tensor
+from torch._ops import OpOverload
 
 from difflab.checkpoint import atomic_copy
 
@@ -32,10 +38,11 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / "group_norm_silu.cpp", HERE / "attention.cpp"]
 HEADERS = [HERE / "kernel_math.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-I64, F32P, VP = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p
+I64, VP = ctypes.c_int64, ctypes.c_void_p  # every pointer is a void*: the operators pass data_ptr()s
 
 _library: Optional[ctypes.CDLL] = None
 _tried = False
+OPERATORS = torch.library.Library("difflab", "DEF")  # the torch.ops.difflab namespace
 
 
 def kernels_enabled() -> bool:
@@ -94,14 +101,13 @@ def _load() -> Optional[ctypes.CDLL]:
                     "as torch layers", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
         return None
     drop = [ctypes.c_uint32, ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32]  # cut, scale, two seeds
-    lib.group_norm_silu_forward.argtypes = [ctypes.c_int, VP, F32P, F32P, F32P, VP, F32P, F32P, F32P, I64,
-                                            I64, I64, I64, ctypes.c_float, ctypes.c_int, ctypes.c_int, *drop]
-    lib.group_norm_silu_backward.argtypes = [ctypes.c_int, VP, F32P, F32P, VP, F32P, F32P, F32P, F32P, VP,
-                                             F32P, F32P, F32P, I64, I64, I64, I64, ctypes.c_int, ctypes.c_int,
-                                             *drop]
+    lib.group_norm_silu_forward.argtypes = [ctypes.c_int, *[VP] * 8, I64, I64, I64, I64, ctypes.c_float,
+                                            ctypes.c_int, ctypes.c_int, *drop]
+    lib.group_norm_silu_backward.argtypes = [ctypes.c_int, *[VP] * 12, I64, I64, I64, I64, ctypes.c_int,
+                                             ctypes.c_int, *drop]
     shape = [I64, I64, I64, I64, ctypes.c_float]  # B, L, H, D, scale
-    lib.attention_forward.argtypes = [F32P, F32P, F32P, *shape]
-    lib.attention_backward.argtypes = [F32P, F32P, F32P, F32P, F32P, *shape]
+    lib.attention_forward.argtypes = [VP, VP, VP, *shape]
+    lib.attention_backward.argtypes = [VP, VP, VP, VP, VP, *shape]
     return lib
 
 
@@ -114,9 +120,13 @@ def library() -> Optional[ctypes.CDLL]:
     return _library
 
 
-def f32(t: Optional[Tensor]) -> ctypes.POINTER(ctypes.c_float):
-    """A float32 tensor's data as the kernels' float*, None as NULL."""
-    return ctypes.cast(t.data_ptr(), F32P) if t is not None else None
+def kernels() -> ctypes.CDLL:
+    """The compiled kernels, for an operator that cannot run without them."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the fused CPU kernels are not available here (no C++ compiler, or their build failed); "
+                           "call the layers, which fall back to torch, instead of the difflab:: operators")
+    return lib
 
 
 def floats(*shape: int) -> Tensor:
@@ -124,7 +134,53 @@ def floats(*shape: int) -> Tensor:
     return torch.empty(*shape, dtype=torch.float32)
 
 
+FORMAT_NAMES = {torch.contiguous_format: "contiguous", torch.channels_last: "channels_last-contiguous"}
+
+
+def expect(name: str, t: Tensor, shape: tuple[int, ...], dtypes: Collection[torch.dtype] = (torch.float32,),
+           memory_format: torch.memory_format = torch.contiguous_format) -> None:
+    """Refuse, with a ValueError naming the tensor, what was expected and what was found, a tensor
+    that a kernel would misread: not on the CPU, of another dtype or shape, or laid out otherwise."""
+    if not t.is_cpu:
+        raise ValueError(f"{name} must be a CPU tensor, got one on {t.device}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not t.is_contiguous(memory_format=memory_format):
+        raise ValueError(f"{name} must be {FORMAT_NAMES[memory_format]}, got strides {t.stride()}")
+
+
+@torch.compiler.assume_constant_result
+def kernels_ready() -> bool:
+    """Kernels on and built. torch.compile runs this once while tracing and keeps the answer (so it
+    builds the library then, if need be, instead of failing to trace the build; and changing
+    DIFFLAB_FUSED_KERNELS later does not recompile a compiled model). This imports torch._dynamo
+    (~1 s), which run.py's imports (torchvision) load anyway."""
+    return kernels_enabled() and library() is not None
+
+
 def usable(x: Tensor) -> bool:
-    """Whether a kernel may take x: a CPU tensor outside torch.compile, kernels on and built."""
-    return (x.device.type == "cpu" and x.numel() > 0 and kernels_enabled() and not torch.compiler.is_compiling()
-            and library() is not None)
+    """Whether a kernel may take x: a non-empty CPU tensor, kernels on and built."""
+    return x.is_cpu and x.numel() > 0 and kernels_ready()
+
+
+def cpu_operator(fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], OpOverload]:
+    """Make a function the CPU kernel of the typed torch operator difflab::<its name>, its schema
+    inferred from its type hints, with `fake` (same arguments, outputs of the right shapes and
+    nothing computed) as the implementation torch.compile traces with.
+
+    Registered with torch.library's define and impl rather than torch.library.custom_op: the ops
+    need no autograd of their own (the layers' autograd.Functions pair forward and backward), and
+    custom_op would add its Python autograd and alias checks to every call. Measured against the
+    ctypes calls they replace: the same training speed (benchmarks/results/kernel_ops_cpu.json)."""
+
+    def register(kernel: Callable[..., Any]) -> OpOverload:
+        name = kernel.__name__
+        OPERATORS.define(name + torch.library.infer_schema(kernel, mutates_args=()),
+                         tags=(torch.Tag.pt2_compliant_tag,))
+        OPERATORS.impl(name, kernel, "CPU")
+        torch.library.register_fake(f"difflab::{name}", fake, lib=OPERATORS)
+        return getattr(torch.ops.difflab, name).default
+
+    return register

@@ -3,8 +3,9 @@
 // channels_last layout on the CPU. The shift is a ResBlock's timestep embedding: folded into the
 // statistics and the affine map in closed form, so adding it costs no pass over the map.
 //
-// Built and loaded by group_norm_silu.py with the system C++ compiler (no torch headers, so it
-// compiles in about a second) and called through ctypes. Parallel regions use OpenMP; the
+// Built by cpu_kernels.py with the system C++ compiler (no torch headers, so it compiles in about
+// a second) and called through ctypes by the operators of group_norm_silu.py, which check the
+// pointers' tensors (dtype, shape, layout) before they get here. Parallel regions use OpenMP; the
 // library links the libgomp.so.1 that torch already loaded, so it shares torch's thread pool
 // and torch.set_num_threads.
 //
@@ -26,9 +27,11 @@ namespace {
 
 inline float sigmoid(float t) { return 1.0f / (1.0f + fast_exp(-t)); }
 
-// Dropout after the SiLU, its mask a counter-based hash of (seeds, element offset): drawn in the
+// Dropout after the SiLU, its mask a counter-based hash of (seeds, element index): drawn in the
 // loops at no memory cost, recomputed identically by the backward instead of stored, and 16
-// lanes at a time where torch's CPU generator draws one number after another.
+// lanes at a time where torch's CPU generator draws one number after another. The index is the
+// element's NCHW one (b*C*P + c*P + p, mod 2^32) in either layout, so the mask does not depend
+// on the layout, and group_norm_silu.py's torch fallback computes the same hash.
 struct Drop {
     uint32_t s1, s2;   // two random seeds per call, from torch's generator
     uint32_t cut;      // keep when the hash's top 24 bits are >= cut = round(p * 2^24)
@@ -44,20 +47,29 @@ inline uint32_t mix(uint32_t x) {  // Wellons' lowbias32 integer hash
     return x;
 }
 
-inline float keep_scale(const Drop& d, uint32_t offset) {
-    return static_cast<float>((mix(mix(offset + d.s1) ^ d.s2) >> 8) >= d.cut) * d.scale;
+inline float keep_scale(const Drop& d, uint32_t index) {
+    return static_cast<float>((mix(mix(index + d.s1) ^ d.s2) >> 8) >= d.cut) * d.scale;
 }
 
 // One sample's layout: element (c, p) of its C x P map (P = H*W) is at p*C + c when
-// channels_last, else at c*P + p.
+// channels_last, else at c*P + p. Its NCHW index, which the dropout hashes, is plane[c] + p:
+// a load, not a multiply, per lane of a channels_last row.
 struct Layout {
     int64_t C, P;
     bool cl;
+    const uint32_t* plane;  // plane[c] = c * P, mod 2^32 as the indices
     bool channels_last() const { return cl; }
 };
 
-// Two per-channel sums over the P positions of one sample, in double: elem(c, offset) gives the
-// two terms of the element at `offset` (its place in the sample) of channel c. Channels_last
+std::vector<uint32_t> plane_starts(int64_t C, int64_t P) {
+    std::vector<uint32_t> plane(C);
+    for (int64_t c = 0; c < C; ++c) plane[c] = static_cast<uint32_t>(c * P);
+    return plane;
+}
+
+// Two per-channel sums over the P positions of one sample, in double: elem(c, offset, index)
+// gives the two terms of the element of channel c at `offset` in the sample's memory, `index`
+// its NCHW index in the sample. Channels_last
 // rows are summed in float over blocks of ROWS rows first: a double add per element was the
 // bottleneck.
 constexpr int64_t ROWS = 32;
@@ -76,7 +88,7 @@ void channel_sums(const Layout& L, Elem elem, double* s1, double* s2, float* f1,
             for (int64_t p = p0; p < p1; ++p) {
 #pragma omp simd
                 for (int64_t c = 0; c < L.C; ++c) {
-                    const Terms t = elem(c, p * L.C + c);
+                    const Terms t = elem(c, p * L.C + c, L.plane[c] + static_cast<uint32_t>(p));
                     f1[c] += t.u;
                     f2[c] += t.w;
                 }
@@ -91,7 +103,7 @@ void channel_sums(const Layout& L, Elem elem, double* s1, double* s2, float* f1,
             double a = 0.0, b = 0.0;
 #pragma omp simd reduction(+ : a, b)
             for (int64_t p = 0; p < L.P; ++p) {
-                const Terms t = elem(c, c * L.P + p);
+                const Terms t = elem(c, c * L.P + p, static_cast<uint32_t>(c * L.P + p));
                 a += t.u;
                 b += t.w;
             }
@@ -101,7 +113,7 @@ void channel_sums(const Layout& L, Elem elem, double* s1, double* s2, float* f1,
     }
 }
 
-// y = drop(act(x * a[c] + b[c])) over one sample whose first element is at offset `base`. SILU
+// y = drop(act(x * a[c] + b[c])) over one sample whose first element has NCHW index `base`. SILU
 // and DROP are template parameters, not runtime flags: a branch inside the loops kept the
 // compiler from vectorising them (5x slower).
 template <bool SILU, bool DROP, typename T>
@@ -109,19 +121,19 @@ void apply(const T* x, T* y, const Layout& L, const float* a, const float* b, co
     if (L.channels_last()) {
         for (int64_t p = 0; p < L.P; ++p) {
             const T* row = x + p * L.C;
-            const uint32_t rowbase = base + static_cast<uint32_t>(p * L.C);  // element offsets wrap mod 2^32
+            const uint32_t rowbase = base + static_cast<uint32_t>(p);  // indices wrap mod 2^32
             T* out = y + p * L.C;
 #pragma omp simd
             for (int64_t c = 0; c < L.C; ++c) {
                 float t = load(row, c) * a[c] + b[c];
                 float u = SILU ? t * sigmoid(t) : t;
-                store(out, c, DROP ? u * keep_scale(d, rowbase + static_cast<uint32_t>(c)) : u);
+                store(out, c, DROP ? u * keep_scale(d, rowbase + L.plane[c]) : u);
             }
         }
     } else {
         for (int64_t c = 0; c < L.C; ++c) {
             const T* plane = x + c * L.P;
-            const uint32_t rowbase = base + static_cast<uint32_t>(c * L.P);  // element offsets wrap mod 2^32
+            const uint32_t rowbase = base + L.plane[c];
             T* out = y + c * L.P;
             const float ac = a[c], bc = b[c];
 #pragma omp simd
@@ -148,10 +160,10 @@ inline float pre_activation_grad(float dout, float t) {
 template <bool SILU, bool DROP, typename T>
 void grad_moments(const T* x, const T* dout, const Layout& L, const float* a, const float* b, const Drop& d,
                   uint32_t base, float* dys, double* ds, double* db, float* fs, float* fb) {
-    auto elem = [&](int64_t c, int64_t off) {
+    auto elem = [&](int64_t c, int64_t off, uint32_t index) {
         float v = load(x, off);
         float g = load(dout, off);
-        if (DROP) g *= keep_scale(d, base + static_cast<uint32_t>(off));  // offsets wrap mod 2^32
+        if (DROP) g *= keep_scale(d, base + index);  // indices wrap mod 2^32
         float dy = pre_activation_grad<SILU>(g, v * a[c] + b[c]);
         if (SILU) dys[off] = dy;
         return Terms{dy * v, dy};
@@ -206,7 +218,8 @@ void affine(const float* gamma, const float* beta, const float* mean, const floa
 template <bool SILU, bool DROP, typename T>
 void forward(const T* x, const float* shift, const float* gamma, const float* beta, T* y, float* mean, float* rstd,
              float* xsum, int64_t B, int64_t C, int64_t P, int64_t G, float eps, bool channels_last, Drop d) {
-    const Layout L{C, P, channels_last};
+    const std::vector<uint32_t> plane = plane_starts(C, P);
+    const Layout L{C, P, channels_last, plane.data()};
     const int64_t cg = C / G;
     const double n = static_cast<double>(cg * P);
 #pragma omp parallel
@@ -216,14 +229,14 @@ void forward(const T* x, const float* shift, const float* gamma, const float* be
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B; ++i) {
             const T* xi = x + i * C * P;
-            auto moments = [&](int64_t, int64_t off) {
+            auto moments = [&](int64_t, int64_t off, uint32_t) {
                 const float v = load(xi, off);
                 return Terms{v, v * v};
             };
             channel_sums(L, moments, s.data(), ss.data(), fs.data(), fss.data());
             const float* sh = shift ? shift + i * C : nullptr;
             for (int64_t c = 0; c < C; ++c) {
-                if (xsum) xsum[i * C + c] = static_cast<float>(s[c]);
+                xsum[i * C + c] = static_cast<float>(s[c]);
                 if (sh) {  // the moments of x + shift, from those of x: no pass over the map
                     ss[c] += 2.0 * sh[c] * s[c] + static_cast<double>(P) * sh[c] * sh[c];
                     s[c] += static_cast<double>(P) * sh[c];
@@ -251,7 +264,8 @@ template <bool SILU, bool DROP, typename T>
 void backward(const T* x, const float* shift, const float* xsum, const T* dout, const float* gamma,
               const float* beta, const float* mean, const float* rstd, T* dx, float* dgamma_rows, float* dbeta_rows,
               float* dshift_rows, int64_t B, int64_t C, int64_t P, int64_t G, bool channels_last, Drop d) {
-    const Layout L{C, P, channels_last};
+    const std::vector<uint32_t> plane = plane_starts(C, P);
+    const Layout L{C, P, channels_last, plane.data()};
     const int64_t cg = C / G;
     const double n = static_cast<double>(cg * P);
 #pragma omp parallel
@@ -286,12 +300,11 @@ void backward(const T* x, const float* shift, const float* xsum, const T* dout, 
                     k3[c] = static_cast<float>(c3);
                     dgamma_rows[i * C + c] = static_cast<float>((ds[c] - db[c] * m) * r);
                     dbeta_rows[i * C + c] = static_cast<float>(db[c]);
-                    if (sh) {  // d shift = the sum of dx over the positions, in closed form
-                        const double x_sum = xsum[i * C + c] + static_cast<double>(P) * sh[c];
-                        dshift_rows[i * C + c] =
-                            static_cast<float>(r * gamma[c] * db[c] + c2 * x_sum + static_cast<double>(P) * c3);
-                        k3[c] = static_cast<float>(c3 + c2 * sh[c]);  // dx's x * k2 term is on x + shift
-                    }
+                    // d shift = the sum of dx over the positions, in closed form
+                    const double s = sh ? sh[c] : 0.0, x_sum = xsum[i * C + c] + static_cast<double>(P) * s;
+                    dshift_rows[i * C + c] =
+                        static_cast<float>(r * gamma[c] * db[c] + c2 * x_sum + static_cast<double>(P) * c3);
+                    if (sh) k3[c] = static_cast<float>(c3 + c2 * s);  // dx's x * k2 term is on x + shift
                 }
             }
             grad_input<SILU>(xi, gi, dys.data(), dx + i * C * P, L, k1.data(), k2.data(), k3.data());
@@ -326,9 +339,10 @@ extern "C" {
 // dtype: 0 float32, 1 bfloat16 (x, y, dout, dx); gamma, beta, mean, rstd and the gradient rows
 // are float32. x is (B, C, H*W) when channels_last is 0 and (B, H*W, C) when it is 1. shift
 // (B, C) or null is added to x per channel before normalising (a ResBlock's timestep
-// embedding); then the forward writes x's per-channel sums to xsum, which the backward needs to
-// give d shift. drop_cut is round(p * 2^24) of a dropout after the SiLU (0: none), seed1/seed2
-// its seeds; the backward must get the forward's.
+// embedding); the forward writes x's per-channel sums to xsum (B, C), which the backward needs
+// to give dshift_rows (B, C): the gradient of the shift, of a shift of zeros when it is null.
+// drop_cut is round(p * 2^24) of a dropout after the SiLU (0: none), seed1/seed2 its seeds; the
+// backward must get the forward's.
 void group_norm_silu_forward(int dtype, const void* x, const float* shift, const float* gamma, const float* beta,
                              void* y, float* mean, float* rstd, float* xsum, int64_t B, int64_t C, int64_t P,
                              int64_t G, float eps, int channels_last, int silu, uint32_t drop_cut, float drop_scale,
