@@ -5,9 +5,12 @@ Each case samples `n` images with its sampler and measures them as `mode=evaluat
 same evaluate_model): FD/KID with the evaluation classifier, class accuracy, and FID/KID/IS/PR
 with Inception when its weights are at hand. Usage:
 
-    python benchmarks/sampler_quality.py [--cases ddim:50:1000,dpmpp_2m:20:1000,...] [--threads 1]
+    python benchmarks/sampler_quality.py [--cases ddim:50:1000,dpmpp_2m:20:1000:logsnr,...] [--threads 1]
+    python benchmarks/sampler_quality.py --nfe 5,10,20 --samplers ddim,heun,dpmpp_2m,unipc \
+        --spacings trailing,karras,logsnr --num-samples 2000   # the {sampler x spacing} table at equal NFE
 
-A case is sampler:steps:num_samples (steps "all" = every one of the schedule's T steps).
+A case is sampler:steps:num_samples[:spacing] (steps "all" = every one of the schedule's T steps;
+no spacing = the objective's usual). Each row records its network evaluations per sample (nfe).
 """
 
 from __future__ import annotations
@@ -27,18 +30,32 @@ DEFAULT_CASES = ("dpmpp_2m:10:1000,dpmpp_2m:20:1000,ddim:10:1000,ddim:20:1000,dd
                  "ddpm:all:1000")
 
 
+def steps_for_nfe(sampler: str, evaluations: int) -> int:
+    """The steps that cost `evaluations` network evaluations (Heun: 2 steps - 1, rounded up)."""
+    return (evaluations + 2) // 2 if sampler == "heun" else evaluations
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--overrides", default="", help="extra run.py overrides, space separated")
+    parser.add_argument("--nfe", default="", help="instead of --cases: these NFE for each sampler and spacing")
+    parser.add_argument("--samplers", default="ddim,heun,dpmpp_2m,unipc")
+    parser.add_argument("--spacings", default="trailing,karras,logsnr")
+    parser.add_argument("--num-samples", type=int, default=2000)
     args = parser.parse_args()
+    cases = args.cases.split(",")
+    if args.nfe:
+        cases = [f"{s}:{steps_for_nfe(s, int(n))}:{args.num_samples}:{sp}" for n in args.nfe.split(",")
+                 for s in args.samplers.split(",") for sp in args.spacings.split(",")]
 
     import torch
     from hydra import compose, initialize_config_dir
 
     from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.cli import CONF_DIR
+    from difflab.diffusion import nfe, sampling_grid
     from difflab.evaluate.metrics import evaluate_model
     from difflab.sampling import sample_images
     from difflab.trained import load_diffusion_model
@@ -47,11 +64,11 @@ def main() -> None:
     device = torch.device("cpu")
     results = []
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        for case in args.cases.split(","):
-            sampler, steps, n = case.split(":")
+        for case in cases:
+            sampler, steps, n, *spacing = case.split(":")
             cfg = compose(config_name="config", overrides=[
                 f"sampler={sampler}", f"sampler.steps={'null' if steps == 'all' else steps}",
-                f"eval.num_samples={n}", *args.overrides.split()])
+                f"eval.num_samples={n}", *(f"sampler.spacing={sp}" for sp in spacing), *args.overrides.split()])
             entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg))
             if entry is None:
                 sys.exit(f"no trained model for these settings in {cfg.paths.cache_dir}/artifacts: run `python run.py` first")
@@ -60,7 +77,9 @@ def main() -> None:
             metrics = evaluate_model(model, cfg, device, str(entry.path),
                                      lambda k: sample_images(model, cfg, k, "balanced", device))
             about = metrics.pop("eval")
-            row = {"sampler": sampler, "steps": steps, "num_samples": int(n), **metrics,
+            taken = len(sampling_grid(model.process, cfg.sampler.steps, cfg.sampler.spacing, cfg.sampler.rho))
+            row = {"sampler": sampler, "steps": steps, "spacing": cfg.sampler.spacing, "nfe": nfe(sampler, taken),
+                   "num_samples": int(n), **metrics,
                    "wall_s": time.perf_counter() - t0, "extractors": about["extractors"]}
             print(json.dumps(row), file=sys.stderr, flush=True)  # progress, one case per line
             results.append(row)

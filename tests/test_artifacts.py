@@ -139,3 +139,17 @@ def test_a_run_waiting_for_another_says_for_whom(tmp_path, caplog):
             pass
     holder.wait(timeout=30)
     assert f"waiting for process {holder.pid} on " in caplog.text and "making this diffusion" in caplog.text
+
+
+def test_the_record_holds_the_hash_and_the_parameter_count(tmp_path):
+    import json
+
+    cache = ArtifactCache(tmp_path / "cache")
+    path = tmp_path / "trained.pt"
+    torch.save({"config": {}, "ema": {"model": {"a.weight": torch.zeros(4, 3), "a.bias": torch.zeros(4)}}}, path)
+    model = obtain(cache, "diffusion", SETTINGS, lambda: (path, {}))
+    record = json.loads((model.path.parent / "record.json").read_text())
+    assert record["parameters"] == 16 and record["sha256"] == artifacts.sha256_file(model.path)
+    train, _ = _made(tmp_path, 1.0)  # not a training checkpoint: nothing to count
+    other = obtain(cache, "latents", SETTINGS, train)
+    assert "parameters" not in json.loads((other.path.parent / "record.json").read_text())

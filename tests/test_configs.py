@@ -177,10 +177,11 @@ def _numeric_fields(schema, prefix: str = ""):
 
 
 def test_every_numeric_setting_has_a_range():
-    from difflab.config import RANGES, Config, GROUP_SCHEMAS
+    from difflab.config import GROUP_SCHEMAS, OBJECTIVE_SCHEMAS, RANGES, Config
 
     keys = set(_numeric_fields(Config)) - set(GROUP_SCHEMAS)
-    for group, schema in GROUP_SCHEMAS.items():
+    schemas = [*GROUP_SCHEMAS.items(), *(("objective", schema) for schema in OBJECTIVE_SCHEMAS.values())]
+    for group, schema in schemas:
         keys |= {f"{group}.{k}" for k in _numeric_fields(schema)}
     assert keys - set(RANGES) == set()
     assert set(RANGES) - keys == set()  # and no entry for a setting that does not exist

@@ -71,7 +71,7 @@ def test_prediction_conversions_roundtrip(prediction):
     x0, noise = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4)
     t = torch.randint(0, 100, (8,))
     x_t = p.q_sample(x0, t, noise)
-    x0_hat, eps_hat = p.to_x0_eps(p.target(x0, t, noise), x_t, t)
+    x0_hat, eps_hat = p.to_x0_eps(p.target(x0, noise, t), x_t, t)
     torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(eps_hat, noise, atol=1e-4, rtol=1e-4)
 
@@ -92,13 +92,13 @@ def test_q_sample_statistics_and_posterior_identity():
 
 
 def test_min_snr_weights():
-    p = GaussianDiffusion(make_betas("linear", 1000), "eps")
+    p = GaussianDiffusion(make_betas("linear", 1000), "eps", min_snr_gamma=5.0)
     t = torch.tensor([0, 999])
-    w = p.loss_weight(t, 5.0)
+    w = p.loss_weight(t)
     assert w[0].item() == pytest.approx(5.0 / float(p.snr[0]), rel=1e-5)  # high SNR: clipped
     assert w[1].item() == pytest.approx(1.0)  # low SNR: unweighted
-    pv = GaussianDiffusion(make_betas("linear", 1000), "v")
-    assert pv.loss_weight(torch.tensor([999]), 5.0).item() == pytest.approx(float(p.snr[999] / (p.snr[999] + 1)), rel=1e-5)
+    pv = GaussianDiffusion(make_betas("linear", 1000), "v", min_snr_gamma=5.0)
+    assert pv.loss_weight(torch.tensor([999])).item() == pytest.approx(float(p.snr[999] / (p.snr[999] + 1)), rel=1e-5)
 
 
 # ---- samplers ---------------------------------------------------------------------------

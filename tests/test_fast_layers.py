@@ -159,7 +159,7 @@ def test_tiny_training_is_not_worse_than_with_plain_layers(tmp_path) -> None:
         loss = lambda model, batch: process.training_loss(lambda x, t: model(x, t), batch).mean()  # noqa: E731
         trainer.fit(loss, lambda step: data[(step * 16) % 64:(step * 16) % 64 + 16], 16)
         with torch.no_grad():
-            return float(process.training_loss(lambda x, t: trainer.ema.model(x, t), data, t=val_t, noise=val_noise).mean())
+            return float(process.training_loss(lambda x, t: trainer.ema.model(x, t), data, level=val_t, noise=val_noise).mean())
 
     torch.manual_seed(0)
     net = build_unet(cfg, 1, 16, 0)

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, make_betas, run_sampler
 from difflab.models import build_classifier
-from omegaconf import OmegaConf
 
 
 class LinearClassifier(torch.nn.Module):
@@ -65,11 +65,12 @@ def test_ddpm_shifts_the_mean_by_sigma_times_grad():
     guided = GuidedDenoiser(net=net, process=p, y=y, classifier=clf, classifier_scale=3.0, clip_x0=False)
     plain = GuidedDenoiser(net=net, process=p, y=y, clip_x0=False)
     from difflab.diffusion.samplers import ddpm
+    from difflab.diffusion.spacing import levels_grid
 
     out = {}
     for name, den in (("guided", guided), ("plain", plain)):
         steps = []
-        ddpm(den, p, x.clone(), ts, generator=torch.Generator().manual_seed(3),
+        ddpm(den, levels_grid(p, torch.tensor(ts)), x.clone(), generator=torch.Generator().manual_seed(3),
              on_step=lambda i, xt, x0: steps.append(xt.clone()))
         out[name] = steps[0]
     ab_t, ab_s = float(p.alphas_bar[60]), float(p.alphas_bar[30])

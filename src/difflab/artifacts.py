@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 import difflab
 from difflab import distributed as dist
 from difflab.checkpoint import atomic_copy, atomic_write_json
-from difflab.config import autoencoder_train_config, classifier_train_config
+from difflab.config import autoencoder_train_config, classifier_train_config, noise_settings
 from difflab.errors import UserError
 
 log = logging.getLogger("difflab")
@@ -109,7 +109,7 @@ def diffusion_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None, i
         "dataset": dataset_settings(cfg),
         "autoencoder": _autoencoder_settings(autoencoder_key),
         "unet": OmegaConf.to_container(cfg.unet, resolve=True),
-        "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
+        "noise": noise_settings(cfg),
         "objective": OmegaConf.to_container(cfg.objective, resolve=True),
         "label_dropout": cfg.guidance.p_uncond if cfg.guidance.name == "cfg" else 0.0,
         "train": train_settings(cfg.train),
@@ -129,12 +129,12 @@ def _classifier_network(cfg: DictConfig, with_weight: bool) -> dict:
 
 def classifier_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None, init_key: Optional[str] = None) -> dict:
     """Everything that determines a classifier trained by mode=classifier: the data it sees
-    (through which autoencoder), the schedule that noises it, its network and its training
+    (through which autoencoder), the objective's noise levels it reads, its network and its training
     (classifier.{max_steps,...} replace the train block's)."""
     return _with_init({
         "dataset": dataset_settings(cfg),
         "autoencoder": _autoencoder_settings(autoencoder_key),
-        "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
+        "noise": noise_settings(cfg),
         "classifier": _classifier_network(cfg, with_weight=False),
         "train": train_settings(classifier_train_config(cfg)),
         "seed": cfg.seed,
@@ -160,6 +160,19 @@ def artifact_key(settings: dict) -> str:
 def file_digest(path: Path) -> str:
     """A file's identity by content, for artifacts derived from a given (not cached) file."""
     return sha256_file(path)[:16]
+
+
+def parameter_count(path: Path) -> Optional[int]:
+    """The number of numbers in a training checkpoint's EMA weights (None for other files): a
+    record of what the entry is, beside its hash. Memory-mapped, so nothing is read twice."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file (a cached array): nothing to count
+        return None
+    weights = state.get("ema", {}).get("model") if isinstance(state, dict) else None
+    return sum(t.numel() for t in weights.values()) if isinstance(weights, dict) else None
 
 
 def sha256_file(path: Path) -> str:
@@ -269,6 +282,9 @@ class ArtifactCache:
         atomic_copy(checkpoint, folder / "model.pt")
         record = {**record, "settings": settings, "sha256": sha256_file(folder / "model.pt"),
                   "loose_key": settings_key(settings), "code": code_fingerprint()}
+        parameters = parameter_count(folder / "model.pt")
+        if parameters is not None:
+            record["parameters"] = parameters
         atomic_write_json(folder / "record.json", record)
         return Entry(folder / "model.pt", key, record)
 

@@ -18,7 +18,6 @@ import torch
 
 from difflab.errors import UserError
 
-
 CHECKPOINT_FORMAT = 1  # the layout of a training checkpoint; one without the key is format 1
 
 # Files get the permissions a plain open() would give them (mkstemp's are private to the owner),

@@ -143,9 +143,44 @@ def _dry_run(argv: list[str]) -> NoReturn:
     except UserError as e:
         _fail(e)
     except Exception as e:  # Hydra's own errors: a wrong key, option or type
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {composition_error(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(0)
+
+
+def composition_error(e: Exception) -> str:
+    """Hydra's error composing a config, as one sentence naming the fix."""
+    from difflab.config import OBJECTIVE_SCHEMAS
+
+    text = "\n".join(str(c) for c in (e, e.__cause__) if c is not None)
+    wrong = re.search(r"Could not override '([^']+)'", text)
+    if not wrong:
+        return text.splitlines()[0]
+    key = wrong.group(1)
+    group, _, field = key.partition(".")
+    if group == "objective":
+        owners = [name for name, schema in OBJECTIVE_SCHEMAS.items() if field in schema.__dataclass_fields__]
+        chosen = re.search(r"object_type=(\w+)", text)
+        current = next((n for n, sc in OBJECTIVE_SCHEMAS.items() if chosen and sc.__name__ == chosen.group(1)), "?")
+        if owners:
+            return (f"{key} is a setting of objective={' or objective='.join(owners)}, not of objective={current}: "
+                    f"add objective={owners[0]}, or leave {key} out.")
+    return f"{key} is not a setting here: check its spelling (`python run.py --cfg job` prints every setting)."
+
+
+def _check_composition(argv: list[str]) -> None:
+    """Compose a single run's config before Hydra does, so that a wrong key, option or type is one
+    sentence (Hydra would print several lines and a hint that rarely fits)."""
+    from hydra import compose, initialize_config_dir
+
+    if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
+        return  # sweeps, --cfg, --help ...: Hydra's own handling
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name="config", overrides=argv)
+    except Exception as e:
+        print(f"error: {composition_error(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _check_output_folders(argv: list[str]) -> None:
@@ -183,6 +218,7 @@ def main() -> None:
     _check_output_folders(sys.argv[1:])
     if any(DRY_RUN.match(a) for a in sys.argv[1:]):
         _dry_run(sys.argv[1:])
+    _check_composition(sys.argv[1:])
     if dist.launched():
         _torchrun_main()
     else:

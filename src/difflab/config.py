@@ -13,8 +13,10 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from difflab.diffusion.flow import T_SAMPLINGS
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.diffusion.schedules import SCHEDULES
+from difflab.diffusion.spacing import SPACINGS
 
 
 @dataclass
@@ -98,9 +100,15 @@ class ScheduleConfig:
 
 @dataclass
 class SamplerConfig:
-    name: str = MISSING  # ddpm | ddim | dpmpp_2m
-    steps: Optional[int] = None  # null = every one of the schedule's T steps
-    eta: float = 0.0
+    name: str = MISSING  # ddpm | ddim | euler | heun | dpmpp_2m | unipc
+    steps: Optional[int] = None  # null = every step of the objective's index grid (DDPM: its T)
+    spacing: Optional[str] = None  # trailing | leading | linspace | karras | logsnr; null = the objective's usual
+    rho: float = 7.0  # karras spacing
+    eta: float = 0.0  # ddim / euler: 0 deterministic, 1 as noisy as DDPM
+    s_churn: float = 0.0  # heun: EDM's stochastic churn; 0 = deterministic
+    s_tmin: float = 0.0  # heun: churn only where sigma / alpha is within [s_tmin, s_tmax]
+    s_tmax: Optional[float] = None  # null = no upper bound
+    s_noise: float = 1.0
     clip_x0: bool = True
 
 
@@ -118,10 +126,42 @@ class ModeConfig:
 
 @dataclass
 class ObjectiveConfig:
-    prediction: str = "eps"  # eps | x0 | v
+    """What every objective has; each objective's own settings are in its schema below."""
+
+    name: str = MISSING  # ddpm | edm | flow
     loss: str = "l2"  # l2 | l1
-    min_snr_gamma: Optional[float] = None  # e.g. 5.0; null = unweighted
     class_conditional: bool = True  # learn p(x | y) when the data set has classes
+
+
+@dataclass
+class DDPMObjectiveConfig(ObjectiveConfig):
+    """DDPM on the schedule group's betas."""
+
+    prediction: str = "eps"  # eps | x0 | v
+    min_snr_gamma: Optional[float] = None  # e.g. 5.0; null = unweighted
+
+
+@dataclass
+class EDMObjectiveConfig(ObjectiveConfig):
+    """Karras et al. 2022: preconditioned denoiser, log-normal training sigmas."""
+
+    sigma_data: float = 0.5
+    P_mean: float = -1.2  # ln(sigma) ~ N(P_mean, P_std^2) in training
+    P_std: float = 1.2
+    sigma_min: float = 0.002  # the range sampling spans
+    sigma_max: float = 80.0
+
+
+@dataclass
+class FlowObjectiveConfig(ObjectiveConfig):
+    """Rectified flow: x_t = (1 - t) x0 + t eps, velocity target."""
+
+    t_sampling: str = "logit_normal"  # logit_normal (SD3) | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+OBJECTIVE_SCHEMAS = {"ddpm": DDPMObjectiveConfig, "edm": EDMObjectiveConfig, "flow": FlowObjectiveConfig}
 
 
 @dataclass
@@ -237,7 +277,7 @@ class Config:
     sampler: SamplerConfig = MISSING
     guidance: GuidanceConfig = MISSING
     mode: ModeConfig = MISSING
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: Any = MISSING  # one of OBJECTIVE_SCHEMAS, by the objective group
     train: TrainConfig = field(default_factory=TrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -265,6 +305,9 @@ CHOICES = {
     "autoencoder.name": ("none", "kl", "vq"),
     "schedule.name": tuple(SCHEDULES),
     "sampler.name": tuple(SAMPLERS),
+    "sampler.spacing": (None, *SPACINGS),
+    "objective.name": tuple(OBJECTIVE_SCHEMAS),
+    "objective.t_sampling": T_SAMPLINGS,
     "guidance.name": ("none", "classifier", "cfg"),
     "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate"),
     "objective.prediction": ("eps", "x0", "v"),
@@ -274,6 +317,7 @@ CHOICES = {
 }
 
 EVAL_EXTRACTORS = ("inception", "classifier")
+ABSENT = object()
 
 @dataclass(frozen=True)
 class Range:
@@ -317,9 +361,12 @@ RANGES: dict[str, Range] = {
     "unet.norm_groups": POSITIVE,
     "schedule.T": Range(2), "schedule.beta_start": BETA, "schedule.beta_end": BETA, "schedule.cosine_s": POSITIVE,
     "schedule.dns_offset": POSITIVE,
-    "sampler.steps": AT_LEAST_1, "sampler.eta": FRACTION,
+    "sampler.steps": AT_LEAST_1, "sampler.eta": FRACTION, "sampler.rho": POSITIVE, "sampler.s_churn": AT_LEAST_0,
+    "sampler.s_tmin": AT_LEAST_0, "sampler.s_tmax": AT_LEAST_0, "sampler.s_noise": AT_LEAST_0,
     "guidance.scale": AT_LEAST_0, "guidance.p_uncond": BELOW_1,
-    "objective.min_snr_gamma": POSITIVE,
+    "objective.min_snr_gamma": POSITIVE, "objective.sigma_data": POSITIVE, "objective.P_std": POSITIVE,
+    "objective.sigma_min": POSITIVE, "objective.sigma_max": POSITIVE, "objective.logit_std": POSITIVE,
+    "objective.P_mean": Range(), "objective.logit_mean": Range(),  # any (finite) value
     "train.max_steps": POSITIVE, "train.batch_size": POSITIVE, "train.grad_accum_steps": POSITIVE,
     "train.lr": POSITIVE, "train.weight_decay": AT_LEAST_0, "train.betas": BELOW_1, "train.warmup_steps": AT_LEAST_0,
     "train.min_lr_ratio": FRACTION, "train.grad_clip": AT_LEAST_0, "train.threads": POSITIVE,
@@ -361,8 +408,8 @@ def validate(cfg) -> None:
     from difflab.errors import UserError
 
     for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is not ABSENT and value not in allowed:  # an objective's key, under another objective
             raise UserError(f"{key}={value} is not an option: choose one of {', '.join(allowed)}.")
     check_ranges(cfg)
     if cfg.schedule.beta_start > cfg.schedule.beta_end:
@@ -377,8 +424,38 @@ def validate(cfg) -> None:
         raise UserError("mode=reconstruction trains an autoencoder, but autoencoder=none: add autoencoder=kl or autoencoder=vq.")
     if cfg.ckpt.autoencoder and cfg.autoencoder.name == "none" and cfg.mode.name != "sample":
         raise UserError("ckpt.autoencoder is given but autoencoder=none: add the autoencoder=kl or autoencoder=vq it was trained as.")
-    if cfg.schedule.zero_terminal_snr and cfg.objective.prediction == "eps":
+    objective = cfg.objective
+    if objective.name == "edm" and objective.sigma_min >= objective.sigma_max:
+        raise UserError(f"objective.sigma_min={objective.sigma_min} must be below objective.sigma_max="
+                        f"{objective.sigma_max}: sampling runs from sigma_max down to sigma_min.")
+    if cfg.schedule.zero_terminal_snr and objective.name == "ddpm" and objective.prediction == "eps":
         raise UserError("schedule.zero_terminal_snr=true leaves x0 undefined at the last step for eps prediction: add objective.prediction=v.")
+
+
+LOSS_ONLY_KEYS = ("loss", "class_conditional", "prediction", "min_snr_gamma")  # objective keys no noise level depends on
+
+
+def objective_name(cfg) -> str:
+    """The objective a config trains (a checkpoint's from before the objective group: ddpm)."""
+    return cfg.objective.get("name") or "ddpm"
+
+
+def level_meaning(cfg) -> dict:
+    """What a network's noise conditioning means: the objective, and its schedule (DDPM) or
+    sigma_data (EDM, whose inputs it scales). A classifier can guide a model only where they agree."""
+    name = objective_name(cfg)
+    if name == "ddpm":
+        return {"objective": name, "schedule": OmegaConf.to_container(cfg.schedule, resolve=True)}
+    if name == "edm":
+        return {"objective": name, "sigma_data": cfg.objective.sigma_data}
+    return {"objective": name}
+
+
+def noise_settings(cfg) -> dict:
+    """What fixes the noised inputs a network learns from: the level meaning, and the objective's
+    training distribution of levels."""
+    objective = OmegaConf.to_container(cfg.objective, resolve=True)
+    return {**level_meaning(cfg), **{k: v for k, v in objective.items() if k not in (*LOSS_ONLY_KEYS, "name")}}
 
 
 def classifier_train_config(cfg) -> DictConfig:
@@ -434,5 +511,7 @@ def validate_batch_splits(cfg, world_size: int) -> None:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    for name, schema in OBJECTIVE_SCHEMAS.items():
+        cs.store(group="objective", name=f"{name}_schema", node=schema)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)

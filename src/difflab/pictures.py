@@ -13,6 +13,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from difflab.checkpoint import atomic_write
+from difflab.diffusion.process import parse_band
 
 
 def class_rows(images: Tensor, labels: Optional[Tensor], per_row: int = 10, max_rows: int = 10) -> Tensor:
@@ -85,17 +86,19 @@ def save_loss_curve(history: Sequence[tuple[int, float]], path: str | Path,
 
 
 def save_accuracy_curve(by_band: dict[str, float], path: str | Path) -> None:
-    """The noise-aware classifier's held-out accuracy against t (bands "lo-hi")."""
+    """The noise-aware classifier's held-out accuracy against the noise level (process.level_bands)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bands = {b: a for b, a in by_band.items() if "-" in b}
-    centres = [sum(map(int, band.split("-"))) / 2 for band in bands]
+    bands = {parse_band(b): a for b, a in by_band.items() if b != "t=0"}
+    name = next(iter(bands))[0] if bands else "t"
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(centres, list(bands.values()), "o-")
-    ax.set_xlabel("timestep t (band centre)")
+    ax.plot([(lo * hi) ** 0.5 if name == "sigma" else (lo + hi) / 2 for _, lo, hi in bands], list(bands.values()), "o-")
+    if name == "sigma":
+        ax.set_xscale("log")
+    ax.set_xlabel(f"noise level {name} (band centre)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)

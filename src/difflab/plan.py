@@ -26,9 +26,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencoder_settings, classifier_settings,
                                diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
 from difflab.checkpoint import load_checkpoint
-from difflab.config import Config, autoencoder_train_config, classifier_train_config, validate, validate_batch_splits
+from difflab.config import (Config, autoencoder_train_config, classifier_train_config, level_meaning, objective_name,
+                            validate, validate_batch_splits)
 from difflab.data import dataset_classes
-from difflab.diffusion import respaced_timesteps
+from difflab.diffusion import nfe, sampling_grid
+from difflab.diffusion.spacing import INDEX_SPACINGS
 from difflab.errors import UserError
 from difflab.evaluate.feature_classifier import STAGE as EVAL_CLASSIFIER_STAGE
 from difflab.evaluate.feature_classifier import classifier_settings as eval_classifier_settings
@@ -36,7 +38,7 @@ from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
-from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, LatentSpace, build_denoiser_net,
+from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, LatentSpace, build_denoiser_net, build_process,
                              check_autoencoder, init_weights, load_classifier, load_latent_space)
 
 log = logging.getLogger("difflab")
@@ -136,12 +138,16 @@ def _check_labels(spec: Any, num_classes: int) -> None:
     raise UserError(f"sample.labels={spec!r} is not understood: use balanced, uniform or a list such as [3,3,7].")
 
 
-def _check_sampler(cfg: DictConfig, T: int) -> int:
+def _check_sampler(cfg: DictConfig, model_cfg: DictConfig) -> int:
+    """The sampler's step count on the model's process; a UserError for steps it cannot take."""
+    s = cfg.sampler
     try:
-        return len(respaced_timesteps(T, cfg.sampler.steps))
-    except ValueError:
-        raise UserError(f"sampler.steps={cfg.sampler.steps} must be between 1 and the model's schedule.T={T}: "
-                        "use e.g. sampler.steps=50 (null = every step).") from None
+        return len(sampling_grid(build_process(model_cfg), s.steps, s.spacing, s.rho))
+    except ValueError as e:
+        if objective_name(model_cfg) == "ddpm" and (s.spacing or "trailing") in INDEX_SPACINGS:
+            raise UserError(f"sampler.steps={s.steps} must be between 1 and the model's schedule.T="
+                            f"{model_cfg.schedule.T}: use e.g. sampler.steps=50 (null = every step).") from None
+        raise UserError(str(e)) from None
 
 
 def _load_kind(path: str, setting: str, kinds: tuple[str, ...], what: str, fix: str) -> dict:
@@ -306,6 +312,11 @@ class PlanBuilder:
         if cfg.ckpt.classifier:
             state = _load_kind(cfg.ckpt.classifier, "ckpt.classifier", CLASSIFIER_STAGES, "a classifier",
                                "pass the checkpoints/last.pt of a mode=classifier or mode=joint run")
+            trained = OmegaConf.create(state["config"])
+            if level_meaning(trained) != level_meaning(model.cfg):
+                raise UserError(f"The classifier {cfg.ckpt.classifier} reads noise levels of {_levels(trained)} but the "
+                                f"model's are of {_levels(model.cfg)}: use a classifier trained with the model's objective "
+                                "and schedule (or leave ckpt.classifier out and one is trained).")
             if tuple(state["meta"]["shape"]) != tuple(model.shape):
                 raise UserError(f"The classifier {cfg.ckpt.classifier} reads inputs of shape {tuple(state['meta']['shape'])} "
                                 f"but the model denoises {tuple(model.shape)}: use a classifier trained on the same data "
@@ -329,11 +340,12 @@ class PlanBuilder:
         cfg = self.cfg
         classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
         _check_labels(cfg.sample.labels, classes)
-        steps = _check_sampler(cfg, model.cfg.schedule.T)
+        steps = _check_sampler(cfg, model.cfg)
         if cfg.mode.name in DIFFUSION_MODES and cfg.train.ema.decays:
             self.add("ema copies", "run", None, None, ", ".join(map(str, cfg.train.ema.decays)))
         if cfg.sample.num_images > 0:
-            self.add("sample", "new", None, steps, f"{cfg.sample.num_images} images, {cfg.sampler.name}, "
+            self.add("sample", "new", None, steps, f"{cfg.sample.num_images} images, {cfg.sampler.name} "
+                     f"({nfe(cfg.sampler.name, steps)} NFE), "
                      f"guidance={cfg.guidance.name}" + (f" x{cfg.guidance.scale:g}" if cfg.guidance.name != "none" else ""))
         if cfg.eval.num_samples > 0 and cfg.mode.name != "sample":
             data_cfg = OmegaConf.merge(model.cfg, {"paths": cfg.paths, "eval": cfg.eval})
@@ -348,6 +360,14 @@ class PlanBuilder:
 
 def _dims(shape) -> str:
     return "x".join(map(str, shape))
+
+
+def _levels(cfg: DictConfig) -> str:
+    """The noise levels a config's networks read, in words."""
+    meaning = level_meaning(cfg)
+    if meaning["objective"] == "ddpm":
+        return f"objective=ddpm with schedule={cfg.schedule.name} (T={cfg.schedule.T})"
+    return f"objective={meaning['objective']}" + (f" (sigma_data={meaning['sigma_data']})" if "sigma_data" in meaning else "")
 
 
 def classifier_lookup_cfg(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:

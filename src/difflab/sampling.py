@@ -4,6 +4,7 @@ the denoising frames and GIF)."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +18,8 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from difflab.data import to_model_range, to_uint8
-from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, respaced_timesteps, run_sampler
+from difflab.diffusion import Churn, GuidedDenoiser, NoiseProcess, nfe, run_sampler, sampling_grid
+from difflab.diffusion.spacing import DEFAULT_SPACING
 from difflab.errors import UserError
 from difflab.pictures import class_rows, save_denoising, save_png
 
@@ -56,7 +58,7 @@ class SampleResult:
 
 def generate(
     make_denoiser: Callable[[Optional[Tensor]], GuidedDenoiser],
-    process: GaussianDiffusion,
+    process: NoiseProcess,
     shape: tuple[int, int, int],
     labels: Optional[Tensor],
     n: int,
@@ -75,7 +77,7 @@ def generate(
     gen = torch.Generator(device=device).manual_seed(seed)
     out, frames = [], []
     t0 = time.perf_counter()
-    steps = len(respaced_timesteps(process.T, sampler_cfg.steps))
+    steps = len(sampling_grid(process, sampler_cfg.steps, sampler_cfg.get("spacing"), sampler_cfg.get("rho", 7.0)))
     keep = set(np.linspace(0, steps - 1, min(gif_frames, steps)).round().astype(int).tolist())
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
@@ -89,11 +91,19 @@ def generate(
                 frames.append(make_grid(to_uint8(decode(both)).cpu(), nrow=len(both) // 2, padding=2, pad_value=255))
 
         x0 = run_sampler(sampler_cfg.name, make_denoiser(y), process, noise, sampler_cfg.steps,
-                         eta=sampler_cfg.eta, generator=gen,
-                         on_step=record if start == 0 and gif_images > 0 else None)
+                         eta=sampler_cfg.eta, generator=gen, on_step=record if start == 0 and gif_images > 0 else None,
+                         **sampler_options(sampler_cfg))
         out.append(to_uint8(decode(x0)).cpu())
     images = torch.cat(out)
     return SampleResult(images, labels, time.perf_counter() - t0, frames)
+
+
+def sampler_options(sampler_cfg) -> dict:
+    """run_sampler's spacing, rho and churn from a sampler config (one from before they existed too)."""
+    s_tmax = sampler_cfg.get("s_tmax")
+    churn = Churn(sampler_cfg.get("s_churn", 0.0), sampler_cfg.get("s_tmin", 0.0),
+                  math.inf if s_tmax is None else s_tmax, sampler_cfg.get("s_noise", 1.0))
+    return {"spacing": sampler_cfg.get("spacing"), "rho": sampler_cfg.get("rho", 7.0), "churn": churn}
 
 
 def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0) -> dict:
@@ -136,18 +146,22 @@ def _classifier_classes(classifier: Optional[torch.nn.Module]) -> int:
 @torch.no_grad()
 def class_accuracy(classifier: torch.nn.Module, model: DiffusionModel, result: SampleResult,
                    device: torch.device) -> float:
-    """Share of samples the noise-aware classifier, read at t=0 (on the re-encoded latents in
-    latent space), assigns to the requested class."""
+    """Share of samples the noise-aware classifier, read at the least noisy level (on the
+    re-encoded latents in latent space), assigns to the requested class."""
     x = to_model_range(result.images).to(device)
     if model.latent is not None:
         x = model.latent.encode(x)
-    logits = classifier(x, torch.zeros(len(x), dtype=torch.long, device=device))
+    logits = classifier(*model.process.net_inputs(x, model.process.clean_levels(len(x), device)))
     return float((logits.argmax(1).cpu() == result.labels).float().mean())
 
 
-def sampled_with(cfg: DictConfig) -> dict:
-    """The settings that made a run's samples, for its record."""
-    return {"sampler": cfg.sampler.name, "steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
+def sampled_with(cfg: DictConfig, process: NoiseProcess) -> dict:
+    """The settings that made a run's samples, for its record: the sampler, its steps, spacing
+    and network evaluations per sample (NFE), guidance, seed and labels."""
+    s = cfg.sampler
+    steps = len(sampling_grid(process, s.steps, s.spacing, s.rho))
+    return {"sampler": s.name, "steps": steps, "spacing": s.spacing or DEFAULT_SPACING[process.name],
+            "nfe": nfe(s.name, steps), "eta": s.eta,
             "guidance": cfg.guidance.name, "guidance_scale": cfg.guidance.scale, "seed": cfg.seed,
             "labels": OmegaConf.to_container(cfg.sample.labels) if OmegaConf.is_config(cfg.sample.labels)
             else cfg.sample.labels}
@@ -159,7 +173,8 @@ def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, devi
         return {}
     result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif,
                            classifier=classifier)
-    metrics = {**write_samples(result, run_dir / "samples", writer, step), "sampled_with": sampled_with(cfg)}
+    metrics = {**write_samples(result, run_dir / "samples", writer, step),
+               "sampled_with": sampled_with(cfg, model.process)}
     if classifier is not None and result.labels is not None:
         write_samples(replace(result, frames=[]), run_dir / "classifier_guided_samples")  # seed 000's folder name
         metrics["sample_class_accuracy_t0"] = class_accuracy(classifier, model, result, device)

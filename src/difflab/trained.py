@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from difflab.checkpoint import load_checkpoint
-from difflab.diffusion import GaussianDiffusion, GuidedDenoiser, make_betas
+from difflab.config import objective_name
+from difflab.diffusion import DDPMProcess, EDMProcess, FlowProcess, GuidedDenoiser, NoiseProcess, make_betas
 from difflab.errors import UserError
 from difflab.models import NoisyClassifier, build_classifier, build_unet
 from difflab.models.autoencoder import Autoencoder, build_autoencoder
@@ -27,10 +28,16 @@ DIFFUSION_STAGES = ("diffusion", "joint")
 CLASSIFIER_STAGES = ("classifier", "joint")
 
 
-def build_process(cfg: DictConfig) -> GaussianDiffusion:
+def build_process(cfg: DictConfig) -> NoiseProcess:
+    """The noise process of the config's objective."""
+    o, name = cfg.objective, objective_name(cfg)
+    if name == "edm":
+        return EDMProcess(o.sigma_data, o.P_mean, o.P_std, o.sigma_min, o.sigma_max)
+    if name == "flow":
+        return FlowProcess(o.t_sampling, o.logit_mean, o.logit_std)
     s = cfg.schedule
     betas = make_betas(s.name, s.T, s.beta_start, s.beta_end, s.cosine_s, s.dns_offset, s.zero_terminal_snr)
-    return GaussianDiffusion(betas, cfg.objective.prediction)
+    return DDPMProcess(betas, o.prediction, o.get("min_snr_gamma"))
 
 
 def build_denoiser_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -132,7 +139,7 @@ class DiffusionModel:
     """A trained (EMA) network with everything needed to sample from it."""
 
     net: nn.Module
-    process: GaussianDiffusion
+    process: NoiseProcess
     cfg: DictConfig  # the config the network was trained with
     shape: tuple[int, int, int]  # C, H, W of what the network denoises
     num_classes: int  # 0 = unconditional

@@ -29,7 +29,7 @@ def validation_batch(model: DiffusionModel, cache_dir: str, device: torch.device
     """The fixed held-out batch the model's training validated on, in the space it denoises."""
     train_cfg = model.cfg.train
     _, val = load_splits(model.cfg.dataset, cache_dir)
-    return fixed_val_batch(val, train_cfg.val_batches * train_cfg.batch_size, model.process.T,
+    return fixed_val_batch(val, train_cfg.val_batches * train_cfg.batch_size, model.process,
                            model.to_model_space, device)
 
 

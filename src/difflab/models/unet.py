@@ -17,18 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.models.layers import (
-    AttentionBlock,
-    Downsample,
-    EmbedSequential,
-    ModelConfigError,
-    ResBlock,
-    TimestepEmbedding,
-    Upsample,
-    check_norm_groups,
-    norm_silu,
-    zero_module,
-)
+from difflab.models.layers import (AttentionBlock, Downsample, EmbedSequential, ModelConfigError, ResBlock,
+                                   TimestepEmbedding, Upsample, check_norm_groups, norm_silu, zero_module)
 
 
 def padded_size(image_size: int, num_levels: int) -> int:

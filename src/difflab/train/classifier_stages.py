@@ -33,8 +33,8 @@ def _classifier_meta(shape: tuple, num_classes: int) -> dict:
 
 
 class ClassifierStage(NoisyDataStage):
-    """Trains p(y | x_t, t) on inputs noised by the run's schedule at uniformly drawn t (latents
-    when the run has an autoencoder)."""
+    """Trains p(y | x_t, t) on inputs noised by the run's objective at its training levels
+    (latents when the run has an autoencoder)."""
 
     name = "classifier"
     batch_key = "classifier.batch_size"
@@ -111,19 +111,18 @@ class JointStage(DiffusionStage):
 
 @torch.no_grad()
 def accuracy_by_band(stage: NoisyDataStage, classifier: nn.Module, bands: int) -> dict[str, float]:
-    """Held-out accuracy of the classifier on clean inputs ("t=0") and per band of t ("lo-hi",
-    equal-width bands over 0..T-1), with fixed noise: how well it reads the label as noise grows,
-    which bounds what guidance can do."""
+    """Held-out accuracy of the classifier at the least noisy level ("t=0") and per band of noise
+    levels (equal ranges of the objective's index grid: "lo-hi" steps for DDPM), with fixed
+    noise: how well it reads the label as noise grows, which bounds what guidance can do."""
     fixed = stage.fixed_val_batch()
     if fixed is None:
         return {}
     x0, y, _, noise = fixed
-    T, width = stage.process.T, len(str(stage.process.T - 1))
+    process = stage.process
     gen = torch.Generator().manual_seed(54321)
-    out = {"t=0": float(stage.process.classifier_loss(classifier, x0, y, torch.zeros_like(y), noise)[1].float().mean())}
-    for b in range(bands):
-        lo, hi = b * T // bands, (b + 1) * T // bands - 1
-        t = torch.randint(lo, hi + 1, (len(x0),), generator=gen).to(x0.device)
-        correct = stage.process.classifier_loss(classifier, x0, y, t, noise)[1]
-        out[f"{lo:0{width}d}-{hi:0{width}d}"] = float(correct.float().mean())
+    clean = process.clean_levels(len(x0), x0.device)
+    out = {"t=0": float(process.classifier_loss(classifier, x0, y, clean, noise)[1].float().mean())}
+    for label, lo, hi in process.level_bands(bands):
+        level = process.index_level(torch.randint(lo, hi + 1, (len(x0),), generator=gen)).to(x0.device)
+        out[label] = float(process.classifier_loss(classifier, x0, y, level, noise)[1].float().mean())
     return out

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from difflab import distributed as dist
+from difflab.diffusion.process import parse_band
 from difflab.pictures import class_rows, save_accuracy_curve, save_loss_curve
 from difflab.record import write_loss_csv
 from difflab.sampling import sample_images
@@ -31,9 +32,9 @@ def finish_training(trainer, result, stage_dir: Path) -> None:
 
 def report_accuracy(by_band: dict[str, float], stage_dir: Path, writer) -> dict[str, float]:
     """Classifier accuracy per band of t to TensorBoard and a PNG; returned for metrics.json."""
-    for band, acc in by_band.items():
-        if "-" in band:  # the x axis is t; the clean accuracy is logged on its own
-            writer.add_scalar("classifier/accuracy_by_t", acc, int(band.split("-")[0]))
+    bands = [(band, acc) for band, acc in by_band.items() if band != "t=0"]  # the clean accuracy is logged on its own
+    for i, (band, acc) in enumerate(bands):  # the x axis: DDPM's step t, else the band's number
+        writer.add_scalar("classifier/accuracy_by_t", acc, i if "=" in band else int(parse_band(band)[1]))
     if "t=0" in by_band:
         writer.add_scalar("classifier/accuracy_clean", by_band["t=0"], 0)
     save_accuracy_curve(by_band, stage_dir / "classifier_accuracy.png")
@@ -58,8 +59,9 @@ def train_diffusion(cfg: DictConfig, stage_dir: Path, device: torch.device, writ
                     latent: Optional[LatentSpace] = None) -> tuple[Path, dict]:
     """Train the diffusion model (mode=joint: with the classifier beside it) in stage_dir."""
     stage = (JointStage if cfg.mode.name == "joint" else DiffusionStage)(cfg, stage_dir, device, writer, latent)
-    writer.add_text("schedule/alpha_bar_T", f"{stage.process.alpha_bar_T:.6g}")
-    writer.add_scalar("schedule/alpha_bar_T", stage.process.alpha_bar_T, 0)
+    for name, value in stage.process.facts().items():
+        writer.add_text(f"schedule/{name}", f"{value:.6g}")
+        writer.add_scalar(f"schedule/{name}", value, 0)
 
     def grid_to_tensorboard(net, step: int) -> None:
         if step == cfg.train.max_steps and cfg.sample.num_images:
@@ -76,7 +78,8 @@ def train_diffusion(cfg: DictConfig, stage_dir: Path, device: torch.device, writ
         **_training_metrics(result, stage, stage_dir),
         "early_stopped": result.early_stopped,
         "precision": str(trainer.amp_dtype or torch.float32).removeprefix("torch."),
-        "alpha_bar_T": stage.process.alpha_bar_T,
+        "objective": stage.process.name,
+        **stage.process.facts(),
     }
     if isinstance(stage, JointStage):
         metrics["classifier_accuracy_by_t"] = report_accuracy(

@@ -16,20 +16,20 @@ from torch import Tensor, nn
 from difflab.checkpoint import load_checkpoint
 from difflab.data import ImageData, augment_batch, load_splits, to_model_range
 from difflab.data.latents import cached_latents
-from difflab.diffusion import GaussianDiffusion
+from difflab.diffusion import NoiseProcess
 from difflab.models import count_parameters
 from difflab.train.loop import StepBatches, Trainer, TrainResult
 from difflab.trained import DiffusionModel, LatentSpace, build_denoiser_net, build_process, init_network, model_meta
 
 log = logging.getLogger("difflab.stages")
 
-ValBatch = tuple[Tensor, Tensor, Tensor, Tensor]  # x0 (model space), y, t, noise
+ValBatch = tuple[Tensor, Tensor, Tensor, Tensor]  # x0 (model space), y, noise levels, noise
 VAL_SEED = 12345
 
 
-def fixed_val_batch(val_data: ImageData, n: int, T: int, to_model_space: Callable[[Tensor], Tensor],
+def fixed_val_batch(val_data: ImageData, n: int, process: NoiseProcess, to_model_space: Callable[[Tensor], Tensor],
                     device: torch.device) -> Optional[ValBatch]:
-    """The first n held-out images with fixed timesteps and noise, so validation values are
+    """The first n held-out images with fixed noise levels and noise, so validation values are
     comparable across a run and between the EMA copies of one: None without held-out data."""
     n = min(len(val_data), n)
     if n == 0:
@@ -37,21 +37,21 @@ def fixed_val_batch(val_data: ImageData, n: int, T: int, to_model_space: Callabl
     gen = torch.Generator().manual_seed(VAL_SEED)
     x0 = to_model_space(to_model_range(val_data.images[:n]).to(device))
     y = val_data.labels[:n].to(device)
-    t = torch.randint(0, T, (n,), generator=gen).to(device)
+    t = process.draw_levels(n, device, generator=gen)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     return x0, y, t, noise
 
 
 @torch.no_grad()
-def held_out_loss(process: GaussianDiffusion, objective: DictConfig, net: nn.Module, batch: ValBatch,
+def held_out_loss(process: NoiseProcess, objective: DictConfig, net: nn.Module, batch: ValBatch,
                   conditional: bool, batch_size: int) -> float:
     """The diffusion loss of `net` on a fixed validation batch, averaged over its images."""
     x0, y, t, noise = batch
     total = 0.0
     for i in range(0, len(x0), batch_size):
         yb = y[i:i + batch_size] if conditional else None
-        per = process.training_loss(lambda x, tt: net(x, tt, yb), x0[i:i + batch_size], objective.loss,
-                                    objective.min_snr_gamma, t[i:i + batch_size], noise[i:i + batch_size])
+        per = process.training_loss(lambda x, c: net(x, c, yb), x0[i:i + batch_size], objective.loss,
+                                    t[i:i + batch_size], noise[i:i + batch_size])
         total += float(per.sum())
     return total / len(x0)
 
@@ -67,7 +67,7 @@ def init_source(cfg: DictConfig) -> Optional[tuple[dict, str]]:
 class NoisyDataStage:
     """What every stage that learns on noised data shares: the data set as uint8 tensors on the
     device (a batch is one index_select), in pixel space or encoded into `latent` space, and
-    the run's Gaussian process."""
+    the noise process of the run's objective."""
 
     name = ""
     batch_key = "train.batch_size"  # the setting of the stage's batch size
@@ -98,7 +98,7 @@ class NoisyDataStage:
 
     def fixed_val_batch(self) -> Optional[ValBatch]:
         n = self.cfg.train.val_batches * self.cfg.train.batch_size
-        return fixed_val_batch(self.val_data, n, self.process.T, self.to_model_space, self.device)
+        return fixed_val_batch(self.val_data, n, self.process, self.to_model_space, self.device)
 
     def train(self, model: nn.Module, train_cfg: DictConfig, meta: dict, loss, val_fn,
               image_fn=None) -> tuple[Trainer, TrainResult]:
@@ -131,9 +131,8 @@ class DiffusionStage(NoisyDataStage):
             init_network(self.net, state, "unet", source)
             log.info("the diffusion network starts from the EMA weights of %s", source)
         self.num_params = count_parameters(self.net)
-        log.info("%s network: %.2fM parameters, data %s, %d classes, alpha_bar_T=%.3g",
-                 cfg.unet.name, self.num_params / 1e6, "x".join(map(str, self.shape)), self.num_classes,
-                 self.process.alpha_bar_T)
+        log.info("%s network: %.2fM parameters, data %s, %d classes, %s", cfg.unet.name, self.num_params / 1e6,
+                 "x".join(map(str, self.shape)), self.num_classes, self.process.summary())
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         x0, y = batch
@@ -142,8 +141,7 @@ class DiffusionStage(NoisyDataStage):
         elif self.label_dropout > 0:
             drop = torch.rand(y.shape, device=y.device) < self.label_dropout
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        obj = self.cfg.objective
-        return self.process.training_loss(lambda x, t: model(x, t, y), x0, obj.loss, obj.min_snr_gamma).mean()
+        return self.process.training_loss(lambda x, c: model(x, c, y), x0, self.cfg.objective.loss).mean()
 
     def make_val_fn(self):
         """Loss of the EMA model on the fixed held-out batch."""
