@@ -163,12 +163,18 @@ def test_ctrl_c_saves_the_step_and_resumes_to_the_same_weights(tmp_path, shapes_
         assert torch.equal(a["ema"]["model"][name], tensor), name
 
 
+def _ctrl_c_reaches_it() -> None:
+    """As in a terminal: a test runner started in the background (nohup, `cmd &` in a script)
+    ignores SIGINT, its children inherit that, and Python then installs no Ctrl-C handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_sampling_keeps_the_training_record_and_says_how_to_sample(tmp_path, shapes_dir):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *tiny_overrides(shapes_dir, tmp_path / "cache"),
                              "sample.num_images=20000", "sample.batch_size=50", "sampler=ddpm", "sampler.steps=50",
                              f"hydra.run.dir={run_dir}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, preexec_fn=_ctrl_c_reaches_it)
     log, deadline = run_dir / "train.log", time.monotonic() + 120
     while not (log.is_file() and "stored the diffusion model" in log.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, "training did not finish"
