@@ -55,9 +55,9 @@ def main() -> None:
 
     from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.cli import CONF_DIR
-    from difflab.diffusion import nfe, sampling_grid
+    from difflab.diffusion import nfe
     from difflab.evaluate.metrics import evaluate_model
-    from difflab.sampling import sample_images
+    from difflab.sampling import sample_images, sampler_steps
     from difflab.trained import load_diffusion_model
 
     torch.set_num_threads(args.threads)
@@ -77,7 +77,7 @@ def main() -> None:
             metrics = evaluate_model(model, cfg, device, str(entry.path),
                                      lambda k: sample_images(model, cfg, k, "balanced", device))
             about = metrics.pop("eval")
-            taken = len(sampling_grid(model.process, cfg.sampler.steps, cfg.sampler.spacing, cfg.sampler.rho))
+            taken = sampler_steps(model.process, cfg.sampler)
             row = {"sampler": sampler, "steps": steps, "spacing": cfg.sampler.spacing, "nfe": nfe(sampler, taken),
                    "num_samples": int(n), **metrics,
                    "wall_s": time.perf_counter() - t0, "extractors": about["extractors"]}

@@ -26,16 +26,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencoder_settings, classifier_settings,
                                diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
 from difflab.checkpoint import load_checkpoint
-from difflab.config import (Config, autoencoder_train_config, classifier_train_config, level_meaning, objective_name,
-                            validate, validate_batch_splits)
+from difflab.config import (Config, autoencoder_train_config, classifier_train_config, level_meaning, validate,
+                            validate_batch_splits)
 from difflab.data import dataset_classes
-from difflab.diffusion import nfe, sampling_grid
-from difflab.diffusion.spacing import INDEX_SPACINGS
+from difflab.diffusion import nfe
+from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
 from difflab.errors import UserError
 from difflab.evaluate.feature_classifier import STAGE as EVAL_CLASSIFIER_STAGE
 from difflab.evaluate.feature_classifier import classifier_settings as eval_classifier_settings
 from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
+from difflab.sampling import sampler_steps
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
 from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, LatentSpace, build_denoiser_net, build_process,
@@ -140,11 +141,11 @@ def _check_labels(spec: Any, num_classes: int) -> None:
 
 def _check_sampler(cfg: DictConfig, model_cfg: DictConfig) -> int:
     """The sampler's step count on the model's process; a UserError for steps it cannot take."""
-    s = cfg.sampler
+    s, process = cfg.sampler, build_process(model_cfg)
     try:
-        return len(sampling_grid(build_process(model_cfg), s.steps, s.spacing, s.rho))
+        return sampler_steps(process, s)
     except ValueError as e:
-        if objective_name(model_cfg) == "ddpm" and (s.spacing or "trailing") in INDEX_SPACINGS:
+        if process.name == "ddpm" and spacing_of(process, s.spacing) in INDEX_SPACINGS:
             raise UserError(f"sampler.steps={s.steps} must be between 1 and the model's schedule.T="
                             f"{model_cfg.schedule.T}: use e.g. sampler.steps=50 (null = every step).") from None
         raise UserError(str(e)) from None

@@ -19,7 +19,7 @@ from torchvision.utils import make_grid
 
 from difflab.data import to_model_range, to_uint8
 from difflab.diffusion import Churn, GuidedDenoiser, NoiseProcess, nfe, run_sampler, sampling_grid
-from difflab.diffusion.spacing import DEFAULT_SPACING
+from difflab.diffusion.spacing import spacing_of
 from difflab.errors import UserError
 from difflab.pictures import class_rows, save_denoising, save_png
 
@@ -77,7 +77,7 @@ def generate(
     gen = torch.Generator(device=device).manual_seed(seed)
     out, frames = [], []
     t0 = time.perf_counter()
-    steps = len(sampling_grid(process, sampler_cfg.steps, sampler_cfg.get("spacing"), sampler_cfg.get("rho", 7.0)))
+    steps = sampler_steps(process, sampler_cfg)
     keep = set(np.linspace(0, steps - 1, min(gif_frames, steps)).round().astype(int).tolist())
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
@@ -98,12 +98,16 @@ def generate(
     return SampleResult(images, labels, time.perf_counter() - t0, frames)
 
 
+def sampler_steps(process: NoiseProcess, sampler_cfg) -> int:
+    """The steps a sampler config takes on a process (ValueError for steps it cannot take)."""
+    return len(sampling_grid(process, sampler_cfg.steps, sampler_cfg.spacing, sampler_cfg.rho))
+
+
 def sampler_options(sampler_cfg) -> dict:
-    """run_sampler's spacing, rho and churn from a sampler config (one from before they existed too)."""
-    s_tmax = sampler_cfg.get("s_tmax")
-    churn = Churn(sampler_cfg.get("s_churn", 0.0), sampler_cfg.get("s_tmin", 0.0),
-                  math.inf if s_tmax is None else s_tmax, sampler_cfg.get("s_noise", 1.0))
-    return {"spacing": sampler_cfg.get("spacing"), "rho": sampler_cfg.get("rho", 7.0), "churn": churn}
+    """run_sampler's spacing, rho and churn from a sampler config."""
+    s = sampler_cfg
+    churn = Churn(s.s_churn, s.s_tmin, math.inf if s.s_tmax is None else s.s_tmax, s.s_noise)
+    return {"spacing": s.spacing, "rho": s.rho, "churn": churn}
 
 
 def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0) -> dict:
@@ -159,8 +163,8 @@ def sampled_with(cfg: DictConfig, process: NoiseProcess) -> dict:
     """The settings that made a run's samples, for its record: the sampler, its steps, spacing
     and network evaluations per sample (NFE), guidance, seed and labels."""
     s = cfg.sampler
-    steps = len(sampling_grid(process, s.steps, s.spacing, s.rho))
-    return {"sampler": s.name, "steps": steps, "spacing": s.spacing or DEFAULT_SPACING[process.name],
+    steps = sampler_steps(process, s)
+    return {"sampler": s.name, "steps": steps, "spacing": spacing_of(process, s.spacing),
             "nfe": nfe(s.name, steps), "eta": s.eta,
             "guidance": cfg.guidance.name, "guidance_scale": cfg.guidance.scale, "seed": cfg.seed,
             "labels": OmegaConf.to_container(cfg.sample.labels) if OmegaConf.is_config(cfg.sample.labels)

@@ -84,11 +84,8 @@ class DDPMProcess(NoiseProcess):
         ve = (self.sqrt_1m_ab / self.sqrt_ab)
         return float(ve[0]), float(ve[torch.isfinite(ve)].max())
 
-    def draw_levels(self, n: int, device: torch.device | str = "cpu",
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-        if generator is not None:
-            return torch.randint(0, self.T, (n,), generator=generator).to(device)
-        return torch.randint(0, self.T, (n,), device=device)
+    def _draw(self, n: int, device: torch.device | str, generator: Optional[torch.Generator]) -> Tensor:
+        return torch.randint(0, self.T, (n,), generator=generator, device=device)
 
     def net_inputs(self, x_t: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
         return x_t, level

@@ -47,11 +47,8 @@ class EDMProcess(NoiseProcess):
     def ve_range(self) -> tuple[float, float]:
         return self.sigma_min, self.sigma_max
 
-    def draw_levels(self, n: int, device: torch.device | str = "cpu",
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-        if generator is not None:
-            return (self.p_mean + self.p_std * torch.randn(n, generator=generator)).exp().to(device)
-        return (self.p_mean + self.p_std * torch.randn(n, device=device)).exp()
+    def _draw(self, n: int, device: torch.device | str, generator: Optional[torch.Generator]) -> Tensor:
+        return (self.p_mean + self.p_std * torch.randn(n, generator=generator, device=device)).exp()
 
     def preconditioning(self, sigma: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """c_skip, c_out, c_in at each sigma, shaped against `like`."""

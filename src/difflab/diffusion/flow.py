@@ -49,14 +49,10 @@ class FlowProcess(NoiseProcess):
         lo, hi = self._t_range
         return lo / (1 - lo), hi / (1 - hi)
 
-    def draw_levels(self, n: int, device: torch.device | str = "cpu",
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-        on = "cpu" if generator is not None else device
+    def _draw(self, n: int, device: torch.device | str, generator: Optional[torch.Generator]) -> Tensor:
         if self.t_sampling == "uniform":
-            t = torch.rand(n, generator=generator, device=on)
-        else:
-            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, device=on))
-        return t.to(device)
+            return torch.rand(n, generator=generator, device=device)
+        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, device=device))
 
     def net_inputs(self, x_t: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
         return x_t, 1000.0 * level.float()

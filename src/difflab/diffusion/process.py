@@ -60,9 +60,14 @@ class NoiseProcess(ABC):
         """The finite (smallest, largest) sigma / alpha the karras and logsnr spacings span."""
 
     @abstractmethod
+    def _draw(self, n: int, device: torch.device | str, generator: Optional[torch.Generator]) -> Tensor:
+        """n training levels drawn on `device` (with `generator` where one is given)."""
+
     def draw_levels(self, n: int, device: torch.device | str = "cpu",
                     generator: Optional[torch.Generator] = None) -> Tensor:
-        """n training levels from the objective's training distribution."""
+        """n training levels from the objective's training distribution; with a (CPU) generator
+        they are drawn on the CPU, so fixed draws do not depend on the device."""
+        return self._draw(n, "cpu" if generator is not None else device, generator).to(device)
 
     @abstractmethod
     def net_inputs(self, x_t: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,13 +109,15 @@ class NoiseProcess(ABC):
         """Numbers about the process a run records (DDPM: alpha_bar_T)."""
         return {}
 
+    def _noised(self, x0: Tensor, level: Tensor | None, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The levels (drawn when not given) and noise (likewise) of a training example."""
+        level = self.draw_levels(x0.shape[0], x0.device) if level is None else level
+        return level, torch.randn_like(x0) if noise is None else noise
+
     def training_loss(self, model: Model, x0: Tensor, loss: str = "l2", level: Tensor | None = None,
                       noise: Tensor | None = None) -> Tensor:
         """Per-example loss at levels drawn from the training distribution (or those given)."""
-        if level is None:
-            level = self.draw_levels(x0.shape[0], x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
+        level, noise = self._noised(x0, level, noise)
         out = model(*self.net_inputs(self.add_noise(x0, noise, level), level))
         err = F.mse_loss if loss == "l2" else F.l1_loss
         per = err(out.float(), self.target(x0, noise, level), reduction="none").flatten(1).mean(1)
@@ -121,10 +128,7 @@ class NoiseProcess(ABC):
                         noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-example cross-entropy of a noise-aware classifier `classify(x_in, cond) -> logits`
         on inputs noised at training levels (or those given), and whether each was right."""
-        if level is None:
-            level = self.draw_levels(x0.shape[0], x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
+        level, noise = self._noised(x0, level, noise)
         logits = classify(*self.net_inputs(self.add_noise(x0, noise, level), level)).float()
         return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) == y
 

@@ -72,11 +72,16 @@ def logsnr_sigmas(steps: int, lo: float, hi: float) -> list[float]:
     return [math.exp(math.log(hi) + i / (steps - 1) * (math.log(lo) - math.log(hi))) for i in range(steps)]
 
 
+def spacing_of(process: NoiseProcess, spacing: Optional[str]) -> str:
+    """The spacing a sampler takes: the one named, else the objective's usual one."""
+    return spacing or DEFAULT_SPACING[process.name]
+
+
 def sampling_grid(process: NoiseProcess, steps: Optional[int], spacing: Optional[str] = None,
                   rho: float = 7.0) -> Grid:
     """The grid of `steps` levels (None: every index of the process's grid) by `spacing` (None:
     the objective's usual one)."""
-    spacing = spacing or DEFAULT_SPACING[process.name]
+    spacing = spacing_of(process, spacing)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}: choose one of {', '.join(SPACINGS)}.")
     steps = process.index_count if steps is None else steps
