@@ -222,6 +222,29 @@ def test_torchrun_trains_the_guidance_classifier_the_plan_adds(shapes_dir, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("objective, extra", [("edm", ["guidance=cfg", "guidance.scale=2"]), ("flow", [])])
+def test_torchrun_trains_and_resumes_each_objective(objective, extra, shapes_dir, tmp_path):
+    """The edm and flow objectives under 2 processes: each rank draws its own half of the
+    noise levels, and a run resumed from its step-3 checkpoint ends with the same weights."""
+    tiny = [*tiny_overrides(shapes_dir, tmp_path / "cache"), f"objective={objective}", *extra]
+    whole = tmp_path / "whole"
+    proc = run_py(*tiny, f"hydra.run.dir={whole}", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(whole)
+    assert m["objective"] == objective and m["steps"] == 6 and math.isfinite(m["final_loss"])
+    assert (whole / "samples" / "samples.npz").is_file()
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(whole / "checkpoints" / "step_00000003.pt", resumed / "checkpoints" / "last.pt")
+    proc = run_py(*tiny, "train.resume=auto", f"hydra.run.dir={resumed}", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    for name, tensor in a["ema"]["model"].items():
+        assert torch.equal(tensor, b["ema"]["model"][name]), name
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, sentence", [
     (["train.batch_size=7"], "error: train.batch_size=7 is the global batch and does not split evenly over the 2 "
                              "torchrun processes: use a multiple of 2."),

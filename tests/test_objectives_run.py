@@ -1,6 +1,7 @@
 """The edm and flow objectives through run.py as a user types them: training whose loss falls,
 samples that decode, exact resume, sampling a checkpoint with another sampler, both guidance
-kinds, and a classifier of another objective refused at start. Their formulas first."""
+kinds, latent models, and a classifier of another objective refused at start. Their formulas
+first; under torchrun in test_distributed.py."""
 
 from __future__ import annotations
 
@@ -143,6 +144,22 @@ def test_a_classifier_of_another_objective_is_refused_at_start(trained, tmp_path
     assert f"reads noise levels of objective=ddpm with schedule=linear (T=50) but the model's are of objective={objective}" \
         in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "samples").exists()
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_latent_models_train_and_decode_for_each_objective(objective, tmp_path, shapes_dir):
+    """A KL autoencoder, then the objective's model on its latents: samples decode to images."""
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), f"objective={objective}", "autoencoder=kl",
+                  "autoencoder.channels=16", "autoencoder.train.max_steps=8", "autoencoder.train.batch_size=8",
+                  "autoencoder.train.warmup_steps=2", "train.max_steps=12", "train.log_every=1", "sampler=dpmpp_2m",
+                  f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(tmp_path / "run")
+    assert m["objective"] == objective and m["autoencoder_source"] == "trained" and m["steps"] == 12
+    losses = _losses(tmp_path / "run")
+    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    images = np.load(tmp_path / "run" / "samples" / "samples.npz")["images"]
+    assert images.shape == (8, 16, 16, 1) and images.dtype == np.uint8 and images.std() > 1
 
 
 def test_a_setting_of_another_objective_is_one_sentence(tmp_path):
