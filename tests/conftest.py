@@ -38,11 +38,13 @@ def shapes_dir(tmp_path_factory) -> Path:
     return make_shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
-def tiny_overrides(data_dir: Path, cache_dir: Path) -> list[str]:
-    """A run that finishes in seconds on a CPU but goes through every stage of the real one."""
+def tiny_overrides(data_dir: Path, cache_dir: Path, objective: str = "ddpm") -> list[str]:
+    """A run that finishes in seconds on a CPU but goes through every stage of the real one
+    (objective=ddpm on a 50-step schedule unless another objective is named)."""
     return [
         "dataset=folder", f"dataset.root={data_dir}", "dataset.image_size=16", "dataset.channels=1",
-        "dataset.val_size=8", "unet=tiny", "schedule.T=50", "sampler.steps=5",
+        "dataset.val_size=8", "unet=tiny", *(["schedule.T=50"] if objective == "ddpm" else [f"objective={objective}"]),
+        "sampler.steps=5",
         "train.max_steps=6", "train.batch_size=8", "train.log_every=2", "train.val_every=3",
         "train.checkpoint_every=3", "train.image_every=3", "train.warmup_steps=2", "train.progress=false",
         "sample.num_images=8", "sample.batch_size=4", "sample.gif_images=2", "sample.gif_frames=3",

@@ -226,7 +226,7 @@ def test_torchrun_trains_the_guidance_classifier_the_plan_adds(shapes_dir, tmp_p
 def test_torchrun_trains_and_resumes_each_objective(objective, extra, shapes_dir, tmp_path):
     """The edm and flow objectives under 2 processes: each rank draws its own half of the
     noise levels, and a run resumed from its step-3 checkpoint ends with the same weights."""
-    tiny = [*tiny_overrides(shapes_dir, tmp_path / "cache"), f"objective={objective}", *extra]
+    tiny = [*tiny_overrides(shapes_dir, tmp_path / "cache", objective), *extra]
     whole = tmp_path / "whole"
     proc = run_py(*tiny, f"hydra.run.dir={whole}", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

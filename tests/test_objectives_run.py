@@ -69,7 +69,7 @@ def _losses(run_dir) -> list[float]:
 def trained(request, tmp_path_factory, shapes_dir):
     base = tmp_path_factory.mktemp(request.param)
     run_dir = base / "train"
-    proc = run_py(*tiny_overrides(shapes_dir, base / "cache"), f"objective={request.param}", "train.max_steps=30",
+    proc = run_py(*tiny_overrides(shapes_dir, base / "cache", request.param), "train.max_steps=30",
                   "train.checkpoint_every=3", "train.log_every=1", "sampler=heun", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return request.param, run_dir, base
@@ -91,7 +91,7 @@ def test_resume_is_exact(trained, shapes_dir, tmp_path):
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(run_dir / "checkpoints" / "step_00000027.pt", resumed / "checkpoints" / "last.pt")
-    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), f"objective={objective}", "train.max_steps=30",
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache", objective), "train.max_steps=30",
                   "train.checkpoint_every=3", "train.log_every=1", "sampler=heun", "train.resume=auto",
                   f"hydra.run.dir={resumed}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,7 +115,7 @@ def test_a_checkpoint_samples_with_any_sampler_and_cfg(trained, tmp_path, sample
 
 @pytest.mark.parametrize("objective,band", [("edm", "sigma="), ("flow", "t=0.")])
 def test_classifier_guidance_trains_the_classifier_on_the_objectives_levels(objective, band, tmp_path, shapes_dir):
-    joint = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), f"objective={objective}", "mode=joint",
+    joint = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache", objective), "mode=joint",
                    "guidance=classifier", "guidance.scale=2", f"hydra.run.dir={tmp_path}")
     assert joint.returncode == 0, joint.stderr[-3000:]
     bands = read_metrics(tmp_path)["classifier_accuracy_by_t"]
@@ -125,7 +125,7 @@ def test_classifier_guidance_trains_the_classifier_on_the_objectives_levels(obje
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_classifier_free_guidance_trains_and_samples(objective, tmp_path, shapes_dir):
-    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), f"objective={objective}", "guidance=cfg",
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache", objective), "guidance=cfg",
                   "guidance.scale=3", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_metrics(tmp_path)["sampled_with"]["guidance_scale"] == 3
@@ -149,7 +149,7 @@ def test_a_classifier_of_another_objective_is_refused_at_start(trained, tmp_path
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_latent_models_train_and_decode_for_each_objective(objective, tmp_path, shapes_dir):
     """A KL autoencoder, then the objective's model on its latents: samples decode to images."""
-    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), f"objective={objective}", "autoencoder=kl",
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache", objective), "autoencoder=kl",
                   "autoencoder.channels=16", "autoencoder.train.max_steps=8", "autoencoder.train.batch_size=8",
                   "autoencoder.train.warmup_steps=2", "train.max_steps=12", "train.log_every=1", "sampler=dpmpp_2m",
                   f"hydra.run.dir={tmp_path / 'run'}")
@@ -167,3 +167,20 @@ def test_a_setting_of_another_objective_is_one_sentence(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("error: objective.prediction is a setting of objective=ddpm, not of objective=flow: "
                                    "add objective=ddpm, or leave objective.prediction out.")
+
+
+def test_a_schedule_on_the_command_line_means_ddpm_and_is_refused_beside_another_objective(tmp_path):
+    def plan(*args):
+        proc = run_py(*args, "dry_run=true", f"paths.cache_dir={tmp_path}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return next(line for line in proc.stdout.splitlines() if line.startswith("diffusion model"))
+
+    assert plan().endswith(", flow")  # the default objective
+    assert plan("schedule=cosine").endswith(", ddpm (cosine schedule)")
+    assert plan("objective.prediction=eps").endswith(", ddpm (linear schedule)")
+    sweep = run_py("-m", "schedule=linear,dns", "dry_run=true", f"paths.cache_dir={tmp_path}")
+    assert sweep.returncode == 0 and sweep.stdout.count("ddpm (") == 2, sweep.stderr[-3000:]
+    proc = run_py("objective=edm", "schedule=cosine", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
+    assert proc.stderr.strip() == ("error: schedule=cosine sets the noise schedule of objective=ddpm, which objective=edm "
+                                   "does not use: add objective=ddpm, or leave schedule=cosine out.")

@@ -196,6 +196,31 @@ def _rewrite_ckpt_shorthand(argv: list[str]) -> list[str]:
     return [re.sub(r"^ckpt=", "ckpt.model=", a) for a in argv]
 
 
+def _objective_for_ddpm_settings(argv: list[str]) -> list[str]:
+    """The schedule group and ddpm's own settings (prediction, min_snr_gamma) belong to
+    objective=ddpm: a command line that sets them and names no objective means ddpm, as every such
+    command did when ddpm was the default; one that names another objective is refused, since
+    that objective would ignore them."""
+    from difflab.config import OBJECTIVE_SCHEMAS
+
+    others = {f for name, schema in OBJECTIVE_SCHEMAS.items() if name != "ddpm" for f in schema.__dataclass_fields__}
+    ddpm_only = set(OBJECTIVE_SCHEMAS["ddpm"].__dataclass_fields__) - others
+    given = dict(a.lstrip("+~").partition("=")[::2] for a in argv if "=" in a and not a.startswith("-"))
+    ddpm_keys = [k for k in given if k.partition(".")[0] == "schedule"
+                 or (k.startswith("objective.") and k.partition(".")[2] in ddpm_only)]
+    if not ddpm_keys:
+        return argv
+    if "objective" not in given:
+        return [*argv, "objective=ddpm"]
+    named = [v.strip() for v in re.sub(r"^\w+\(|\)$", "", given["objective"]).split(",")]
+    other = next((n for n in named if n != "ddpm"), None)
+    schedule = next((f"{k}={given[k]}" for k in ddpm_keys if k.partition(".")[0] == "schedule"), None)
+    if other is not None and schedule is not None:  # ddpm's own objective.* keys: Hydra's error says it
+        _fail(UserError(f"{schedule} sets the noise schedule of objective=ddpm, which objective={other} does not "
+                        f"use: add objective=ddpm, or leave {schedule} out."))
+    return argv
+
+
 def _torchrun_main() -> None:
     """One rank of `torchrun --nproc_per_node=N run.py ...`: join the others, take rank 0's start
     time for the run folder's name, run, and leave the process group however the run ends."""
@@ -214,7 +239,7 @@ def _torchrun_main() -> None:
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *_rewrite_ckpt_shorthand(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *_objective_for_ddpm_settings(_rewrite_ckpt_shorthand(sys.argv[1:]))]
     _check_output_folders(sys.argv[1:])
     if any(DRY_RUN.match(a) for a in sys.argv[1:]):
         _dry_run(sys.argv[1:])

@@ -26,8 +26,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencoder_settings, classifier_settings,
                                diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
 from difflab.checkpoint import load_checkpoint
-from difflab.config import (Config, autoencoder_train_config, classifier_train_config, level_meaning, validate,
-                            validate_batch_splits)
+from difflab.config import (Config, autoencoder_train_config, classifier_train_config, level_meaning, objective_name,
+                            validate, validate_batch_splits)
 from difflab.data import dataset_classes
 from difflab.diffusion import nfe
 from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
@@ -281,7 +281,8 @@ class PlanBuilder:
                             "classes: use a labelled data set (a folder needs one sub-folder per class).")
         settings = (joint_settings if joint else diffusion_settings)(cfg, ae_key, init_key(cfg))
         source, key = _trained_source(self.cache, cfg.mode.name, settings, cfg, resumes_training(cfg, self.run_dir))
-        detail = f"{cfg.unet.name} unet, {_dims(_denoised_shape(cfg))}, {num_classes} classes"
+        objective = objective_name(cfg) + (f" ({cfg.schedule.name} schedule)" if objective_name(cfg) == "ddpm" else "")
+        detail = f"{cfg.unet.name} unet, {_dims(_denoised_shape(cfg))}, {num_classes} classes, {objective}"
         if cfg.train.init_from:
             detail += f", from {cfg.train.init_from}"
         self.add("joint model" if joint else "diffusion model", source, key, cfg.train.max_steps, detail)
