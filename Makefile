@@ -26,7 +26,7 @@ run: setup
 	$(PY) run.py $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile  # each test file in one of 2 workers (module fixtures stay shared)
 
 bench: setup
 	$(PY) benchmarks/throughput.py

@@ -15,6 +15,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each (so do their run.py)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def make_shapes_folder(root: Path, per_class: int = 24, size: int = 16) -> Path:
     """Two classes a tiny model can tell apart: a bright square and a bright ring."""
