@@ -143,6 +143,22 @@ def ddp_run(tmp_path_factory, shapes_dir) -> Path:
     return runs[0]
 
 
+def _assert_resumes_to_the_same_weights(finished: Path, overrides: list[str], resumed: Path) -> None:
+    """A torchrun run resumed from the step-3 checkpoint of a finished 6-step one ends with its
+    weights and EMA weights, bit for bit."""
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(finished / "checkpoints" / "step_00000003.pt", resumed / "checkpoints" / "last.pt")
+    proc = run_py(*overrides, "train.resume=auto", f"hydra.run.dir={resumed}", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(finished / "checkpoints" / "step_00000006.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        state_a, state_b = (a[key], b[key]) if key == "model" else (a[key]["model"], b[key]["model"])
+        for name, tensor in state_a.items():
+            assert torch.equal(tensor, state_b[name]), (key, name)
+
+
 @pytest.mark.slow
 def test_torchrun_trains_in_one_run_folder_written_by_rank_0(ddp_run):
     from difflab.trained import load_diffusion_model
@@ -165,18 +181,7 @@ def test_torchrun_resumes_exactly_and_continues(ddp_run, shapes_dir, tmp_path):
     the uninterrupted one (every rank's randomness is a function of the step); the finished run
     continues to a larger train.max_steps from its last step."""
     tiny = tiny_overrides(shapes_dir, tmp_path / "cache")
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(ddp_run / "checkpoints" / "step_00000003.pt", resumed / "checkpoints" / "last.pt")
-    proc = run_py(*tiny, "train.resume=auto", f"hydra.run.dir={resumed}", nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = torch.load(ddp_run / "checkpoints" / "step_00000006.pt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 6
-    for key in ("model", "ema"):
-        state_a, state_b = (a[key], b[key]) if key == "model" else (a[key]["model"], b[key]["model"])
-        for name, tensor in state_a.items():
-            assert torch.equal(tensor, state_b[name]), (key, name)
+    _assert_resumes_to_the_same_weights(ddp_run, tiny, tmp_path / "resumed")
 
     proc = run_py(*tiny, "train.max_steps=8", "train.resume=auto", f"hydra.run.dir={ddp_run}", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -233,15 +238,7 @@ def test_torchrun_trains_and_resumes_each_objective(objective, extra, shapes_dir
     m = read_metrics(whole)
     assert m["objective"] == objective and m["steps"] == 6 and math.isfinite(m["final_loss"])
     assert (whole / "samples" / "samples.npz").is_file()
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(whole / "checkpoints" / "step_00000003.pt", resumed / "checkpoints" / "last.pt")
-    proc = run_py(*tiny, "train.resume=auto", f"hydra.run.dir={resumed}", nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
-    for name, tensor in a["ema"]["model"].items():
-        assert torch.equal(tensor, b["ema"]["model"][name]), name
+    _assert_resumes_to_the_same_weights(whole, tiny, tmp_path / "resumed")
 
 
 @pytest.mark.slow
