@@ -183,10 +183,15 @@ def _check_composition(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _settings_given(argv: list[str]) -> dict[str, str]:
+    """The command line's `key=value` overrides (`+key`, `++key`, `~key` as `key`), the last of a
+    key winning as in Hydra."""
+    return dict(a.lstrip("+~").partition("=")[::2] for a in argv if "=" in a and not a.startswith("-"))
+
+
 def _check_output_folders(argv: list[str]) -> None:
     """A run or sweep folder named on the command line must be a folder Hydra can make or use."""
-    for arg in argv:
-        key, _, value = arg.lstrip("+").partition("=")
+    for key, value in _settings_given(argv).items():
         if key in ("hydra.run.dir", "hydra.sweep.dir") and Path(value).expanduser().is_file():
             _fail(UserError(f"{key}={value} is a file, not a folder: name a folder for the run's outputs."))
 
@@ -199,22 +204,20 @@ def _rewrite_ckpt_shorthand(argv: list[str]) -> list[str]:
 def _objective_for_ddpm_settings(argv: list[str]) -> list[str]:
     """The schedule group and ddpm's own settings (prediction, min_snr_gamma) belong to
     objective=ddpm: a command line that sets them and names no objective means ddpm, as every such
-    command did when ddpm was the default; one that names another objective is refused, since
-    that objective would ignore them."""
+    command did when ddpm was the default; a schedule beside another objective is refused, since
+    that objective would ignore it."""
     from difflab.config import OBJECTIVE_SCHEMAS
 
     others = {f for name, schema in OBJECTIVE_SCHEMAS.items() if name != "ddpm" for f in schema.__dataclass_fields__}
     ddpm_only = set(OBJECTIVE_SCHEMAS["ddpm"].__dataclass_fields__) - others
-    given = dict(a.lstrip("+~").partition("=")[::2] for a in argv if "=" in a and not a.startswith("-"))
-    ddpm_keys = [k for k in given if k.partition(".")[0] == "schedule"
-                 or (k.startswith("objective.") and k.partition(".")[2] in ddpm_only)]
-    if not ddpm_keys:
+    given = _settings_given(argv)
+    schedule = next((f"{k}={v}" for k, v in given.items() if k.partition(".")[0] == "schedule"), None)
+    if schedule is None and not any(k.partition(".")[2] in ddpm_only for k in given if k.startswith("objective.")):
         return argv
     if "objective" not in given:
         return [*argv, "objective=ddpm"]
     named = [v.strip() for v in re.sub(r"^\w+\(|\)$", "", given["objective"]).split(",")]
     other = next((n for n in named if n != "ddpm"), None)
-    schedule = next((f"{k}={given[k]}" for k in ddpm_keys if k.partition(".")[0] == "schedule"), None)
     if other is not None and schedule is not None:  # ddpm's own objective.* keys: Hydra's error says it
         _fail(UserError(f"{schedule} sets the noise schedule of objective=ddpm, which objective={other} does not "
                         f"use: add objective=ddpm, or leave {schedule} out."))

@@ -281,7 +281,8 @@ class PlanBuilder:
                             "classes: use a labelled data set (a folder needs one sub-folder per class).")
         settings = (joint_settings if joint else diffusion_settings)(cfg, ae_key, init_key(cfg))
         source, key = _trained_source(self.cache, cfg.mode.name, settings, cfg, resumes_training(cfg, self.run_dir))
-        objective = objective_name(cfg) + (f" ({cfg.schedule.name} schedule)" if objective_name(cfg) == "ddpm" else "")
+        objective = objective_name(cfg)
+        objective += f" ({cfg.schedule.name} schedule)" if objective == "ddpm" else ""
         detail = f"{cfg.unet.name} unet, {_dims(_denoised_shape(cfg))}, {num_classes} classes, {objective}"
         if cfg.train.init_from:
             detail += f", from {cfg.train.init_from}"
