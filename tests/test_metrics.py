@@ -62,11 +62,11 @@ def test_extractor_registration_and_features(classifier, shapes):
     module = ClassifierFeatures(ex.name, ["features", "logits"], feature_extractor_weights_path=str(ex.weights))
     grey = shapes.images[:6]
     features, logits = module(grey.repeat(1, 3, 1, 1))  # uint8 RGB in, as torch-fidelity passes it
-    assert features.shape == (6, 128) and logits.shape == (6, 2)
+    assert features.shape == (6, classifier.net.feature_dim) and logits.shape == (6, 2)
     direct = classifier.net(grey.float() / 127.5 - 1)[0]
     torch.testing.assert_close(features, direct)  # grey repeated to RGB and back is lossless
     bigger = torch.nn.functional.interpolate(grey.repeat(1, 3, 1, 1).float(), size=32, mode="nearest").to(torch.uint8)
-    assert module(bigger)[0].shape == (6, 128)  # other sizes are resized to the classifier's
+    assert module(bigger)[0].shape == (6, classifier.net.feature_dim)  # other sizes are resized to the classifier's
 
 
 def test_frechet_distance_is_zero_for_the_same_sample_and_grows_with_a_shift(classifier, shapes):
@@ -84,7 +84,9 @@ def test_frechet_distance_is_zero_for_the_same_sample_and_grows_with_a_shift(cla
     assert abs(same) < 1e-3 * large, (same, small, large)
     assert 0 < small < large, (small, large)
     m = fidelity_metrics(shifted(120), images, ex, CPU, 16, "/nonexistent-never-written")
-    assert set(m) == {"fd_classifier", "kid_classifier", "kid_classifier_std"} and m["kid_classifier"] > 0
+    assert set(m) == {*KEYS["classifier"].values(), "fd_classifier_se", "kid_classifier_se", "precision_classifier_se",
+                      "recall_classifier_se"}
+    assert m["kid_classifier"] > 0 and m["fd_classifier_se"] > 0
 
 
 def test_metrics_are_torch_fidelitys_calculate_metrics(classifier, shapes):
@@ -96,8 +98,8 @@ def test_metrics_are_torch_fidelitys_calculate_metrics(classifier, shapes):
     theirs = torch_fidelity.calculate_metrics(
         input1=FidelityImages(generated), input2=FidelityImages(reference), fid=True, kid=True,
         feature_extractor=ex.name, feature_extractor_weights_path=str(ex.weights), cuda=False, batch_size=16,
-        save_cpu_ram=True, verbose=False, cache=False, kid_subset_size=15, rng_seed=FIDELITY_SEED)
-    assert set(ours) == set(KEYS["classifier"].values()) and ours["fd_classifier"] > 1
+        prc=True, save_cpu_ram=True, verbose=False, cache=False, kid_subset_size=15, rng_seed=FIDELITY_SEED)
+    assert set(KEYS["classifier"].values()) <= set(ours) and ours["fd_classifier"] > 1
     for their_key, our_key in KEYS["classifier"].items():
         assert ours[our_key] == pytest.approx(theirs[their_key], rel=1e-6, abs=1e-9), our_key
 
@@ -110,7 +112,7 @@ def test_real_features_are_cached_per_extractor_and_name(classifier, shapes, tmp
     assert [p.name for p in tmp_path.iterdir()] == [entry_file.name]
     assert fidelity_metrics(images[:20], images[20:], ex, CPU, 16, str(tmp_path), (None, "shapes-train20")) == first
     entry = torch.load(entry_file, weights_only=True)
-    assert entry["features"]["features"].shape == (len(images) - 20, 128)
+    assert entry["features"]["features"].shape == (len(images) - 20, classifier.net.feature_dim)
     entry["features"]["features"] *= 2
     torch.save(entry, entry_file)
     assert fidelity_metrics(images[:20], images[20:], ex, CPU, 16, str(tmp_path), (None, "shapes-train20")) != first

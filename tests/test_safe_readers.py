@@ -275,7 +275,7 @@ def test_planted_fidelity_files_are_never_run_by_an_evaluation(shapes_dir, tmp_p
     proc = run_py(*tiny_overrides(shapes_dir, cache), *EVAL, f"hydra.run.dir={tmp_path / 'train'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     entries = sorted((cache / "features").glob("*.pt"))
-    assert len(entries) == 2  # the reference and the held-out images
+    assert len(entries) == 3  # the reference, the held-out and (for the memorisation check) all training images
     for entry in entries:
         name, extractor = entry.stem.split("-difflab-classifier-")
         for suffix in ("features-features", "stat-fid-features", "features-logits"):
@@ -289,4 +289,4 @@ def test_planted_fidelity_files_are_never_run_by_an_evaluation(shapes_dir, tmp_p
     first, again = read_metrics(tmp_path / "train"), read_metrics(tmp_path / "evaluate")
     for key in ("fd_classifier", "kid_classifier", "real_fd_classifier", "real_kid_classifier"):
         assert again[key] == first[key], key
-    assert (tmp_path / "evaluate" / "train.log").read_text().count("Ignoring the unreadable feature cache") == 2
+    assert (tmp_path / "evaluate" / "train.log").read_text().count("Ignoring the unreadable feature cache") == 3

@@ -253,6 +253,8 @@ class EvalConfig:
     inception_weights: Optional[str] = None  # null = torch's hub cache; missing = Inception metrics skipped
     classifier_steps: int = 1000  # training of the data set's evaluation classifier (once, then cached)
     classifier_batch_size: int = 128
+    bootstrap: int = 50  # replicates of the bootstrap standard errors of FD and KID; 0 = no errors
+    memorisation: int = 500  # samples whose nearest training image is looked up (memorisation check); 0 = none
 
 
 @dataclass
@@ -381,7 +383,7 @@ RANGES: dict[str, Range] = {
     "sample.num_images": AT_LEAST_0, "sample.batch_size": POSITIVE, "sample.gif_images": AT_LEAST_0,
     "sample.gif_frames": AT_LEAST_1,
     "eval.num_samples": AT_LEAST_0, "eval.batch_size": POSITIVE, "eval.classifier_steps": POSITIVE,
-    "eval.classifier_batch_size": POSITIVE,
+    "eval.classifier_batch_size": POSITIVE, "eval.bootstrap": AT_LEAST_0, "eval.memorisation": AT_LEAST_0,
 }
 NONEMPTY = ("unet.channel_mults", "autoencoder.channel_mults", "classifier.channel_mults")
 
@@ -418,6 +420,8 @@ def validate(cfg) -> None:
     unknown = [name for name in cfg.eval.extractors if name not in EVAL_EXTRACTORS]
     if unknown:
         raise UserError(f"eval.extractors has {unknown[0]}, not an extractor: list some of {', '.join(EVAL_EXTRACTORS)}, e.g. eval.extractors=[classifier].")
+    if cfg.eval.bootstrap == 1:
+        raise UserError("eval.bootstrap=1 gives no spread to take a standard error of: use 0 (no errors) or e.g. 50.")
     if 0 < cfg.eval.num_samples < 4:
         raise UserError(f"eval.num_samples={cfg.eval.num_samples} must be 0 (no evaluation) or at least 4: use e.g. 500.")
     if cfg.mode.name == "reconstruction" and cfg.autoencoder.name == "none":

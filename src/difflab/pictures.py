@@ -40,6 +40,15 @@ def save_png(grid: Tensor, path: str | Path, min_size: int = 256) -> None:
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
+def save_pairs(top: Tensor, bottom: Tensor, path: str | Path, per_row: int = 8) -> None:
+    """Pairs of uint8 images, each `top` image above its `bottom` one, `per_row` pairs a row."""
+    per_row = min(per_row, len(top))
+    blank = torch.full((-len(top) % per_row, *top.shape[1:]), 128, dtype=top.dtype)  # fills the last row
+    top, bottom = torch.cat([top, blank]), torch.cat([bottom, blank])
+    rows = [half[start:start + per_row] for start in range(0, len(top), per_row) for half in (top, bottom)]
+    save_png(make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=128), path)
+
+
 def save_denoising(frames: Sequence[Tensor], folder: str | Path, gif_path: str | Path, duration_ms: int = 120) -> None:
     """Each frame is a uint8 C,H,W grid; writes frame_XXX.png files and an animated GIF whose
     last frame (the result) is held longer."""

@@ -65,7 +65,7 @@ def sample_and_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, mo
     metrics = sample_and_write(model, cfg, run_dir, device, writer, step, classifier)
     if cfg.eval.num_samples > 0:
         metrics.update(evaluate_model(model, cfg, device, checkpoint, balanced_sampler(model, cfg, device, classifier),
-                                      writer, step))
+                                      writer, step, run_dir / "samples"))
     return metrics
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -29,11 +30,16 @@ from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
 from difflab.artifacts import settings_key
+from difflab.data import ImageData
 from difflab.evaluate.extractors import (Extractor, FeatureExtraction, classifier_extractor, find_inception_weights,
                                          inception_extractor, metric_layers)
 from difflab.evaluate.feature_cache import cached_features
 from difflab.evaluate.feature_classifier import (LoadedClassifier, accuracy, classifier_settings, feature_classifier,
                                                  real_splits)
+from difflab.evaluate.memorisation import memorisation
+from difflab.evaluate.uncertainty import (REPLICATES, fd_standard_error, frechet_distance, kid_standard_error,
+                                          share_standard_error)
+from difflab.pictures import save_pairs
 
 if TYPE_CHECKING:
     from difflab.sampling import SampleResult
@@ -51,27 +57,61 @@ KEYS = {
                   "kernel_inception_distance_std": "kid_std", "inception_score_mean": "inception_score",
                   "inception_score_std": "inception_score_std", "precision": "precision", "recall": "recall"},
     "classifier": {"frechet_inception_distance": "fd_classifier", "kernel_inception_distance_mean": "kid_classifier",
-                   "kernel_inception_distance_std": "kid_classifier_std"},
+                   "kernel_inception_distance_std": "kid_classifier_std", "precision": "precision_classifier",
+                   "recall": "recall_classifier"},
 }
+SE = "_se"  # suffix of a metric's standard error in metrics.json
 
 
-def fidelity_metrics(images: Tensor, reference: Tensor, extractor: Extractor, device: torch.device, batch_size: int,
-                     cache_root: str | Path,
-                     names: tuple[Optional[str], Optional[str]] = (None, None)) -> dict[str, float]:
-    """FD and KID of uint8 `images` against `reference` in the extractor's feature space (with
-    Inception also IS, precision and recall), under difflab's metric names. A named input's
-    features are cached in `cache_root`; an unnamed one (generated samples) never is. KID
-    averages over subsets of half the samples (at most 1000), so its std says how much it varies."""
+@dataclass
+class Measured:
+    metrics: dict[str, float]
+    features: Tensor  # the images' features in the FD layer
+    reference: Tensor  # the reference's
+
+
+def measure(images: Tensor, reference: Tensor, extractor: Extractor, device: torch.device, batch_size: int,
+            cache_root: str | Path, names: tuple[Optional[str], Optional[str]] = (None, None),
+            bootstrap: int = REPLICATES) -> Measured:
+    """FD, KID, precision and recall of uint8 `images` against `reference` in the extractor's
+    feature space (with Inception also IS), under difflab's metric names, each with its standard
+    error (`bootstrap` replicates for FD and KID; 0 = none). A named input's features are cached in
+    `cache_root`; an unnamed one (generated samples) never is. KID averages over subsets of half
+    the samples (at most 1000), so its std says how much it varies."""
     inception = extractor.kind == "inception"
-    wanted = {"isc": inception, "fid": True, "kid": True,
-              "prc": inception and min(len(images), len(reference)) >= MIN_IMAGES}
+    wanted = {"isc": inception, "fid": True, "kid": True, "prc": min(len(images), len(reference)) >= MIN_IMAGES}
     layers = metric_layers(extractor, [metric for metric, on in wanted.items() if on])
     extract = FeatureExtraction(extractor, sorted(set(layers.values())), device, batch_size)
     first, second = (cached_features(x, extract, Path(cache_root), name) for x, name in zip((images, reference), names))
+    metrics = metrics_from_features(first, second, layers, extractor.kind, bootstrap)
+    return Measured(metrics, first[layers["fid"]], second[layers["fid"]])
+
+
+def metrics_from_features(first: dict[str, Tensor], second: dict[str, Tensor], layers: dict[str, str], kind: str,
+                          bootstrap: int = REPLICATES) -> dict[str, float]:
+    """measure()'s metrics from the two inputs' features ({layer: N x D}) for the metrics in
+    `layers` (metric -> layer, from metric_layers), under the names of extractor `kind`."""
+    n, m = len(first[layers["fid"]]), len(second[layers["fid"]])
     raw = _metrics_from_features(first, second, layers, rng_seed=FIDELITY_SEED, save_cpu_ram=True, verbose=False,
-                                 kid_subset_size=max(2, min(1000, len(images), len(reference)) // 2),
-                                 isc_splits=min(10, len(images)))
-    return {ours: float(raw[theirs]) for theirs, ours in KEYS[extractor.kind].items() if theirs in raw}
+                                 kid_subset_size=max(2, min(1000, n, m) // 2), isc_splits=min(10, n))
+    keys = KEYS[kind]
+    metrics = {ours: float(raw[theirs]) for theirs, ours in keys.items() if theirs in raw}
+    if bootstrap:
+        metrics[keys["frechet_inception_distance"] + SE] = fd_standard_error(first[layers["fid"]],
+                                                                             second[layers["fid"]], bootstrap)
+        metrics[keys["kernel_inception_distance_mean"] + SE] = kid_standard_error(first[layers["kid"]],
+                                                                                  second[layers["kid"]], bootstrap)
+    for name, count in (("precision", n), ("recall", m)):
+        if keys[name] in metrics:  # a share of the images (precision) or of the reference (recall)
+            metrics[keys[name] + SE] = share_standard_error(metrics[keys[name]], count)
+    return metrics
+
+
+def fidelity_metrics(images: Tensor, reference: Tensor, extractor: Extractor, device: torch.device, batch_size: int,
+                     cache_root: str | Path, names: tuple[Optional[str], Optional[str]] = (None, None),
+                     bootstrap: int = REPLICATES) -> dict[str, float]:
+    """measure()'s metrics alone."""
+    return measure(images, reference, extractor, device, batch_size, cache_root, names, bootstrap).metrics
 
 
 def _metrics_from_features(first: dict[str, Tensor], second: dict[str, Tensor], layers: dict[str, str],
@@ -87,6 +127,18 @@ def _metrics_from_features(first: dict[str, Tensor], second: dict[str, Tensor], 
     if "prc" in layers:
         raw.update(prc_featuresdict_to_metric(first, second, layers["prc"], **settings))
     return raw
+
+
+def per_class_fd(features: Tensor, labels: Tensor, reference: Tensor, reference_labels: Tensor) -> dict[str, float]:
+    """class -> FD of the images of that class to the reference images of that class: where a
+    model's overall FD hides one class drawn badly. Classes with under MIN_IMAGES on either side
+    are left out."""
+    out = {}
+    for c in labels.unique().tolist():
+        mine, theirs = features[labels == c].double(), reference[reference_labels == c].double()
+        if min(len(mine), len(theirs)) >= MIN_IMAGES:
+            out[str(c)] = frechet_distance(mine.mean(0), torch.cov(mine.T), theirs.mean(0), torch.cov(theirs.T))
+    return out
 
 
 def _extractors(cfg: DictConfig, num_classes: int, device: torch.device) -> tuple[list[Extractor], Optional[LoadedClassifier], dict]:
@@ -114,12 +166,15 @@ def _extractors(cfg: DictConfig, num_classes: int, device: torch.device) -> tupl
 
 
 def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device, checkpoint: str,
-                   sample: Callable[[int], SampleResult], writer=None, step: int = 0) -> dict:
+                   sample: Callable[[int], SampleResult], writer=None, step: int = 0,
+                   pictures: Optional[Path] = None) -> dict:
     """Sample cfg.eval.num_samples images with `sample(n)` and measure them; returns the
-    metrics.json entries (flat numbers, plus an `eval` block saying how each was produced)."""
+    metrics.json entries (flat numbers with their standard errors, per-class FD, plus an `eval`
+    block saying how each was produced). The memorisation check's closest pairs go to
+    `pictures`/nearest_neighbours.png when a folder is given."""
     # The data set is the one the model learnt; paths and eval.* are this run's.
     data_cfg = OmegaConf.merge(model.cfg, {"paths": cfg.paths, "eval": cfg.eval})
-    n = cfg.eval.num_samples
+    n, bootstrap = cfg.eval.num_samples, cfg.eval.bootstrap
     train, held_out = real_splits(data_cfg, n)
     extractors, classifier, about = _extractors(data_cfg, train.num_classes, device)
     samples = sample(n)
@@ -132,30 +187,73 @@ def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device,
     produced_by: dict[str, str] = {}
     cache_root = Path(str(OmegaConf.select(data_cfg, "paths.cache_dir"))).expanduser() / "features"
     for ex in extractors:
-        generated = fidelity_metrics(samples.images, reference, ex, device, cfg.eval.batch_size, cache_root,
-                                     (None, ref_name))
-        real = fidelity_metrics(held_out.images, reference, ex, device, cfg.eval.batch_size, cache_root,
-                                (held_name, ref_name)) if len(held_out) >= MIN_IMAGES else {}
-        metrics.update(generated)
-        metrics.update({f"real_{k}": v for k, v in real.items()})
-        produced_by.update({k: ex.kind for k in generated} | {f"real_{k}": ex.kind for k in real})
+        generated = measure(samples.images, reference, ex, device, cfg.eval.batch_size, cache_root, (None, ref_name),
+                            bootstrap)
+        real = measure(held_out.images, reference, ex, device, cfg.eval.batch_size, cache_root,
+                       (held_name, ref_name), bootstrap) if len(held_out) >= MIN_IMAGES else None
+        metrics.update(generated.metrics)
+        metrics.update({f"real_{k}": v for k, v in real.metrics.items()} if real else {})
+        produced_by.update({k: ex.kind for k in generated.metrics})
+        produced_by.update({f"real_{k}": ex.kind for k in real.metrics} if real else {})
+        if ex.kind != "classifier":
+            continue
+        if samples.labels is not None:
+            by_class = per_class_fd(generated.features, samples.labels, generated.reference, train.labels[pick])
+            metrics["fd_classifier_per_class"] = by_class
+            metrics["fd_classifier_class_mean"] = sum(by_class.values()) / max(len(by_class), 1)
+        if real is not None and cfg.eval.memorisation > 0:
+            checked = memorisation_check(generated, real, train, ex, device, cfg.eval, cache_root, tag, samples,
+                                         pictures)
+            metrics.update(checked)
+            produced_by.update({k: ex.kind for k in checked})
     if classifier is not None and samples.labels is not None:
         metrics["class_accuracy"] = accuracy(classifier.net, samples.images, samples.labels, device)
+        metrics["class_accuracy_se"] = share_standard_error(metrics["class_accuracy"], len(samples.images))
         metrics["real_class_accuracy"] = classifier.test_accuracy
         produced_by.update({"class_accuracy": "classifier", "real_class_accuracy": "classifier"})
     feature_seconds = time.perf_counter() - t0
     metrics = {k: v for k, v in metrics.items() if v is not None}
     if writer is not None:
         for key, value in metrics.items():
-            writer.add_scalar(f"eval/{key}", value, step)
+            if isinstance(value, (int, float)):
+                writer.add_scalar(f"eval/{key}", value, step)
     log.info("evaluation of %d samples (%.1f s sampling, %.1f s features): %s", n, samples.seconds, feature_seconds,
-             ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "no extractor available")
+             _summary(metrics) or "no extractor available")
     return {**metrics, "eval_sampling_seconds": samples.seconds, "eval_feature_seconds": feature_seconds, "eval": {
         "checkpoint": checkpoint, "num_samples": n, "labels": "balanced" if samples.labels is not None else None,
         "sampler": cfg.sampler.name, "sampler_steps": cfg.sampler.steps, "guidance": cfg.guidance.name,
         "guidance_scale": cfg.guidance.scale, "seed": cfg.seed,
         "reference": f"{data_cfg.dataset.name} training split, {len(reference)} images (seed {REFERENCE_SEED})",
         "held_out": f"{data_cfg.dataset.name} held-out split, {len(held_out)} images",
+        "standard_errors": f"bootstrap over the samples, {bootstrap} replicates (FD, KID); binomial (shares)"
+                           if bootstrap else "binomial (shares) only: eval.bootstrap=0",
         "extractors": about, "produced_by": produced_by,
         "classifier_train_seconds": classifier.train_seconds if classifier is not None else 0.0,
     }}
+
+
+def _summary(metrics: dict) -> str:
+    """'fd_classifier 0.83 ± 0.02, ...': the numbers with their errors, the errors not on their own."""
+    shown = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and not k.endswith(SE) and not k.startswith("real_")]
+    return ", ".join(f"{k} {metrics[k]:.4g}" + (f" ± {metrics[k + SE]:.2g}" if k + SE in metrics else "")
+                     for k in shown)
+
+
+def memorisation_check(generated: Measured, real: Measured, train: ImageData, extractor: Extractor,
+                       device: torch.device, eval_cfg: DictConfig, cache_root: Path, tag: str,
+                       samples: SampleResult, pictures: Optional[Path]) -> dict:
+    """The memorisation entries of metrics.json for up to eval.memorisation samples, against every
+    training image (their features cached once per data set); the 16 closest pairs pictured."""
+    count = min(eval_cfg.memorisation, len(generated.features), len(real.features))
+    extract = FeatureExtraction(extractor, [metric_layers(extractor, ["fid"])["fid"]], device, eval_cfg.batch_size)
+    train_features = cached_features(train.images, extract, cache_root, f"{tag}-train-all")[extract.layers[0]]
+    check = memorisation(generated.features[:count], real.features[:count], train_features)
+    if pictures is not None:
+        pairs = check.closest(min(16, count))
+        save_pairs(samples.images[[s for s, _ in pairs]], train.images[[t for _, t in pairs]],
+                   pictures / "nearest_neighbours.png")
+    log.info("memorisation: %.1f%% of %d samples are as close to a training image as the closest %.1f%% of held-out "
+             "images are%s", 100 * check.share_close, count, 100 * check.expected,
+             " -- the model may be returning training images" if check.flagged else "")
+    return {**check.metrics(), "memorisation_checked": count}

@@ -4,12 +4,15 @@ Hydra callback in sweep/callback.py) or rebuilt and merged across sweeps and sin
     python -m difflab.sweep.compare DIR [DIR ...] [--out FOLDER]
 
 Files: comparison.csv (one row per job: swept settings, status, every scalar of metrics.json,
-error), comparison.md (the same as a table, the best job, the pictures), comparison.png (each
-metric against the swept setting, and all jobs' loss curves overlaid) and comparison_samples.png
-(each job's sample grid side by side). A job that trained several EMA copies (train.ema.decays)
-gives one row per decay. A job whose metrics.json or .hydra/overrides.yaml cannot be read is one
-row with status unreadable and the reason in its error column, so it costs the comparison only
-that row; a damaged picture or loss curve of a job is left out of the pictures with a warning.
+error), comparison.md (the same as a table, the best job at each loss and evaluation metric, the
+pictures), comparison.png (each metric against the swept setting, and all jobs' loss curves
+overlaid) and comparison_samples.png (each job's sample grid side by side). An evaluation metric
+K with a bootstrap standard error K_se is shown as "value ± se" and with error bars, and a job is
+only called best at it when the runner-up is at least twice their combined standard error behind.
+A job that trained several EMA copies (train.ema.decays) gives one row per decay. A job whose
+metrics.json or .hydra/overrides.yaml cannot be read is one row with status unreadable and the
+reason in its error column, so it costs the comparison only that row; a damaged picture or loss
+curve of a job is left out of the pictures with a warning.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ UNREADABLE = "unreadable"  # a job whose metrics.json or .hydra/overrides.yaml i
 STATUSES = ("completed", "failed", "interrupted", "incomplete", UNREADABLE)
 REDO = "delete it and re-run the job with train.resume=auto"  # the fix for a damaged job file
 DAMAGED = (OSError, ValueError, KeyError, TypeError)  # what reading a damaged picture or curve raises
+SE_SUFFIX = "_se"  # metric K's bootstrap standard error is recorded as K_se
+SPREAD_SUFFIXES = (SE_SUFFIX, "_std")  # spreads of a metric (kid_std, ...), not metrics to rank
+LOWER_IS_BETTER = ("fd", "fid", "kid")  # name prefixes of distances between generated and real features
+HIGHER_IS_BETTER = ("class_accuracy", "precision", "recall", "inception_score")
+SEPARATION = 2  # a difference of this many combined standard errors (about a 95% test) names a winner
 
 log = logging.getLogger("difflab")
 T = TypeVar("T")
@@ -239,6 +247,25 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def standard_error(r: JobResult, metric: str) -> Optional[float]:
+    """The job's recorded standard error of `metric`; None when it has none, or one that is not a
+    finite number >= 0, so a damaged K_se never makes a difference look certain."""
+    se = r.metrics.get(metric + SE_SUFFIX)
+    return float(se) if _is_number(se) and se >= 0 else None
+
+
+def _value_text(r: JobResult, metric: str) -> str:
+    """The job's `metric` as a table cell, "value ± se" where its standard error is recorded."""
+    value, se = r.metrics.get(metric), standard_error(r, metric)
+    return f"{_cell(value)} ± {se:.2g}" if _is_number(value) and se is not None else _cell(value)
+
+
+def without_errors(metrics: list[str]) -> list[str]:
+    """The metrics less the standard errors of metrics among them: those are shown with their
+    metric (as "value ± se", as error bars) rather than as metrics of their own."""
+    return [m for m in metrics if not (m.endswith(SE_SUFFIX) and m.removesuffix(SE_SUFFIX) in metrics)]
+
+
 def _settings_text(r: JobResult, swept: list[str], sep: str = ", ") -> str:
     return sep.join(f"{k}={r.settings[k]}" for k in swept if k in r.settings)
 
@@ -255,32 +282,109 @@ def _best(results: list[JobResult], metric: str) -> Optional[JobResult]:
     return min(done, key=lambda r: r.metrics[metric])
 
 
-def _completed_values(results: list[JobResult], metric: str) -> list:
-    return [r.metrics[metric] for r in results if r.status == "completed" and r.metrics.get(metric) is not None]
+def _completed_with(results: list[JobResult], metric: str) -> list[JobResult]:
+    return [r for r in results if r.status == "completed" and r.metrics.get(metric) is not None]
+
+
+# ---- the best job at an evaluation metric ---------------------------------------------------
+def metric_direction(key: str) -> Optional[str]:
+    """"lower" or "higher", whichever is better for the evaluation metric `key` (real_* ones
+    included), by its name, so a new extractor's fd_<name> is ranked without a list to update;
+    None for anything else, a metric's spread (K_se, K_std) included."""
+    name = key.removeprefix("real_")
+    if name.endswith(SPREAD_SUFFIXES):
+        return None
+    if name.startswith(LOWER_IS_BETTER) or "_fd" in name:
+        return "lower"
+    return "higher" if name.startswith(HIGHER_IS_BETTER) else None
+
+
+@dataclass
+class Verdict:
+    """The best completed job at a metric and whether it is better by more than chance."""
+    best: JobResult
+    tied: list[JobResult]  # the other jobs within SEPARATION combined standard errors of the best
+    separated: bool  # standard errors are recorded and no other job is that close: the best wins
+    unjudged: str = ""  # why the difference cannot be weighed (standard errors missing), else ""
+
+
+def _tied_with(best: JobResult, other: JobResult, metric: str) -> bool:
+    """Whether the two jobs' values differ by less than SEPARATION times their combined standard
+    error (or not at all), so neither can be called the better one."""
+    difference = abs(best.metrics[metric] - other.metrics[metric])
+    combined = math.hypot(standard_error(best, metric), standard_error(other, metric))
+    return difference == 0 or difference < SEPARATION * combined
+
+
+def winner(results: list[JobResult], metric: str) -> Optional[Verdict]:
+    """The verdict on the completed jobs' `metric`: a job is tied with the best when it lies within
+    twice their combined standard error of it, and the best is only separated when none is. None
+    when the metric has no direction or fewer than two completed jobs have it, or when, without
+    standard errors to weigh, all their values are equal."""
+    direction = metric_direction(metric)
+    ranked = sorted((r for r in results if r.status == "completed" and _is_number(r.metrics.get(metric))),
+                    key=lambda r: r.metrics[metric], reverse=direction == "higher")
+    if direction is None or len(ranked) < 2:
+        return None
+    best, others = ranked[0], ranked[1:]
+    recorded = sum(standard_error(r, metric) is not None for r in ranked)
+    if recorded < len(ranked):
+        if len({r.metrics[metric] for r in ranked}) == 1:
+            return None  # nothing to choose between
+        why = "standard errors recorded for only some jobs" if recorded else "no standard errors recorded"
+        return Verdict(best, [], False, why)
+    tied = [r for r in others if _tied_with(best, r, metric)]
+    return Verdict(best, tied, not tied)
+
+
+def verdict_line(verdict: Verdict, metric: str, swept: list[str]) -> str:
+    """The comparison.md line on the best job at `metric`; a tie names every job that the best
+    cannot be told apart from rather than a winner."""
+    best = verdict.best
+    word = "Lowest" if metric_direction(metric) == "lower" else "Highest"
+    if verdict.unjudged:
+        return f"{word} {metric}: **{_label(best, swept)}** ({_value_text(best, metric)}) ({verdict.unjudged})."
+    if verdict.separated:
+        return f"{word} {metric}: **{_label(best, swept)}** ({_value_text(best, metric)})."
+    names = [f"**{_label(r, swept)}** ({_value_text(r, metric)})" for r in [best, *verdict.tied]]
+    why = ("they differ by less than twice their combined standard error" if len(names) == 2 else
+           "each of the others differs from the first by less than twice their combined standard error")
+    return f"{metric}: no winner, tie between {', '.join(names[:-1])} and {names[-1]}: {why}."
+
+
+def _verdict_lines(results: list[JobResult], swept: list[str], metrics: list[str]) -> list[str]:
+    """A verdict line for each evaluation metric of the generated samples; the real_* ones score
+    the real images, the same in every job, so there is no best job at them."""
+    verdicts = {m: winner(results, m) for m in metrics if not m.startswith("real_")}
+    return [verdict_line(v, m, swept) for m, v in verdicts.items() if v is not None]
 
 
 def write_markdown(results: list[JobResult], swept: list[str], metrics: list[str], path: Path,
                    sources: list[Path]) -> None:
-    """The table shows the metrics that differ between jobs; those equal in all are listed once."""
-    metrics = [m for m in metrics if m not in PATH_METRICS]
-    same = {m: values[0] for m in metrics if len(set(values := _completed_values(results, m))) == 1}
+    """The table shows the metrics that differ between jobs, with their standard errors as
+    "value ± se"; those equal in all are listed once."""
+    metrics = [m for m in without_errors(metrics) if m not in PATH_METRICS]
+    done = {m: _completed_with(results, m) for m in metrics}
+    same = {m: jobs[0] for m, jobs in done.items() if len({r.metrics[m] for r in jobs}) == 1}
     shown = [m for m in metrics if m not in same or m in ("final_loss", "wall_time_s") or len(results) == 1]
     columns = ["job", "status", *swept, *shown, "error"]
     lines = [f"# Comparison of {len(results)} jobs", "",
              "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".")
-    common = [f"{m}={_cell(v)}" for m, v in same.items() if m not in shown]
+    common = [f"{m}={_value_text(r, m)}" for m, r in same.items() if m not in shown]
     if common:
         lines.append("Same in every completed job: " + ", ".join(common) + ".")
     for metric in ("final_loss", "val_loss", "best_val_loss"):
         best = _best(results, metric)
         if best is not None:
             lines.append(f"Lowest {metric}: **{_label(best, swept)}** ({best.metrics[metric]:.4g}).")
+    lines += _verdict_lines(results, swept, metrics)
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
-        cells = [r.name, r.status, *(r.settings.get(k, "") for k in swept), *(r.metrics.get(k) for k in shown), r.error]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        cells = [_cell(c) for c in (r.name, r.status, *(r.settings.get(k, "") for k in swept))]
+        cells += [*(_value_text(r, k) for k in shown), _cell(r.error)]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![metrics against the swept settings, loss curves](comparison.png)", "",
               "![each job's samples](comparison_samples.png)", ""]
     atomic_write_text(path, "\n".join(lines))
@@ -340,6 +444,13 @@ def read_losses(path: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def _error_bars(jobs: list[JobResult], metric: str) -> Optional[list[float]]:
+    """± the jobs' standard errors of `metric` (NaN, no bar, for a job without one); None, no
+    bars at all, when none has one."""
+    errors = [standard_error(r, metric) for r in jobs]
+    return None if errors.count(None) == len(errors) else [math.nan if e is None else e for e in errors]
+
+
 def write_plot(results: list[JobResult], swept: list[str], metrics: list[str], path: Path) -> None:
     import matplotlib
 
@@ -347,7 +458,7 @@ def write_plot(results: list[JobResult], swept: list[str], metrics: list[str], p
     import matplotlib.pyplot as plt
 
     order, ticks, xlabel = _x_axis(results, swept)
-    plotted = [m for m in metrics
+    plotted = [m for m in without_errors(metrics)
                if len({r.metrics[m] for r in order if r.status == "completed" and _is_number(r.metrics.get(m))}) > 1]
     cols = 3
     rows = -(-(len(plotted) + 1) // cols)
@@ -355,9 +466,9 @@ def write_plot(results: list[JobResult], swept: list[str], metrics: list[str], p
     axes = axes.ravel()
     positions = range(len(order))
     for ax, metric in zip(axes, plotted):
-        points = [(i, r.metrics[metric]) for i, r in zip(positions, order)
-                  if r.status == "completed" and _is_number(r.metrics.get(metric))]
-        ax.plot(*zip(*points), "o-")
+        xs, jobs = zip(*((i, r) for i, r in zip(positions, order)
+                         if r.status == "completed" and _is_number(r.metrics.get(metric))))
+        ax.errorbar(xs, [r.metrics[metric] for r in jobs], yerr=_error_bars(list(jobs), metric), fmt="o-", capsize=3)
         for i, r in zip(positions, order):
             if r.status != "completed":
                 ax.axvline(i, color="red", alpha=0.3, linestyle=":")
