@@ -97,18 +97,20 @@ def fit_for_purpose(values: list[float], errors: list[float], worse_is_higher: b
             "fit": all(s > 0 for s in steps) and all(apart)}
 
 
-def rung_metrics(features: dict, reference: dict, layers: dict, bootstrap: int,
-                 logits: Tensor | None, expected: Tensor | None) -> dict:
-    from difflab.evaluate.metrics import metrics_from_features
+def rung_metrics(features: dict, reference: dict, layers: dict, kind: str, bootstrap: int,
+                 expected: Tensor | None) -> dict:
+    """The rung's metrics under short names (fd, kid, precision, recall, class_accuracy) with their
+    standard errors, as metrics.json gets them."""
+    from difflab.evaluate.metrics import KEYS, SE, metrics_from_features
     from difflab.evaluate.uncertainty import share_standard_error
 
-    raw = metrics_from_features(features, reference, layers, "classifier", bootstrap)
-    out = {short: raw[f"{short}_classifier" if short != "fd" else "fd_classifier"] for short in
-           ("fd", "kid", "precision", "recall")}
-    out |= {f"{short}_se": raw[f"{short}_classifier_se" if short != "fd" else "fd_classifier_se"]
-            for short in ("fd", "kid", "precision", "recall")}
-    if logits is not None and expected is not None:
-        acc = float((logits.argmax(1) == expected).float().mean())
+    raw = metrics_from_features(features, reference, layers, kind, bootstrap)
+    keys = KEYS[kind]
+    names = {"fd": keys["frechet_inception_distance"], "kid": keys["kernel_inception_distance_mean"],
+             "precision": keys["precision"], "recall": keys["recall"]}
+    out = {short: raw[name] for short, name in names.items()} | {short + SE: raw[name + SE] for short, name in names.items()}
+    if "logits" in features and expected is not None:
+        acc = float((features["logits"].argmax(1) == expected).float().mean())
         out |= {"class_accuracy": acc, "class_accuracy_se": share_standard_error(acc, len(expected))}
     return out
 
@@ -125,13 +127,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--overrides", default="", help="extra run.py overrides, space separated")
     parser.add_argument("--png", default="")
+    parser.add_argument("--inception-weights", default="",
+                        help="torch-fidelity's Inception weights file: adds Inception FID's ladders as design 'inception'")
     args = parser.parse_args()
 
     from hydra import compose, initialize_config_dir
 
     from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.cli import CONF_DIR
-    from difflab.evaluate.extractors import FeatureExtraction, classifier_extractor, metric_layers
+    from difflab.evaluate.extractors import FeatureExtraction, classifier_extractor, inception_extractor, metric_layers
     from difflab.evaluate.feature_classifier import feature_classifier, real_splits
     from difflab.evaluate.metrics import REFERENCE_SEED
     from difflab.sampling import sample_images
@@ -187,15 +191,20 @@ def main() -> None:
 
     report = {"dataset": args.dataset, "sizes": sizes, "bootstrap": args.bootstrap, "designs": {}, "timings": timings,
               "rule": f"fit: monotone along the ladder and neighbouring rungs > 2 combined SE apart at n={SEPARATION_N}"}
-    for design in args.designs.split(","):
+    designs = args.designs.split(",") + (["inception"] if args.inception_weights else [])
+    for design in designs:
         t0 = time.perf_counter()
-        classifier = feature_classifier(cfg, device, DESIGNS[design])
-        extractor = classifier_extractor(classifier.path, classifier.key)
+        if design == "inception":
+            extractor, kind, about = inception_extractor(Path(args.inception_weights)), "inception", {}
+            extract = FeatureExtraction(extractor, ["2048"], device, 100)
+        else:
+            classifier = feature_classifier(cfg, device, DESIGNS[design])
+            extractor, kind = classifier_extractor(classifier.path, classifier.key), "classifier"
+            about = {"classifier_test_accuracy": classifier.test_accuracy}
+            extract = FeatureExtraction(extractor, ["features", "logits"], device, 500)
         layers = metric_layers(extractor, ["fid", "kid", "prc"])
-        extract = FeatureExtraction(extractor, ["features", "logits"], device, 500)
         reference = extract(reference_images)
-        out = {"classifier_test_accuracy": classifier.test_accuracy, "feature_dim": reference["features"].shape[1],
-               "ladders": {}}
+        out = {**about, "feature_dim": reference[layers["fid"]].shape[1], "ladders": {}}
         for ladder, items in rungs.items():
             entries = []
             for rung, images, labels in items:
@@ -206,7 +215,7 @@ def main() -> None:
                         continue
                     ref = {key: value[:n] for key, value in reference.items()}
                     mine = {key: value[:n] for key, value in feats.items()}
-                    per_n[str(n)] = rung_metrics(mine, ref, layers, args.bootstrap, mine["logits"],
+                    per_n[str(n)] = rung_metrics(mine, ref, layers, kind, args.bootstrap,
                                                  None if labels is None else labels[:n])
                 entries.append({"rung": rung, "n": per_n})
             verdicts = {}

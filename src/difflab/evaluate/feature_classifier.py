@@ -114,6 +114,7 @@ class LoadedClassifier:
     path: Path
     key: str
     test_accuracy: float | None
+    test_images: int
     trained_now: bool
     train_seconds: float
 
@@ -214,4 +215,4 @@ def feature_classifier(cfg: DictConfig, device: torch.device, network: dict = NE
     log.info("evaluation classifier %s: test accuracy %s on %d held-out images", artifact.path,
              "n/a" if meta["test_accuracy"] is None else f"{meta['test_accuracy']:.4f}", meta["test_images"])
     return LoadedClassifier(net, meta["channels"], meta["image_size"], meta["num_classes"], artifact.path,
-                            artifact.key, meta["test_accuracy"], artifact.trained, seconds)
+                            artifact.key, meta["test_accuracy"], meta["test_images"], artifact.trained, seconds)

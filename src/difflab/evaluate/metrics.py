@@ -210,6 +210,8 @@ def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device,
         metrics["class_accuracy"] = accuracy(classifier.net, samples.images, samples.labels, device)
         metrics["class_accuracy_se"] = share_standard_error(metrics["class_accuracy"], len(samples.images))
         metrics["real_class_accuracy"] = classifier.test_accuracy
+        if classifier.test_accuracy is not None:
+            metrics["real_class_accuracy_se"] = share_standard_error(classifier.test_accuracy, classifier.test_images)
         produced_by.update({"class_accuracy": "classifier", "real_class_accuracy": "classifier"})
     feature_seconds = time.perf_counter() - t0
     metrics = {k: v for k, v in metrics.items() if v is not None}
