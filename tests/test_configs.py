@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from difflab.cli import CONF_DIR, _rewrite_ckpt_shorthand
+from difflab.cli import CONF_DIR, _objective_for_ddpm_settings, _rewrite_ckpt_shorthand
 from difflab.config import GROUP_SCHEMAS, validate
 
 GROUPS = list(GROUP_SCHEMAS)
@@ -101,6 +101,12 @@ def test_latent_examples_compose(hydra_ctx):
 def test_ckpt_shorthand():
     assert _rewrite_ckpt_shorthand(["mode=sample", "ckpt=/a/last.pt", "ckpt.autoencoder=/b.pt"]) == [
         "mode=sample", "ckpt.model=/a/last.pt", "ckpt.autoencoder=/b.pt"]
+
+
+def test_the_implied_objective_joins_the_overrides_before_hydras_flags():
+    """Hydra reads one run of overrides: `schedule=cosine -m` plus objective=ddpm after -m would be refused."""
+    assert _objective_for_ddpm_settings(["schedule=cosine", "-m"]) == ["schedule=cosine", "objective=ddpm", "-m"]
+    assert _objective_for_ddpm_settings(["-m", "schedule=cosine"]) == ["-m", "schedule=cosine", "objective=ddpm"]
 
 
 def test_named_sweeps_compose(hydra_ctx):

@@ -7,13 +7,15 @@ writing in that folder (see difflab.distributed for who does what).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
 import sys
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Iterator, NoReturn, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +25,9 @@ from difflab.config import register_configs
 from difflab.errors import SamplingInterrupted, TrainingInterrupted, UserError
 from difflab.sweep.named import register_named_sweeps
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The package's conf/: in a clone a symlink to the top-level conf/ (resolved, so that Hydra's records name that
+# folder), in an installed wheel a copy of it; so clones, editable installs and wheels read the same configs.
+CONF_DIR = str((Path(__file__).parent / "conf").resolve())
 
 # Ranks other than 0 add these to their command line. They keep rank 0's run folder (every rank
 # resumes from the checkpoints in it; a folder of their own would not have them) but write
@@ -125,14 +129,14 @@ def _job_overrides(overrides: list[str]) -> list[list[str]]:
 def _dry_run(argv: list[str]) -> NoReturn:
     """dry_run=true: the plan of the run (of each job, in a sweep), printed; nothing is written,
     not even the run folder Hydra would make."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from omegaconf import open_dict
 
-    overrides = [a for a in argv if not a.startswith("-")]  # -m, --multirun, --cfg ...: Hydra's own flags
+    args = _hydra_command_line(argv)  # -m, --multirun, --cfg ...: Hydra's own flags, which a plan ignores
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with _compose_api(args.config_dir):
             cfgs = []
-            for job in _job_overrides(overrides):
+            for job in _job_overrides(args.overrides):
                 cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
                 given_dir = any(o.startswith("hydra.run.dir=") for o in job)
                 run_dir = Path(cfg.hydra.run.dir) if given_dir else None
@@ -168,16 +172,56 @@ def composition_error(e: Exception) -> str:
     return f"{key} is not a setting here: check its spelling (`python run.py --cfg job` prints every setting)."
 
 
+def _hydra_command_line(argv: list[str]) -> argparse.Namespace:
+    """The command line as @hydra.main will read it, so that the checks before Hydra tell its flags (and the folder
+    after --config-dir) from the overrides; a flag Hydra does not know stops here with Hydra's own usage message.
+    Overrides on both sides of a flag are taken here (a dry run takes them) and left to Hydra to refuse in a run."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_intermixed_args(argv)
+
+
+def _flags_besides_config_dir(args: argparse.Namespace) -> bool:
+    from hydra._internal.utils import get_args_parser
+
+    defaults = vars(get_args_parser().parse_args([]))
+    return any(value != defaults[key] for key, value in vars(args).items() if key not in ("overrides", "config_dir"))
+
+
+@contextmanager
+def _compose_api(config_dir: Optional[str]) -> Iterator[None]:
+    """Hydra's compose API searching the folders @hydra.main will: conf/, then a user's own `--config-dir DIR`
+    (Hydra puts it after the primary folder too), so that the checks before Hydra accept the user's options."""
+    from hydra import initialize_config_dir
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        if config_dir is not None:
+            if not Path(config_dir).is_dir():
+                _fail(UserError(f"--config-dir {config_dir} is not a folder: name the folder that holds your own "
+                                "config groups (DIR/dataset/my.yaml for dataset=my)."))
+            search_path = create_config_search_path(CONF_DIR)
+            search_path.prepend("command-line", f"file://{os.path.abspath(config_dir)}",
+                                anchor=SearchPathQuery(provider="schema"))
+            GlobalHydra.instance().clear()  # initialize_config_dir restores the previous state on leaving
+            Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
+        yield
+
+
 def _check_composition(argv: list[str]) -> None:
     """Compose a single run's config before Hydra does, so that a wrong key, option or type is one
     sentence (Hydra would print several lines and a hint that rarely fits)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
-    if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
+    args = _hydra_command_line(argv)
+    if _flags_besides_config_dir(args):
         return  # sweeps, --cfg, --help ...: Hydra's own handling
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name="config", overrides=argv)
+        with _compose_api(args.config_dir):
+            compose(config_name="config", overrides=args.overrides)
     except Exception as e:
         print(f"error: {composition_error(e)}", file=sys.stderr)
         sys.exit(2)
@@ -215,7 +259,8 @@ def _objective_for_ddpm_settings(argv: list[str]) -> list[str]:
     if schedule is None and not any(k.partition(".")[2] in ddpm_only for k in given if k.startswith("objective.")):
         return argv
     if "objective" not in given:
-        return [*argv, "objective=ddpm"]
+        last = max(i for i, a in enumerate(argv) if "=" in a and not a.startswith("-"))
+        return [*argv[:last + 1], "objective=ddpm", *argv[last + 1:]]  # in the overrides: flags may follow them
     named = [v.strip() for v in re.sub(r"^\w+\(|\)$", "", given["objective"]).split(",")]
     other = next((n for n in named if n != "ddpm"), None)
     if other is not None and schedule is not None:  # ddpm's own objective.* keys: Hydra's error says it

@@ -2,8 +2,8 @@
 group `sweep` (`python run.py +sweep=guidance_scale`); copy one to make your own.
 
 They are stored in Hydra's ConfigStore rather than joined through hydra.searchpath: a search-path
-entry is a config root, so sweeps/ could only be reached as the group `sweeps` with the
-repository itself as a root, and a relative entry resolves against the working directory.
+entry is a config root, so sweeps/ could only be reached as the group `sweeps` with the package
+itself as a root, and a relative entry resolves against the working directory.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-SWEEPS_DIR = Path(__file__).resolve().parents[3] / "sweeps"
+# The package's sweeps/: in a clone a symlink to the top-level sweeps/, in an installed wheel a copy of it.
+SWEEPS_DIR = (Path(__file__).parents[1] / "sweeps").resolve()
 
 
 def register_named_sweeps(folder: Path = SWEEPS_DIR) -> None:
