@@ -101,11 +101,25 @@ def test_evaluate_mode_with_inception_weights(trained, stand_in_inception, tmp_p
                   f"paths.cache_dir={cache}", "device=cpu", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_metrics(out)
-    for key in ("fid", "kid", "kid_std", "inception_score", "precision", "recall", "real_fid", "real_inception_score"):
+    for key in ("fid", "kid", "kid_std", "inception_score", "precision_inception", "recall_inception", "real_fid",
+                "real_inception_score", "fid_se", "precision_inception_se"):
         assert key in m and m[key] == m[key], key  # present and not NaN
     inception = m["eval"]["extractors"]["inception"]
     assert inception["weights"] == str(stand_in_inception) and inception["name"].startswith("inception-v3-")
     assert m["eval"]["produced_by"]["fid"] == "inception" and "fd_classifier" not in m
+
+
+def test_training_precision_and_inception_precision_keep_their_own_keys(stand_in_inception, shapes_dir, tmp_path):
+    out = tmp_path / "train"
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "eval.num_samples=4", "eval.batch_size=4",
+                  "eval.extractors=[inception]", f"eval.inception_weights={stand_in_inception}", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(out)
+    assert m["precision"] in ("float32", "bfloat16", "float16")  # the training's number format
+    assert isinstance(m["precision_inception"], float) and isinstance(m["recall_inception"], float)
+    about = m["provenance"]
+    assert about["git_commit"] and isinstance(about["git_dirty"], bool) and about["torch"] == torch.__version__
+    assert "cuda" in about and about["device_name"]
 
 
 def test_inception_metrics_are_torch_fidelitys_calculate_metrics(stand_in_inception):
@@ -119,7 +133,7 @@ def test_inception_metrics_are_torch_fidelitys_calculate_metrics(stand_in_incept
         input1=FidelityImages(generated), input2=FidelityImages(reference), fid=True, kid=True, isc=True, prc=True,
         feature_extractor=ex.name, feature_extractor_weights_path=str(ex.weights), cuda=False, batch_size=4,
         save_cpu_ram=True, verbose=False, cache=False, kid_subset_size=2, isc_splits=4, rng_seed=FIDELITY_SEED)
-    assert set(ours) == {*KEYS["inception"].values(), "fid_se", "kid_se", "precision_se", "recall_se"}
+    assert set(ours) == {*KEYS["inception"].values(), "fid_se", "kid_se", "precision_inception_se", "recall_inception_se"}
     for their_key, our_key in KEYS["inception"].items():
         assert ours[our_key] == pytest.approx(theirs[their_key], rel=1e-6, abs=1e-9), our_key
 

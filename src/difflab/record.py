@@ -47,7 +47,7 @@ def provenance(device: str) -> dict:
     it runs from a checkout (and whether that had uncommitted changes), the library versions,
     the device and the command line."""
     return {"difflab": difflab.__version__, "code_fingerprint": code_fingerprint(), **_git_state(),
-            "python": platform.python_version(), "torch": torch.__version__, "device": device,
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
             "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or
             platform.machine(), "command": " ".join(sys.argv)}
 

@@ -55,7 +55,8 @@ FIDELITY_SEED = 2020  # torch-fidelity's default: KID subsets and IS splits
 KEYS = {
     "inception": {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid",
                   "kernel_inception_distance_std": "kid_std", "inception_score_mean": "inception_score",
-                  "inception_score_std": "inception_score_std", "precision": "precision", "recall": "recall"},
+                  "inception_score_std": "inception_score_std", "precision": "precision_inception",
+                  "recall": "recall_inception"},  # "precision" alone is the training's number format
     "classifier": {"frechet_inception_distance": "fd_classifier", "kernel_inception_distance_mean": "kid_classifier",
                    "kernel_inception_distance_std": "kid_classifier_std", "precision": "precision_classifier",
                    "recall": "recall_classifier"},
