@@ -76,7 +76,8 @@ def class_draw(labels: Tensor, n: int, weights: Tensor, seed: int = 0) -> Tensor
         want = int((classes == c).sum())
         have = (labels == c).nonzero().flatten()
         picked.append(have[torch.randperm(len(have), generator=g)[:want]])
-    return torch.cat(picked)
+    picked = torch.cat(picked)
+    return picked[torch.randperm(len(picked), generator=g)]  # so the first n of them are a draw of n too
 
 
 def imbalance_weights(num_classes: int, share: float) -> Tensor:
