@@ -3,7 +3,7 @@ determine them, so a run whose model was already trained with the same settings 
 code (a sweep over sampling-only settings, a re-run, a later stage needing a prerequisite)
 reuses it, and a researcher who edits the loss or the network trains anew.
 
-Layout: {cache_dir}/artifacts/<stage>/<key>/{model.pt, record.json}. record.json is written
+Layout: {cache_dir}/artifacts/<stage>/<key>/{model.pt, record.json, last_used}. record.json is written
 last and holds the sha256 of model.pt, which is checked before an entry is handed out, so a
 damaged or half-copied file is never reused. A file lock per key makes parallel jobs that need
 the same artifact wait for the one that makes it. Under torchrun only rank 0 reads, locks and
@@ -20,7 +20,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ OBSERVATION_KEYS = ("resume", "progress", "log_every", "val_every", "val_batches
 CODE_PARTS = ("models", "diffusion", "train", "data", "trained.py")
 CODE_SUFFIXES = (".py", ".cpp", ".h")
 FORMAT_VERSION = 2  # bump when a change to the code makes stored weights unusable
+LAST_USED = "last_used"  # an empty file in an entry's folder, touched whenever it is handed out
 
 
 @functools.lru_cache(maxsize=1)
@@ -242,6 +245,8 @@ class ArtifactCache:
             log.warning("the cached %s %s is damaged (its weights no longer match the hash recorded when they "
                         "were stored): ignoring it and making it anew", stage, folder)
             return None
+        with contextlib.suppress(OSError):  # when it was last handed out: what `prune` goes by
+            (folder / LAST_USED).touch()
         return Entry(path, key, record)
 
     def _same_settings(self, stage: str, settings: dict) -> list[Path]:
@@ -287,6 +292,55 @@ class ArtifactCache:
             record["parameters"] = parameters
         atomic_write_json(folder / "record.json", record)
         return Entry(folder / "model.pt", key, record)
+
+
+    def entries(self) -> list[StoredEntry]:
+        """Every complete entry of every stage (folders without a record.json are being written)."""
+        found = []
+        for record_path in sorted(self.root.glob("*/*/record.json")):
+            folder = record_path.parent
+            with contextlib.suppress(OSError):
+                created = record_path.stat().st_mtime
+                used = (folder / LAST_USED).stat().st_mtime if (folder / LAST_USED).exists() else created
+                size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+                found.append(StoredEntry(folder.parent.name, folder.name, folder, size, created, max(used, created)))
+        return found
+
+    def prune(self, older_than_s: float, dry_run: bool = False) -> tuple[list[StoredEntry], list[StoredEntry]]:
+        """Delete the entries not handed out for `older_than_s` seconds; (removed, kept because a
+        process holds their lock: it is making or checking them now). A run that loaded an entry
+        keeps its weights in memory, and one that will look it up again makes it anew."""
+        cutoff = time.time() - older_than_s
+        removed, busy = [], []
+        for entry in self.entries():
+            if entry.last_used >= cutoff:
+                continue
+            lock = FileLock(str(entry.folder.parent / f"{entry.key}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                busy.append(entry)
+                continue
+            try:
+                if not dry_run:
+                    (entry.folder / "record.json").unlink()  # first: the entry is no longer complete
+                    shutil.rmtree(entry.folder)
+                removed.append(entry)
+            finally:
+                lock.release()
+        return removed, busy
+
+
+@dataclass
+class StoredEntry:
+    """An entry as the cache holds it, for listing and pruning."""
+
+    stage: str
+    key: str
+    folder: Path
+    size: int  # bytes
+    created: float  # seconds since the epoch
+    last_used: float
 
 
 @dataclass

@@ -287,6 +287,12 @@ def _torchrun_main() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["cache"]:  # difflab cache list | prune --older-than 30d
+        from difflab.cache_command import main as cache_main
+        try:
+            return cache_main(sys.argv[2:], CONF_DIR)
+        except UserError as e:
+            _fail(e)
     sys.argv = [sys.argv[0], *_objective_for_ddpm_settings(_rewrite_ckpt_shorthand(sys.argv[1:]))]
     _check_output_folders(sys.argv[1:])
     if any(DRY_RUN.match(a) for a in sys.argv[1:]):
