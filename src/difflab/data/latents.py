@@ -16,6 +16,7 @@ from torch import Tensor
 from difflab.artifacts import ArtifactCache, obtain
 from difflab.checkpoint import atomic_save
 from difflab.data.transforms import to_model_range
+from difflab.progress import progress
 
 if TYPE_CHECKING:
     from difflab.trained import LatentSpace
@@ -33,7 +34,12 @@ def cached_latents(space: LatentSpace, images_uint8: Tensor, cache_dir: str, dev
         def encode_all() -> tuple[Path, dict]:  # the latents file lives until obtain has stored it
             cache.root.mkdir(parents=True, exist_ok=True)
             tmp = Path(until_stored.enter_context(tempfile.TemporaryDirectory(dir=cache.root)))
-            z = torch.cat([space.encode(to_model_range(chunk.to(device))).cpu() for chunk in images_uint8.split(CHUNK)])
+            z = []
+            with progress("encode latents", len(images_uint8), unit="img") as bar:
+                for chunk in images_uint8.split(CHUNK):
+                    z.append(space.encode(to_model_range(chunk.to(device))).cpu())
+                    bar.update(len(chunk))
+            z = torch.cat(z)
             atomic_save({"latents": z}, tmp / "latents.pt")
             return tmp / "latents.pt", {"images": len(z), "shape": list(z.shape[1:])}
 

@@ -131,11 +131,11 @@ def classifier_settings(cfg: DictConfig, network: dict = NETWORK) -> dict:
             "seed": TRAIN_SEED}
 
 
-def _train_config(steps: int, batch_size: int) -> DictConfig:
+def _train_config(steps: int, batch_size: int, progress: bool) -> DictConfig:
     return OmegaConf.structured(TrainConfig(
         max_steps=steps, batch_size=batch_size, lr=2e-3, warmup_steps=min(50, steps // 10), precision="fp32",
         ema=EMAConfig(decay=0.99), log_every=max(1, steps // 5), val_every=steps, image_every=0,
-        checkpoint_every=steps, keep_checkpoints=0, progress=False,
+        checkpoint_every=steps, keep_checkpoints=0, progress=progress,
     ))
 
 
@@ -162,11 +162,11 @@ def _train(cfg: DictConfig, device: torch.device, folder: Path, settings: dict) 
     train, held_out = real_splits(cfg, TEST_IMAGES)
     meta = {"channels": train.images.shape[1], "image_size": train.images.shape[2], "num_classes": train.num_classes,
             "network": {k: v for k, v in settings["network"].items() if k != "fc"}}
-    tcfg = _train_config(settings["steps"], settings["batch_size"])
+    tcfg = _train_config(settings["steps"], settings["batch_size"], bool(cfg.train.progress))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TRAIN_SEED)
         net = _build(meta).to(device)
-        trainer = Trainer(net, tcfg, folder, device)
+        trainer = Trainer(net, tcfg, folder, device, stage="eval-classifier")
         images, labels = train.images.to(device), train.labels.to(device)
         batches = StepBatches(len(train), min(tcfg.batch_size, len(train)), TRAIN_SEED)
 

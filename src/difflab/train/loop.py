@@ -27,12 +27,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from difflab import distributed as dist
 from difflab.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
 from difflab.errors import TrainingInterrupted, UserError
 from difflab.models.layers import set_gradient_checkpointing
+from difflab.progress import progress
 from difflab.train.ema import EMA, extra_decays
 
 log = logging.getLogger("difflab.train")
@@ -238,8 +238,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg, ckpt_dir: Path, device: torch.device, writer=None,
                  extra_state: Optional[dict] = None, *, distributed: bool = False, seed: int = 0,
-                 find_unused_parameters: bool = False):
-        self.cfg, self.device, self.writer = cfg, device, writer
+                 find_unused_parameters: bool = False, stage: str = "train"):
+        self.cfg, self.device, self.writer, self.stage = cfg, device, writer, stage  # stage: the progress bar's name
         self.rank, self.world_size = (dist.rank(), dist.world_size()) if distributed else (0, 1)
         self.writes = self.rank == 0  # checkpoints, TensorBoard, validation and sample grids
         self.seed, self.find_unused_parameters = seed, find_unused_parameters
@@ -471,9 +471,8 @@ class Trainer:
             log.info("train.grad_accum_steps=%d: each step's batch of %d in micro-batches of %d%s", cfg.grad_accum_steps,
                      batch_size, batch_size // (self.world_size * cfg.grad_accum_steps),
                      f" per process ({self.world_size} processes)" if self.world_size > 1 else "")
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.writes), desc="train",
-                   dynamic_ncols=True, leave=False)
-        with stop_requests() as stop:
+        bar_on = bool(cfg.progress and self.writes)
+        with progress(self.stage, cfg.max_steps, bar_on, initial=self.step, unit="step") as bar, stop_requests() as stop:
             while self.step < cfg.max_steps:
                 self._seed_step()
                 loss, grad_norm = self._train_step(objective, get_batch(self.step))
@@ -520,7 +519,6 @@ class Trainer:
                 if self._stop_now(bool(stop)):
                     bar.close()
                     self._save_stopped(stop)
-        bar.close()
         elapsed = time.perf_counter() - t_start
         trained = self.step - start_step
         return TrainResult(

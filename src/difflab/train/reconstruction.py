@@ -159,7 +159,8 @@ class AutoencoderStage:
                  "meta": {"image_shape": list(self.image_shape), "latent_shape": list(self.autoencoder.latent_shape)}}
         d = cfg.autoencoder.discriminator
         trainer = Trainer(self.module, tcfg, self.stage_dir / "checkpoints", self.device, self.writer, extra,
-                          distributed=True, seed=cfg.seed, find_unused_parameters=d.enabled and d.start > 0)
+                          distributed=True, seed=cfg.seed, find_unused_parameters=d.enabled and d.start > 0,
+                          stage="autoencoder")
         # train.resume=PATH inside a latent diffusion run names the diffusion checkpoint, not this one.
         own_resume = tcfg.resume if tcfg.resume == "auto" or cfg.mode.name == "reconstruction" else None
         resumed = trainer.maybe_resume(own_resume)

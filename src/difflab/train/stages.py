@@ -106,7 +106,7 @@ class NoisyDataStage:
         extra = {"config": OmegaConf.to_container(self.cfg, resolve=True), "stage": self.name, "meta": meta,
                  "autoencoder": self.latent.state() if self.latent else None}
         trainer = Trainer(model, train_cfg, self.run_dir / "checkpoints", self.device, self.writer, extra,
-                          distributed=True, seed=self.cfg.seed)
+                          distributed=True, seed=self.cfg.seed, stage=self.name)
         resumed = trainer.maybe_resume(self.cfg.train.resume)
         batches = trainer.step_batches(len(self.train_data), train_cfg.batch_size, self.batch_key)
         result = trainer.fit(loss, lambda s: self.batch(s, batches), train_cfg.batch_size, val_fn, image_fn)
