@@ -3,12 +3,13 @@ loss curve."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -16,27 +17,76 @@ from difflab.checkpoint import atomic_write
 from difflab.diffusion.process import parse_band
 
 
-def class_rows(images: Tensor, labels: Optional[Tensor], per_row: int = 10, max_rows: int = 10) -> Tensor:
-    """Up to `per_row` images of each class, one class per row (uint8 N,C,H,W in, grid out).
-    Without labels: the first per_row * max_rows images."""
+EMPTY = 64  # the grey of a grid slot no sample fills (white would outweigh the samples)
+
+
+@dataclass
+class Grid:
+    """A sample grid and what each of its rows shows."""
+
+    image: Tensor  # uint8 C,H,W
+    rows: list[str]
+
+
+def class_grid(images: Tensor, labels: Optional[Tensor], per_row: int = 10, max_rows: int = 10,
+               names: Optional[Sequence[str]] = None) -> Grid:
+    """One row per class with up to `per_row` of its images, as wide as the most images a class
+    has; with more classes than `max_rows`, one image of each class (a 10 x 10 grid of 100 classes).
+    Without labels: the first images, as many columns as there are up to `per_row`."""
+    name = (lambda c: names[c] if names is not None and 0 <= c < len(names) else str(c))
     if labels is None:
-        return make_grid(images[: per_row * max_rows], nrow=per_row, padding=2, pad_value=255)
-    rows = []
-    for c in labels.unique().tolist()[:max_rows]:
-        chosen = images[labels == c][:per_row]
-        pad = per_row - len(chosen)
-        if pad:
-            chosen = torch.cat([chosen, torch.full((pad, *chosen.shape[1:]), 255, dtype=chosen.dtype)])
-        rows.append(chosen)
-    return make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=255)
+        shown = images[: per_row * max_rows]
+        cols = min(per_row, len(shown))
+        return Grid(make_grid(shown, nrow=cols, padding=2, pad_value=255), [""] * -(-len(shown) // cols))
+    classes = labels.unique().tolist()
+    if len(classes) > max_rows:  # one of each class, row after row
+        classes = classes[: per_row * max_rows]
+        firsts = torch.stack([images[labels == c][0] for c in classes])
+        cols = min(per_row, len(classes))
+        rows = [f"{name(classes[i])}-{name(classes[min(i + cols, len(classes)) - 1])}" for i in range(0, len(classes), cols)]
+        return Grid(_filled_grid(firsts, cols), rows)
+    cols = min(per_row, max(int((labels == c).sum()) for c in classes))
+    chosen = []
+    for c in classes:
+        mine = images[labels == c][:cols]
+        chosen.append(torch.cat([mine, torch.full((cols - len(mine), *mine.shape[1:]), EMPTY, dtype=mine.dtype)]))
+    return Grid(make_grid(torch.cat(chosen), nrow=cols, padding=2, pad_value=255), [name(c) for c in classes])
+
+
+def _filled_grid(images: Tensor, cols: int) -> Tensor:
+    fill = torch.full((-len(images) % cols, *images.shape[1:]), EMPTY, dtype=images.dtype)
+    return make_grid(torch.cat([images, fill]), nrow=cols, padding=2, pad_value=255)
+
+
+def class_rows(images: Tensor, labels: Optional[Tensor], per_row: int = 10, max_rows: int = 10) -> Tensor:
+    """class_grid's picture alone (TensorBoard's image cards)."""
+    return class_grid(images, labels, per_row, max_rows).image
+
+
+def save_grid(grid: Grid, path: str | Path, min_size: int = 256) -> None:
+    """The grid enlarged (nearest) to at least `min_size`, each row's name in a margin at its left."""
+    img = _enlarged(grid.image, min_size)
+    if not any(grid.rows):
+        return atomic_write(path, lambda f: img.save(f, format="PNG"))
+    font = ImageFont.load_default()
+    margin = 8 + max(int(ImageDraw.Draw(img).textlength(r, font=font)) for r in grid.rows)
+    labelled = Image.new(img.mode, (img.width + margin, img.height), color=255 if img.mode == "L" else (255,) * 3)
+    labelled.paste(img, (margin, 0))
+    draw, row_height = ImageDraw.Draw(labelled), img.height / len(grid.rows)
+    for i, row in enumerate(grid.rows):
+        draw.text((4, int((i + 0.5) * row_height) - 5), row, fill=0 if img.mode == "L" else (0, 0, 0), font=font)
+    atomic_write(path, lambda f: labelled.save(f, format="PNG"))
+
+
+def _enlarged(grid: Tensor, min_size: int) -> Image.Image:
+    img = Image.fromarray(rearrange(grid, "c h w -> h w c").squeeze(-1).cpu().numpy())
+    scale = max(1, -(-min_size // max(img.size)))  # ceil
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
 def save_png(grid: Tensor, path: str | Path, min_size: int = 256) -> None:
     """Write a uint8 C,H,W grid; small grids are enlarged (nearest) so they are readable."""
-    img = Image.fromarray(rearrange(grid, "c h w -> h w c").squeeze(-1).cpu().numpy())
-    scale = max(1, -(-min_size // max(img.size)))  # ceil
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = _enlarged(grid, min_size)
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
