@@ -13,7 +13,7 @@ import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -73,6 +73,26 @@ def dataset_classes(cfg) -> int:
     is decoded: a folder's are its class sub-folders."""
     _check(cfg)
     return len(folder_classes(_root(cfg))) if cfg.name == "folder" else cfg.num_classes
+
+
+# Names of the standard data sets' classes, as their labels index them (MNIST's are its digits).
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+
+def class_names(cfg) -> Optional[list[str]]:
+    """What each label means, for pictures: a folder's class sub-folders, a standard data set's
+    names; None where the label itself is the name (MNIST's digits) or not known (CIFAR-100)."""
+    if cfg.name == "folder":
+        try:
+            return folder_classes(_root(cfg)) or None
+        except UserError:
+            return None
+    names = CLASS_NAMES.get(cfg.name)
+    return list(names) if names else None
 
 
 def _check(cfg) -> None:
