@@ -166,17 +166,17 @@ def main() -> None:
             rungs[name].append((rung, pool_images[idx], pool_labels[idx]))
     rungs["test split"] = [("test", held_out.images, held_out.labels)]
     timings = {}
-    if args.steps_model:
-        entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg))
+    saved = Path(args.step_samples_file) if args.step_samples_file else None
+    if args.steps_model and saved is not None and saved.is_file():  # an earlier run's samples
+        stored = torch.load(saved, weights_only=True)
+        rungs["steps"] = [(steps, stored[str(steps)]["images"], stored[str(steps)]["labels"]) for steps in STEPS]
+    elif args.steps_model:
+        entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg), other_code=True)
         if entry is None:
             sys.exit(f"no trained model for these settings in {cfg.paths.cache_dir}/artifacts: run `python run.py` first")
         model = load_diffusion_model(str(entry.path), device)
         rungs["steps"] = []
-        saved = Path(args.step_samples_file) if args.step_samples_file else None
-        if saved is not None and saved.is_file():
-            stored = torch.load(saved, weights_only=True)
-            rungs["steps"] = [(steps, stored[str(steps)]["images"], stored[str(steps)]["labels"]) for steps in STEPS]
-        for steps in STEPS if not rungs["steps"] else []:
+        for steps in STEPS:
             with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
                 scfg = compose(config_name="config", overrides=[f"dataset={args.dataset}", f"sampler.steps={steps}",
                                                                 *args.overrides.split()])
@@ -186,7 +186,7 @@ def main() -> None:
             rungs["steps"].append((steps, result.images, result.labels))
             print(f"sampled {args.step_samples} at {steps} steps in {timings[f'sample_{steps}_steps_s']:.0f} s",
                   file=sys.stderr)
-        if saved is not None and not saved.is_file():
+        if saved is not None:
             torch.save({str(steps): {"images": images, "labels": labels} for steps, images, labels in rungs["steps"]},
                        saved)
 

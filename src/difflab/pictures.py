@@ -63,13 +63,22 @@ def class_rows(images: Tensor, labels: Optional[Tensor], per_row: int = 10, max_
     return class_grid(images, labels, per_row, max_rows).image
 
 
-def save_grid(grid: Grid, path: str | Path, min_size: int = 256) -> None:
-    """The grid enlarged (nearest) to at least `min_size`, each row's name in a margin at its left."""
+def _margin(rows: Sequence[str]) -> int:
+    """Pixels the longest row name needs at the left of a grid (0 without names)."""
+    if not any(rows):
+        return 0
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    return 8 + max(int(draw.textlength(r, font=ImageFont.load_default())) for r in rows)
+
+
+def save_grid(grid: Grid, path: str | Path, min_size: int = 256, margin: Optional[int] = None) -> None:
+    """The grid enlarged (nearest) to at least `min_size`, each row's name in a margin at its left
+    (`margin` pixels wide, or as wide as the longest name needs)."""
     img = _enlarged(grid.image, min_size)
-    if not any(grid.rows):
+    margin = _margin(grid.rows) if margin is None else margin
+    if not margin:
         return atomic_write(path, lambda f: img.save(f, format="PNG"))
     font = ImageFont.load_default()
-    margin = 8 + max(int(ImageDraw.Draw(img).textlength(r, font=font)) for r in grid.rows)
     labelled = Image.new(img.mode, (img.width + margin, img.height), color=255 if img.mode == "L" else (255,) * 3)
     labelled.paste(img, (margin, 0))
     draw, row_height = ImageDraw.Draw(labelled), img.height / len(grid.rows)
@@ -99,14 +108,14 @@ def save_pairs(top: Tensor, bottom: Tensor, path: str | Path, per_row: int = 8) 
     save_png(make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=128), path)
 
 
-def save_denoising(frames: Sequence[Tensor], folder: str | Path, gif_path: str | Path, duration_ms: int = 120) -> None:
-    """Each frame is a uint8 C,H,W grid; writes frame_XXX.png files and an animated GIF whose
-    last frame (the result) is held longer."""
+def save_denoising(frames: Sequence[Grid], folder: str | Path, gif_path: str | Path, duration_ms: int = 120) -> None:
+    """Each frame is a grid (x_t above the predicted x0, rows named); writes frame_XXX.png files
+    and an animated GIF whose last frame (the result) is held longer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pil = []
+    pil, margin = [], max(_margin(frame.rows) for frame in frames)  # one width: GIF frames are one size
     for i, frame in enumerate(frames):
-        save_png(frame, folder / f"frame_{i:03d}.png", min_size=1024)
+        save_grid(frame, folder / f"frame_{i:03d}.png", min_size=1024, margin=margin)
         pil.append(Image.open(folder / f"frame_{i:03d}.png").convert("P"))
     durations = [duration_ms] * (len(pil) - 1) + [duration_ms * 15]
     atomic_write(gif_path, lambda f: pil[0].save(f, format="GIF", save_all=True, append_images=pil[1:],

@@ -56,7 +56,7 @@ def _writer(run_dir: Path):
 def balanced_sampler(model: DiffusionModel, cfg: DictConfig, device: torch.device, classifier):
     """n -> n class-balanced samples drawn as the run samples (its sampler and guidance): what
     the evaluation measures."""
-    return lambda n: sample_images(model, cfg, n, "balanced", device, classifier=classifier)
+    return lambda n: sample_images(model, cfg, n, "balanced", device, classifier=classifier, stage="evaluate")
 
 
 def sample_and_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, model: DiffusionModel,

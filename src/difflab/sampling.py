@@ -17,11 +17,12 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from difflab.data import to_model_range, to_uint8
+from difflab.data import class_names, to_model_range, to_uint8
 from difflab.diffusion import Churn, GuidedDenoiser, NoiseProcess, nfe, run_sampler, sampling_grid
 from difflab.diffusion.spacing import spacing_of
 from difflab.errors import UserError
-from difflab.pictures import class_rows, save_denoising, save_png
+from difflab.pictures import Grid, class_grid, save_denoising, save_grid
+from difflab.progress import progress
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -53,7 +54,7 @@ class SampleResult:
     images: Tensor  # uint8 N,C,H,W
     labels: Optional[Tensor]
     seconds: float
-    frames: list[Tensor]  # denoising grids (x_t above x0_hat) of the first batch's first images
+    frames: list[Grid]  # denoising grids (x_t above the predicted x0) of the first batch's first images
 
 
 def generate(
@@ -69,6 +70,7 @@ def generate(
     decode: Callable[[Tensor], Tensor] = lambda z: z,
     gif_images: int = 0,
     gif_frames: int = 25,
+    stage: str = "sample",
 ) -> SampleResult:
     """Sample n images in batches; `make_denoiser(y)` builds the guided denoiser for labels y.
 
@@ -79,23 +81,25 @@ def generate(
     t0 = time.perf_counter()
     steps = sampler_steps(process, sampler_cfg)
     keep = set(np.linspace(0, steps - 1, min(gif_frames, steps)).round().astype(int).tolist())
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        y = None if labels is None else labels[start:start + b].to(device)
-        noise = torch.randn((b, *shape), generator=gen, device=device)
-        shown = torch.linspace(0, b - 1, min(gif_images, b)).long()  # spread over the classes
+    with progress(stage, n, unit="img") as bar:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            y = None if labels is None else labels[start:start + b].to(device)
+            noise = torch.randn((b, *shape), generator=gen, device=device)
+            shown = torch.linspace(0, b - 1, min(gif_images, b)).long()  # spread over the classes
 
-        def record(i: int, x: Tensor, x0: Tensor) -> None:
-            if i in keep:  # top row x_t, bottom row the model's current guess of x0
-                both = torch.cat([x[shown], x0[shown]])
-                frames.append(make_grid(to_uint8(decode(both)).cpu(), nrow=len(both) // 2, padding=2, pad_value=255))
+            def record(i: int, x: Tensor, x0: Tensor) -> None:
+                if i in keep:  # top row x_t, bottom row the model's current guess of x0
+                    both = to_uint8(decode(torch.cat([x[shown], x0[shown]]))).cpu()
+                    frames.append(Grid(make_grid(both, nrow=len(both) // 2, padding=2, pad_value=255),
+                                       [f"x_t, step {i + 1}/{steps}", "predicted x0"]))
 
-        x0 = run_sampler(sampler_cfg.name, make_denoiser(y), process, noise, sampler_cfg.steps,
-                         eta=sampler_cfg.eta, generator=gen, on_step=record if start == 0 and gif_images > 0 else None,
-                         **sampler_options(sampler_cfg))
-        out.append(to_uint8(decode(x0)).cpu())
-    images = torch.cat(out)
-    return SampleResult(images, labels, time.perf_counter() - t0, frames)
+            x0 = run_sampler(sampler_cfg.name, make_denoiser(y), process, noise, sampler_cfg.steps,
+                             eta=sampler_cfg.eta, generator=gen,
+                             on_step=record if start == 0 and gif_images > 0 else None, **sampler_options(sampler_cfg))
+            out.append(to_uint8(decode(x0)).cpu())
+            bar.update(b)
+    return SampleResult(torch.cat(out), labels, time.perf_counter() - t0, frames)
 
 
 def sampler_steps(process: NoiseProcess, sampler_cfg) -> int:
@@ -110,8 +114,10 @@ def sampler_options(sampler_cfg) -> dict:
     return {"spacing": s.spacing, "rho": s.rho, "churn": churn}
 
 
-def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0) -> dict:
-    """samples.npz (images uint8 N,H,W,C; labels int64 N), grid.png, denoising frames + GIF."""
+def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0,
+                  names: Optional[list[str]] = None) -> dict:
+    """samples.npz (images uint8 N,H,W,C; labels int64 N), grid.png (rows named by `names`, the
+    class names), denoising frames + GIF."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = result.labels if result.labels is not None else torch.full((len(result.images),), -1)
     np.savez_compressed(
@@ -119,10 +125,10 @@ def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0
         images=rearrange(result.images, "n c h w -> n h w c").numpy(),
         labels=labels.numpy().astype(np.int64),
     )
-    grid = class_rows(result.images, result.labels)
-    save_png(grid, folder / "grid.png")
+    grid = class_grid(result.images, result.labels, names=names)
+    save_grid(grid, folder / "grid.png")
     if writer is not None:
-        writer.add_image("samples/grid", grid, step)
+        writer.add_image("samples/grid", grid.image, step)
     if result.frames:
         save_denoising(result.frames, folder / "denoising", folder / "denoising.gif")
     log.info("wrote %d samples to %s (%.1f images/s)", len(result.images), folder,
@@ -132,13 +138,14 @@ def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0
 
 
 def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, device: torch.device,
-                  gif: bool = False, classifier: Optional[torch.nn.Module] = None) -> SampleResult:
+                  gif: bool = False, classifier: Optional[torch.nn.Module] = None, stage: str = "sample") -> SampleResult:
     labels = make_labels(labels_spec, n, model.num_classes or _classifier_classes(classifier),
                          torch.Generator().manual_seed(cfg.seed))
     return generate(
         lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0, classifier),
         model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
         decode=model.decode, gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
+        stage=stage,
     )
 
 
@@ -177,10 +184,11 @@ def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, devi
         return {}
     result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif,
                            classifier=classifier)
-    metrics = {**write_samples(result, run_dir / "samples", writer, step),
+    names = class_names(model.cfg.dataset)
+    metrics = {**write_samples(result, run_dir / "samples", writer, step, names),
                "sampled_with": sampled_with(cfg, model.process)}
     if classifier is not None and result.labels is not None:
-        write_samples(replace(result, frames=[]), run_dir / "classifier_guided_samples")  # seed 000's folder name
+        write_samples(replace(result, frames=[]), run_dir / "classifier_guided_samples", names=names)
         metrics["sample_class_accuracy_t0"] = class_accuracy(classifier, model, result, device)
         log.info("classifier guidance scale %g: %.1f%% of samples read as their class by the classifier at t=0",
                  cfg.guidance.scale, 100 * metrics["sample_class_accuracy_t0"])

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from difflab.checkpoint import load_checkpoint
-from difflab.data import load_splits
+from difflab.data import class_names, load_splits
 from difflab.sampling import sample_images, write_samples
 from difflab.train.stages import ValBatch, fixed_val_batch, held_out_loss
 from difflab.trained import DiffusionModel, network_weights
@@ -50,7 +50,7 @@ def evaluate_ema_copies(cfg: DictConfig, run_dir: Path, checkpoint: Path, model:
                                               model.num_classes > 0, model.cfg.train.batch_size)
         if decay != main and cfg.sample.num_images > 0:
             images = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device)
-            entry.update(write_samples(images, run_dir / entry["samples"]))
+            entry.update(write_samples(images, run_dir / entry["samples"], names=class_names(model.cfg.dataset)))
         log.info("EMA decay %s: validation loss %s", decay, entry.get("val_loss"))
         results[str(decay)] = entry
     return dict(sorted(results.items(), key=lambda item: float(item[0])))
