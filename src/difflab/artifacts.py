@@ -31,11 +31,11 @@ from typing import Callable, Iterator, Optional
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-import difflab
-from difflab import distributed as dist
+import difflab.distributed as dist
 from difflab.checkpoint import atomic_copy, atomic_write_json
 from difflab.config import autoencoder_train_config, classifier_train_config, noise_settings
 from difflab.errors import UserError
+from difflab.version import __version__
 
 log = logging.getLogger("difflab")
 
@@ -56,8 +56,8 @@ LAST_USED = "last_used"  # an empty file in an entry's folder, touched whenever 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """difflab's version and a hash of the source files in CODE_PARTS."""
-    package = Path(difflab.__file__).parent
-    digest = hashlib.sha256(difflab.__version__.encode())
+    package = Path(__file__).parent
+    digest = hashlib.sha256(__version__.encode())
     for part in CODE_PARTS:
         root = package / part
         files = sorted(p for p in root.rglob("*") if p.suffix in CODE_SUFFIXES) if root.is_dir() else [root]

@@ -1,4 +1,5 @@
-"""Hydra entry point: composes the config, runs it, and turns a UserError into one line.
+"""Hydra entry point: composes the config, runs it, and turns a UserError into one line; `difflab export ckpt=PATH
+out=DIR` writes a model's export instead (difflab.export_format).
 
 Under torchrun (several processes) main() first joins the processes into one process group,
 so that they agree on one run folder before Hydra names it, and keeps every rank but 0 from
@@ -20,7 +21,7 @@ from typing import Iterator, NoReturn, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from difflab import distributed as dist
+import difflab.distributed as dist
 from difflab.config import register_configs
 from difflab.errors import SamplingInterrupted, TrainingInterrupted, UserError
 from difflab.sweep.named import register_named_sweeps
@@ -134,7 +135,7 @@ def _dry_run(argv: list[str]) -> NoReturn:
 
     args = _hydra_command_line(argv)  # -m, --multirun, --cfg ...: Hydra's own flags, which a plan ignores
     try:
-        with _compose_api(args.config_dir):
+        with compose_api(args.config_dir):
             cfgs = []
             for job in _job_overrides(args.overrides):
                 cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
@@ -189,9 +190,10 @@ def _flags_besides_config_dir(args: argparse.Namespace) -> bool:
 
 
 @contextmanager
-def _compose_api(config_dir: Optional[str]) -> Iterator[None]:
+def compose_api(config_dir: Optional[str]) -> Iterator[None]:
     """Hydra's compose API searching the folders @hydra.main will: conf/, then a user's own `--config-dir DIR`
-    (Hydra puts it after the primary folder too), so that the checks before Hydra accept the user's options."""
+    (Hydra puts it after the primary folder too), so that the checks before Hydra, and the Python API's configs,
+    accept the user's options."""
     from hydra import initialize_config_dir
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
@@ -201,8 +203,8 @@ def _compose_api(config_dir: Optional[str]) -> Iterator[None]:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         if config_dir is not None:
             if not Path(config_dir).is_dir():
-                _fail(UserError(f"--config-dir {config_dir} is not a folder: name the folder that holds your own "
-                                "config groups (DIR/dataset/my.yaml for dataset=my)."))
+                raise UserError(f"--config-dir {config_dir} is not a folder: name the folder that holds your own "
+                                "config groups (DIR/dataset/my.yaml for dataset=my).")
             search_path = create_config_search_path(CONF_DIR)
             search_path.prepend("command-line", f"file://{os.path.abspath(config_dir)}",
                                 anchor=SearchPathQuery(provider="schema"))
@@ -220,7 +222,7 @@ def _check_composition(argv: list[str]) -> None:
     if _flags_besides_config_dir(args):
         return  # sweeps, --cfg, --help ...: Hydra's own handling
     try:
-        with _compose_api(args.config_dir):
+        with compose_api(args.config_dir):
             compose(config_name="config", overrides=args.overrides)
     except Exception as e:
         print(f"error: {composition_error(e)}", file=sys.stderr)
@@ -264,9 +266,40 @@ def _objective_for_ddpm_settings(argv: list[str]) -> list[str]:
     named = [v.strip() for v in re.sub(r"^\w+\(|\)$", "", given["objective"]).split(",")]
     other = next((n for n in named if n != "ddpm"), None)
     if other is not None and schedule is not None:  # ddpm's own objective.* keys: Hydra's error says it
-        _fail(UserError(f"{schedule} sets the noise schedule of objective=ddpm, which objective={other} does not "
-                        f"use: add objective=ddpm, or leave {schedule} out."))
+        raise UserError(f"{schedule} sets the noise schedule of objective=ddpm, which objective={other} does not "
+                        f"use: add objective=ddpm, or leave {schedule} out.")
     return argv
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """The command line as Hydra is to read it: `ckpt=` expanded, objective=ddpm added where ddpm's settings
+    imply it."""
+    return _objective_for_ddpm_settings(_rewrite_ckpt_shorthand(argv))
+
+
+def _export(argv: list[str]) -> NoReturn:
+    """`difflab export ckpt=PATH out=DIR`: a trained model as files anyone can load without difflab's checkpoints
+    (which pickle) or its run folders (see difflab.export_format)."""
+    from difflab.export_format import write_export
+
+    usage = ("usage: difflab export ckpt=PATH out=DIR  (PATH: a diffusion checkpoint or run folder; DIR: a new or "
+             "empty folder, or an earlier export to overwrite)")
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        sys.exit(0)
+    given = dict(a.partition("=")[::2] for a in argv)
+    wrong = next((a for a in argv if a.partition("=")[0] not in ("ckpt", "out") or "=" not in a), None)
+    missing = next((k for k in ("ckpt", "out") if not given.get(k)), None)
+    if wrong is not None or missing is not None:
+        what = f"not {wrong}" if wrong is not None else f"and {missing}= is missing"
+        _fail(UserError(f"`difflab export` takes ckpt=PATH out=DIR, {what}: e.g. `difflab export "
+                        "ckpt=outputs/<run>/checkpoints/last.pt out=my_model`."))
+    try:
+        folder = write_export(Path(given["ckpt"]), Path(given["out"]))
+    except UserError as e:
+        _fail(e)
+    print(f"exported {given['ckpt']} to {folder}: load it with difflab.load({str(folder)!r})")
+    sys.exit(0)
 
 
 def _torchrun_main() -> None:
@@ -293,7 +326,12 @@ def main() -> None:
             return cache_main(sys.argv[2:], CONF_DIR)
         except UserError as e:
             _fail(e)
-    sys.argv = [sys.argv[0], *_objective_for_ddpm_settings(_rewrite_ckpt_shorthand(sys.argv[1:]))]
+    if sys.argv[1:2] == ["export"]:
+        _export(sys.argv[2:])
+    try:
+        sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]
+    except UserError as e:
+        _fail(e)
     _check_output_folders(sys.argv[1:])
     if any(DRY_RUN.match(a) for a in sys.argv[1:]):
         _dry_run(sys.argv[1:])

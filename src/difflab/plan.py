@@ -86,6 +86,14 @@ class ModelFacts:
     joint: bool
 
 
+def model_facts(state: dict) -> ModelFacts:
+    """What a diffusion checkpoint's state (or an export's) tells the checks of sampling about its model."""
+    meta, ae = state["meta"], state.get("autoencoder")
+    ae_key = (ae.get("key") or ae["identity"]) if ae else None
+    return ModelFacts(OmegaConf.create(state["config"]), meta["num_classes"], meta["label_dropout"],
+                      tuple(meta["shape"]), ae_key, state["stage"] == "joint")
+
+
 # ---------------------------------------------------------------- checks of the config alone
 
 def check_known_keys(cfg: DictConfig) -> None:
@@ -295,12 +303,9 @@ class PlanBuilder:
             raise UserError(f"mode={cfg.mode.name} needs a trained model: add ckpt=<run folder>/checkpoints/last.pt.")
         state = _load_kind(cfg.ckpt.model, "ckpt", DIFFUSION_STAGES, "a diffusion model",
                            "pass a diffusion run's checkpoints/last.pt")
-        meta, ae = state["meta"], state.get("autoencoder")
         artifact = given_artifact(cfg.ckpt.model, "ckpt", "model")
         self.add("diffusion model", "given", artifact.key, None, str(artifact.path))
-        ae_key = (ae.get("key") or ae["identity"]) if ae else None
-        return ModelFacts(OmegaConf.create(state["config"]), meta["num_classes"], meta["label_dropout"],
-                          tuple(meta["shape"]), ae_key, state["stage"] == "joint")
+        return model_facts(state)
 
     def guidance(self, model: ModelFacts) -> None:
         """Guidance against the model, and the classifier of classifier guidance."""
@@ -380,8 +385,10 @@ def classifier_lookup_cfg(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
                                                          "paths": cfg.paths, "mode": {"name": "classifier"}}))
 
 
-def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1) -> Plan:
-    """Check the config and list the run's steps; a UserError names the first mistake."""
+def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
+               given: Optional[ModelFacts] = None) -> Plan:
+    """Check the config and list the run's steps; a UserError names the first mistake. `given`: the model of
+    mode=sample when it is already loaded (the Python API's), so that its sampling is checked as the command's is."""
     check_known_keys(cfg)
     check_finite(cfg)
     validate(cfg)
@@ -397,7 +404,7 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1) ->
     elif mode == "classifier":
         builder.classifier()
     else:
-        model = builder.model()
+        model = given or builder.model()
         builder.guidance(model)
         builder.sampling(model)
     return builder.plan

@@ -10,12 +10,13 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-import difflab
 from difflab.artifacts import code_fingerprint
 from difflab.checkpoint import atomic_write_json, atomic_write_text
+from difflab.version import __version__
 
 log = logging.getLogger("difflab")
 
@@ -37,6 +38,16 @@ def read_metrics(run_dir: Path) -> dict:
     return metrics
 
 
+def run_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint of the model a run folder holds or names: its own checkpoints/last.pt, else the one its
+    metrics.json records (a model the run took from the artifact cache, or the one a mode=sample run read)."""
+    own = run_dir / "checkpoints" / "last.pt"
+    if own.is_file():
+        return own
+    named = read_metrics(run_dir).get("checkpoint")
+    return Path(named) if isinstance(named, str) else None
+
+
 def write_metrics(run_dir: Path, metrics: dict) -> None:
     """Merge into metrics.json atomically, so stages of one run add to one file."""
     atomic_write_json(run_dir / "metrics.json", {**read_metrics(run_dir), **metrics})
@@ -46,15 +57,16 @@ def provenance(device: str) -> dict:
     """What made the run's numbers: difflab's version and code fingerprint, its git commit when
     it runs from a checkout (and whether that had uncommitted changes), the library versions,
     the device and the command line."""
-    return {"difflab": difflab.__version__, "code_fingerprint": code_fingerprint(), **_git_state(),
-            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
+    return {"difflab": __version__, "code_fingerprint": code_fingerprint(), **_git_state(),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": device,
             "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or
             platform.machine(), "command": " ".join(sys.argv)}
 
 
 def _git_state() -> dict:
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(difflab.__file__).parent, capture_output=True, text=True,
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
 
     try:

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from difflab import distributed as dist
+import difflab.distributed as dist
 from difflab.allocator import keep_freed_memory
 from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, obtain
 from difflab.checkpoint import atomic_write_json

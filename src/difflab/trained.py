@@ -170,11 +170,16 @@ def _require_stage(state: dict, path, allowed: tuple[str, ...], what: str, fix: 
         raise UserError(f"The checkpoint {path} holds a {state.get('stage')!r} model, not {what}: {fix}.")
 
 
-def load_diffusion_model(path: str | Path, device: torch.device, given_name: str = "ckpt") -> DiffusionModel:
-    """Rebuild the EMA network of a diffusion (or joint) checkpoint with the config it was trained with."""
+def load_diffusion_state(path: str | Path, given_name: str = "ckpt") -> dict:
+    """A diffusion (or joint) checkpoint, refused in one sentence when it holds another kind of model."""
     state = load_checkpoint(path, f"model checkpoint ({given_name})")
-    _require_stage(state, path, DIFFUSION_STAGES, "a diffusion model",
-                           "pass a diffusion run's checkpoints/last.pt")
+    _require_stage(state, path, DIFFUSION_STAGES, "a diffusion model", "pass a diffusion run's checkpoints/last.pt")
+    return state
+
+
+def diffusion_model_from_state(state: dict, device: torch.device) -> DiffusionModel:
+    """The EMA network of a diffusion checkpoint's state (or of an export, which holds the same parts), rebuilt with
+    the config it was trained with."""
     cfg = OmegaConf.create(state["config"])
     meta = state["meta"]
     shape = tuple(meta["shape"])
@@ -183,6 +188,10 @@ def load_diffusion_model(path: str | Path, device: torch.device, given_name: str
     latent = LatentSpace.from_state(state["autoencoder"], device) if state.get("autoencoder") else None
     return DiffusionModel(net.to(device).eval(), build_process(cfg), cfg, shape, meta["num_classes"],
                           meta["label_dropout"] > 0, latent)
+
+
+def load_diffusion_model(path: str | Path, device: torch.device, given_name: str = "ckpt") -> DiffusionModel:
+    return diffusion_model_from_state(load_diffusion_state(path, given_name), device)
 
 
 def load_classifier(path: str | Path, device: torch.device,

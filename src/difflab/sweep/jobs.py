@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from difflab import distributed as dist
+import difflab.distributed as dist
 from difflab.errors import UserError
 from difflab.record import read_metrics, write_metrics
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from difflab import distributed as dist
+import difflab.distributed as dist
 from difflab.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
 from difflab.errors import TrainingInterrupted, UserError
 from difflab.models.layers import set_gradient_checkpointing

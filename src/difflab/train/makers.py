@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
-from difflab import distributed as dist
+import difflab.distributed as dist
 from difflab.diffusion.process import parse_band
 from difflab.pictures import class_rows, save_accuracy_curve, save_loss_curve
 from difflab.record import write_loss_csv

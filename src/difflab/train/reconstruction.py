@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from difflab import distributed as dist
+import difflab.distributed as dist
 from difflab.config import autoencoder_batch_key, autoencoder_train_config
 from difflab.data import ImageData, augment_batch, load_splits, to_model_range, to_uint8
 from difflab.models import count_parameters
