@@ -85,7 +85,7 @@ def test_the_fingerprint_follows_the_code_that_determines_models(tmp_path, monke
     shutil.copytree(Path(difflab.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
 
     def fingerprint() -> str:
-        monkeypatch.setattr(difflab, "__file__", str(package / "__init__.py"))
+        monkeypatch.setattr(artifacts, "__file__", str(package / "artifacts.py"))
         artifacts.code_fingerprint.cache_clear()
         try:
             return artifacts.code_fingerprint()
