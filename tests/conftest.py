@@ -41,6 +41,17 @@ def shapes_dir(tmp_path_factory) -> Path:
     return make_shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
+# A tiny KL autoencoder's settings, for latent runs on tiny configs.
+TINY_AE = ["autoencoder.channels=16", "autoencoder.train.max_steps=8", "autoencoder.train.batch_size=8",
+           "autoencoder.train.warmup_steps=2", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """An artifact cache shared by a test file's runs (a file may define its own)."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def tiny_overrides(data_dir: Path, cache_dir: Path, objective: str = "ddpm") -> list[str]:
     """A run that finishes in seconds on a CPU but goes through every stage of the real one
     (objective=ddpm on a 50-step schedule unless another objective is named)."""

@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import run_py, tiny_overrides
-from test_latent_run import AE
+from conftest import TINY_AE, run_py, tiny_overrides
 
 import difflab
 from difflab.errors import UserError
@@ -19,11 +18,6 @@ from difflab.errors import UserError
 pytestmark = pytest.mark.slow
 
 EXPORT_FILES = {"model.safetensors", "config.json", "README.md"}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def pipe(trained):
 @pytest.fixture(scope="module")
 def latent(tmp_path_factory, shapes_dir, cache):
     run_dir = tmp_path_factory.mktemp("api_latent") / "train"
-    proc = run_py(*tiny_overrides(shapes_dir, cache), *AE, "autoencoder=kl", f"hydra.run.dir={run_dir}")
+    proc = run_py(*tiny_overrides(shapes_dir, cache), *TINY_AE, "autoencoder=kl", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 

@@ -13,11 +13,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory, shapes_dir, cache):
     """A classifier trained long enough to read the two shapes when they are clean."""
     run_dir = tmp_path_factory.mktemp("clf") / "run"

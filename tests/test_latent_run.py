@@ -9,16 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, read_metrics, run_py, tiny_overrides
+from conftest import REPO, TINY_AE, read_metrics, run_py, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-AE = ["autoencoder.channels=16", "autoencoder.train.max_steps=8", "autoencoder.train.batch_size=8",
-      "autoencoder.train.warmup_steps=2", "train.threads=1"]
-
-
 def _base(shapes_dir, cache) -> list[str]:
-    return [*tiny_overrides(shapes_dir, cache), *AE]
+    return [*tiny_overrides(shapes_dir, cache), *TINY_AE]
 
 
 def _assert_clean_error(proc, *needles):

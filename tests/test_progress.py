@@ -6,13 +6,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import run_py, tiny_overrides
+from conftest import TINY_AE, run_py, tiny_overrides
 
 from difflab import progress as progress_module
 from difflab.progress import progress
 
-AE = ["autoencoder=kl", "autoencoder.channels=16", "autoencoder.train.max_steps=4", "autoencoder.train.batch_size=8",
-      "autoencoder.train.warmup_steps=2", "train.threads=1"]
+AE = ["autoencoder=kl", *TINY_AE]
 
 
 def test_plain_lines_off_a_terminal(caplog, monkeypatch):
@@ -47,6 +46,6 @@ def test_every_long_stage_of_a_run_reports_progress_without_bar_lines(shapes_dir
                   "eval.classifier_steps=5", "eval.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr  # as a scheduler's .out file gets both
-    for stage in ("autoencoder: 4/4 step", "encode latents: ", "diffusion: 6/6 step", "eval-classifier: 5/5 step"):
+    for stage in ("autoencoder: 8/8 step", "encode latents: ", "diffusion: 6/6 step", "eval-classifier: 5/5 step"):
         assert stage in output, stage
     assert "\r" not in output

@@ -28,7 +28,7 @@ from difflab.checkpoint import atomic_write, atomic_write_json, atomic_write_tex
 from difflab.config import objective_name
 from difflab.errors import UserError
 from difflab.record import read_metrics, run_checkpoint
-from difflab.trained import load_diffusion_state, network_weights
+from difflab.trained import dims, load_diffusion_state, network_weights
 from difflab.version import __version__
 
 EXPORT_FORMAT = 1  # the layout of config.json and the files beside it
@@ -158,10 +158,6 @@ def _read_weights(folder: Path, name: str, digest: str) -> dict[str, Tensor]:
 
 # ---------------------------------------------------------------- the model card
 
-def _dims(shape) -> str:
-    return "x".join(map(str, shape))
-
-
 def _objective(cfg: DictConfig) -> str:
     name = objective_name(cfg)
     if name == "ddpm":
@@ -174,8 +170,8 @@ def _space(info: dict) -> str:
     ae = info["autoencoder"]
     if ae is None:
         return "pixel space"
-    return (f"latent space of a {ae['config']['name']} autoencoder: {_dims(info['meta']['shape'])} latents of "
-            f"{_dims(ae['image_shape'])} images, scaled by {ae['latent_scale']:.4g}")
+    return (f"latent space of a {ae['config']['name']} autoencoder: {dims(info['meta']['shape'])} latents of "
+            f"{dims(ae['image_shape'])} images, scaled by {ae['latent_scale']:.4g}")
 
 
 def _conditioning(meta: dict) -> str:
@@ -215,7 +211,7 @@ def model_card(info: dict, state: dict, metrics: dict, out: Path) -> str:
     cfg, meta = OmegaConf.create(info["config"]), info["meta"]
     data, train = cfg.dataset, cfg.train
     parameters = sum(t.numel() for t in network_weights(state, "unet").values())
-    rows = [("data set", f"{data.name}: {_dims((data.channels, data.image_size, data.image_size))} images"),
+    rows = [("data set", f"{data.name}: {dims((data.channels, data.image_size, data.image_size))} images"),
             ("objective", _objective(cfg)),
             ("network", f"unet={cfg.unet.name}, {parameters:,} parameters (EMA weights, decay {train.ema.decay:g})"),
             ("space", _space(info)),

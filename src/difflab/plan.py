@@ -40,7 +40,7 @@ from difflab.sampling import sampler_steps
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
 from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, LatentSpace, build_denoiser_net, build_process,
-                             check_autoencoder, init_weights, load_classifier, load_latent_space)
+                             check_autoencoder, dims, init_weights, load_classifier, load_latent_space)
 
 log = logging.getLogger("difflab")
 
@@ -261,7 +261,7 @@ class PlanBuilder:
         settings = autoencoder_settings(cfg, init_key(cfg) if main else None)
         resumes = main and resumes_training(cfg, self.run_dir)
         source, key = _trained_source(self.cache, "autoencoder", settings, cfg, resumes)
-        self.add("autoencoder", source, key, steps, f"{cfg.autoencoder.name}, {_dims(_denoised_shape(cfg))} latents")
+        self.add("autoencoder", source, key, steps, f"{cfg.autoencoder.name}, {dims(_denoised_shape(cfg))} latents")
         return key
 
     def classifier(self) -> None:
@@ -291,7 +291,7 @@ class PlanBuilder:
         source, key = _trained_source(self.cache, cfg.mode.name, settings, cfg, resumes_training(cfg, self.run_dir))
         objective = objective_name(cfg)
         objective += f" ({cfg.schedule.name} schedule)" if objective == "ddpm" else ""
-        detail = f"{cfg.unet.name} unet, {_dims(_denoised_shape(cfg))}, {num_classes} classes, {objective}"
+        detail = f"{cfg.unet.name} unet, {dims(_denoised_shape(cfg))}, {num_classes} classes, {objective}"
         if cfg.train.init_from:
             detail += f", from {cfg.train.init_from}"
         self.add("joint model" if joint else "diffusion model", source, key, cfg.train.max_steps, detail)
@@ -364,10 +364,6 @@ class PlanBuilder:
                 self.add("evaluation classifier", "cache" if found else "train", key, settings["steps"],
                          f"{data_cfg.dataset.name}, feature extractor of fd_classifier")
             self.add("evaluate", "new", None, steps, f"{cfg.eval.num_samples} samples, {', '.join(cfg.eval.extractors)}")
-
-
-def _dims(shape) -> str:
-    return "x".join(map(str, shape))
 
 
 def _levels(cfg: DictConfig) -> str:

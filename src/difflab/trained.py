@@ -207,7 +207,8 @@ def load_classifier(path: str | Path, device: torch.device,
     return net.to(device).eval().requires_grad_(False), cfg, meta
 
 
-def _dims(shape) -> str:
+def dims(shape) -> str:
+    """A shape as 1x28x28."""
     return "x".join(map(str, shape))
 
 
@@ -224,9 +225,9 @@ def check_autoencoder(state: dict, path, cfg: DictConfig, given_name: str) -> No
     found = tuple(state["meta"]["latent_shape"])
     if image_shape != here or found != expected or trained.autoencoder.name != cfg.autoencoder.name:
         raise UserError(
-            f"{given_name}={path} is a {trained.autoencoder.name} autoencoder of {_dims(image_shape)} images with "
-            f"{_dims(found)} latents, but this run's autoencoder={cfg.autoencoder.name} and data set make "
-            f"{_dims(expected)} latents of {_dims(here)} images: pass an autoencoder trained with these settings, "
+            f"{given_name}={path} is a {trained.autoencoder.name} autoencoder of {dims(image_shape)} images with "
+            f"{dims(found)} latents, but this run's autoencoder={cfg.autoencoder.name} and data set make "
+            f"{dims(expected)} latents of {dims(here)} images: pass an autoencoder trained with these settings, "
             "or leave it out to train one.")
 
 

@@ -63,10 +63,11 @@ def fd_standard_error(samples: Tensor, reference: Tensor, replicates: int = REPL
         mu = (w @ x) / n
         # cov = Y^T Y / (n - 1) with Y the weighted, centred rows; root cov root = Z^T Z / (n - 1)
         # with Z = Y root, whose non-zero eigenvalues are those of the smaller of Z^T Z and Z Z^T
-        z = ((x - mu) * w.sqrt()[:, None]) @ root
+        y = (x - mu) * w.sqrt()[:, None]
+        z = y @ root
         gram = z @ z.T if n < z.shape[1] else z.T @ z
         middle = torch.linalg.eigvalsh(gram / (n - 1)).clamp_min(0).sqrt().sum()
-        trace = ((x - mu).square() * w[:, None]).sum() / (n - 1)
+        trace = y.square().sum() / (n - 1)
         values.append(float((mu - ref_mu).square().sum() + trace + ref_trace - 2 * middle))
     return float(torch.tensor(values).std())
 
