@@ -34,13 +34,14 @@ from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
 from difflab.errors import UserError
 from difflab.evaluate.feature_classifier import STAGE as EVAL_CLASSIFIER_STAGE
 from difflab.evaluate.feature_classifier import classifier_settings as eval_classifier_settings
+from difflab.export_format import given_model_artifact, read_model_state
 from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
 from difflab.sampling import sampler_steps
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
-from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, LatentSpace, build_denoiser_net, build_process,
-                             check_autoencoder, dims, init_weights, load_classifier, load_latent_space)
+from difflab.trained import (CLASSIFIER_STAGES, LatentSpace, build_denoiser_net, build_process, check_autoencoder,
+                             classifier_from_state, dims, init_weights, load_classifier, load_latent_space)
 
 log = logging.getLogger("difflab")
 
@@ -301,9 +302,8 @@ class PlanBuilder:
         cfg = self.cfg
         if not cfg.ckpt.model:
             raise UserError(f"mode={cfg.mode.name} needs a trained model: add ckpt=<run folder>/checkpoints/last.pt.")
-        state = _load_kind(cfg.ckpt.model, "ckpt", DIFFUSION_STAGES, "a diffusion model",
-                           "pass a diffusion run's checkpoints/last.pt")
-        artifact = given_artifact(cfg.ckpt.model, "ckpt", "model")
+        state, path = read_model_state(cfg.ckpt.model)
+        artifact = given_model_artifact(path)
         self.add("diffusion model", "given", artifact.key, None, str(artifact.path))
         return model_facts(state)
 
@@ -437,9 +437,11 @@ def obtain_latent_space(cfg: DictConfig, run_dir: Path, device: torch.device) ->
 
 
 def obtain_guidance_classifier(cfg: DictConfig, model_cfg: DictConfig, latent: Optional[LatentSpace], run_dir: Path,
-                               device: torch.device, own: Optional[str] = None) -> tuple[Optional[torch.nn.Module], dict]:
+                               device: torch.device, own: Optional[str] = None,
+                               given: Optional[dict] = None) -> tuple[Optional[torch.nn.Module], dict]:
     """The classifier of guidance=classifier for a model trained with `model_cfg` in `latent`
-    space: ckpt.classifier, else the model's own (`own`: a joint model), else the cached one
+    space: ckpt.classifier, else the model's own (`own`: a joint model trained now; `given`: the
+    state of the joint model ckpt.model names, checkpoint or export), else the cached one
     trained by mode=classifier with the model's data and schedule, else one trained now in
     run_dir/classifier with those settings (and cached). (None, {}) for other guidance. Under
     torchrun every rank calls it: a classifier trained now trains on all of them."""
@@ -449,8 +451,9 @@ def obtain_guidance_classifier(cfg: DictConfig, model_cfg: DictConfig, latent: O
         path, record = cfg.ckpt.classifier, {"classifier_source": "given"}
     elif own:
         path, record = own, {"classifier_source": "run"}
-    elif cfg.mode.name in LOADING_MODES and model_cfg.mode.name == "joint":
-        path, record = cfg.ckpt.model, {"classifier_source": "given"}  # a joint checkpoint carries its classifier
+    elif given is not None and given["stage"] == "joint":  # a joint model carries its classifier
+        record = {"classifier_source": "given", "classifier_checkpoint": str(Path(cfg.ckpt.model).expanduser().resolve())}
+        return classifier_from_state(given, device)[0], record
     else:
         lookup = classifier_lookup_cfg(cfg, model_cfg)
         settings = classifier_settings(lookup, latent.key if latent else None)

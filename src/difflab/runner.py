@@ -21,6 +21,7 @@ from difflab.data import load_splits
 from difflab.errors import SamplingInterrupted, UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies, validation_batch
 from difflab.evaluate.metrics import evaluate_model
+from difflab.export_format import read_model_state
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
                           obtain_guidance_classifier, obtain_latent_space, resumes_training)
 from difflab.record import provenance, write_metrics
@@ -28,7 +29,7 @@ from difflab.sampling import sample_and_write, sample_images
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
-from difflab.trained import DiffusionModel, load_diffusion_model
+from difflab.trained import DiffusionModel, diffusion_model_from_state, load_diffusion_model
 
 log = logging.getLogger("difflab")
 
@@ -140,20 +141,24 @@ def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> 
     return metrics
 
 
+def given_model(cfg: DictConfig, device: torch.device) -> tuple[DiffusionModel, dict, str]:
+    """The model ckpt.model names (a checkpoint, its run folder or an export), its state and where it came from."""
+    state, path = read_model_state(cfg.ckpt.model)
+    return diffusion_model_from_state(state, device), state, str(path)
+
+
 def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    model = load_diffusion_model(cfg.ckpt.model, device)
-    checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
-    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
+    model, state, checkpoint = given_model(cfg, device)
+    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device, given=state)
     metrics.update({"stage": "sample", "checkpoint": checkpoint})
     metrics.update(sample_and_write(model, cfg, run_dir, device, classifier=classifier))
     return metrics
 
 
 def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    model = load_diffusion_model(cfg.ckpt.model, device)
-    checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
+    model, state, checkpoint = given_model(cfg, device)
     writer = _writer(run_dir)
-    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
+    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device, given=state)
     metrics.update({"stage": "evaluate", "checkpoint": checkpoint,
                     **sample_and_evaluate(cfg, run_dir, device, model, classifier, checkpoint, writer)})
     writer.close()

@@ -200,6 +200,11 @@ def load_classifier(path: str | Path, device: torch.device,
     state = load_checkpoint(path, f"classifier checkpoint ({given_name})")
     _require_stage(state, path, CLASSIFIER_STAGES, "a classifier",
                            "pass the checkpoints/last.pt of a mode=classifier or mode=joint run")
+    return classifier_from_state(state, device)
+
+
+def classifier_from_state(state: dict, device: torch.device) -> tuple[NoisyClassifier, DictConfig, dict]:
+    """The EMA classifier of a classifier or joint checkpoint's state (or a joint model's export)."""
     cfg, meta = OmegaConf.create(state["config"]), state["meta"]
     num_classes = meta.get("classifier_classes", meta["num_classes"])
     net = build_classifier(cfg.classifier, meta["shape"][0], meta["shape"][1], num_classes)
