@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import difflab.distributed as dist
 from difflab.config import register_configs
 from difflab.errors import SamplingInterrupted, TrainingInterrupted, UserError
+from difflab.sweep.metric import optuna_direction
 from difflab.sweep.named import register_named_sweeps
 
 # The package's conf/: in a clone a symlink to the top-level conf/ (resolved, so that Hydra's records name that
@@ -48,6 +49,7 @@ def _run_start(pattern: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_start", _run_start, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("sweep_direction", optuna_direction, replace=True)
 register_configs()
 register_named_sweeps()
 

@@ -19,13 +19,14 @@ from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_sett
 from difflab.checkpoint import atomic_write_json
 from difflab.data import load_splits
 from difflab.errors import SamplingInterrupted, UserError
-from difflab.evaluate.ema_copies import evaluate_ema_copies, validation_batch
+from difflab.evaluate.ema_copies import evaluate_ema_copies, use_ema_length, validation_batch
 from difflab.evaluate.metrics import evaluate_model
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
                           obtain_guidance_classifier, obtain_latent_space, resumes_training)
 from difflab.record import provenance, write_metrics
 from difflab.sampling import sample_and_write, sample_images
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
+from difflab.sweep.metric import objective
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
 from difflab.trained import DiffusionModel, load_diffusion_model
@@ -69,6 +70,15 @@ def sample_and_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, mo
     return metrics
 
 
+def load_model(cfg: DictConfig, path: str, device: torch.device, given_name: str = "ckpt") -> tuple[DiffusionModel, dict]:
+    """The diffusion model at `path`, with the EMA of width train.ema.sigma_rel reconstructed from
+    its post-hoc snapshots when one is asked for (and what the run records about that)."""
+    model = load_diffusion_model(path, device, given_name)
+    if cfg.train.ema.sigma_rel is None:
+        return model, {}
+    return model, use_ema_length(model, path, cfg.train.ema.sigma_rel, validation_batch(model, cfg.paths.cache_dir, device))
+
+
 def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     """Train (or take from the artifact cache) the diffusion model, then sample from it; mode=joint
     does the same for the diffusion model and classifier trained together. A latent model first
@@ -94,7 +104,8 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
         metrics["init_from"] = str(Path(cfg.train.init_from).expanduser().resolve())
     write_metrics(run_dir, metrics)  # the training's record is kept whatever happens while sampling
     try:
-        model = load_diffusion_model(str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
+        model, record = load_model(cfg, str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
+        metrics.update(record)
         metrics.update(sample_and_evaluate(cfg, run_dir, device, model, classifier, metrics["checkpoint"], writer,
                                            metrics["steps"]))
         if cfg.train.ema.decays:
@@ -141,19 +152,21 @@ def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> 
 
 
 def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    model = load_diffusion_model(cfg.ckpt.model, device)
+    model, record = load_model(cfg, cfg.ckpt.model, device)
     checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
     classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
+    metrics.update(record)
     metrics.update({"stage": "sample", "checkpoint": checkpoint})
     metrics.update(sample_and_write(model, cfg, run_dir, device, classifier=classifier))
     return metrics
 
 
 def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    model = load_diffusion_model(cfg.ckpt.model, device)
+    model, record = load_model(cfg, cfg.ckpt.model, device)
     checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
     writer = _writer(run_dir)
     classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
+    metrics.update(record)
     metrics.update({"stage": "evaluate", "checkpoint": checkpoint,
                     **sample_and_evaluate(cfg, run_dir, device, model, classifier, checkpoint, writer)})
     writer.close()
@@ -165,7 +178,8 @@ MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "join
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
-    """Run what cfg.mode asks for in run_dir; returns the sweep objective (lower is better)."""
+    """Run what cfg.mode asks for in run_dir; returns the sweep objective: the value of sweep.metric
+    (sweep/metric.py; conf/hydra/sweeper/optuna.yaml gives optuna its direction)."""
     overrides: list[str] = []
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
@@ -191,4 +205,4 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     write_metrics(run_dir, metrics)
     write_hparams(run_dir / "tb", overrides_to_hparams(overrides), metrics)
     log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
-    return metrics.get("final_loss")
+    return objective(metrics, cfg.sweep.metric)
