@@ -414,11 +414,11 @@ def write_markdown(results: list[JobResult], swept: list[str], metrics: list[str
              _status_counts(results)]
     if common:
         lines.append("Same in every completed job: " + ", ".join(common) + ".")
-    for metric in (m for m in LOSSES if m != the_answer.metric):
+    for metric in LOSSES:
         best = _best(results, metric)
         if best is not None:
             lines.append(f"Lowest {metric}: **{_label(best, swept)}** ({best.metrics[metric]:.4g}).")
-    lines += _verdict_lines(results, swept, [m for m in metrics if m != the_answer.metric])
+    lines += _verdict_lines(results, swept, metrics)
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         cells = [_cell(c) for c in (r.name, r.status, *(r.settings.get(k, "") for k in swept))]
@@ -590,7 +590,7 @@ def write_html(results: list[JobResult], swept: list[str], metrics: list[str], p
     paragraphs = ["Sources: " + ", ".join(f"`{s}`" for s in sources), _status_counts(results)]
     if common:
         paragraphs.append("Same in every completed job: " + ", ".join(common) + ".")
-    paragraphs += _verdict_lines(results, swept, [m for m in metrics if m != the_answer.metric])
+    paragraphs += _verdict_lines(results, swept, metrics)
     samples = [Picture(_label(r, swept) + ("" if r.status == "completed" else f" ({r.status})"), r.grid, "no samples")
                for r in results]
     write_page(path, f"Comparison of {len(results)} jobs", answer_line(the_answer, swept), paragraphs,
