@@ -2,7 +2,9 @@
 widths (sigma_rel), whose first job also keeps and scores the fixed-decay copies
 (train.ema.decays), all on the same fixed held-out batch (validation loss, fixed noise).
 
-    python benchmarks/posthoc_ema.py [--steps 800] [--out benchmarks/results/posthoc_ema.json]
+    python benchmarks/posthoc_ema.py [--steps 800] [--out benchmarks/results/posthoc_ema.json] [OVERRIDE ...]
+
+OVERRIDEs (run.py's, e.g. dataset=folder dataset.root=DIR train.batch_size=16) replace the defaults.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "posthoc_ema.json")
+    parser.add_argument("overrides", nargs="*", help="run.py overrides, after the defaults")
     args = parser.parse_args()
     overrides = ["dataset=fashion_mnist", "unet=tiny", f"train.max_steps={args.steps}", "train.batch_size=64",
                  "train.ema.snapshot_every=50", f"train.ema.decays=[{','.join(map(str, DECAYS))}]",
                  "sample.num_images=0", "eval.num_samples=0", "train.progress=false", "train.threads=2",
-                 "train.val_every=100000", "train.image_every=0", "train.checkpoint_every=100000"]
+                 "train.val_every=100000", "train.image_every=0", "train.checkpoint_every=100000", *args.overrides]
     with tempfile.TemporaryDirectory() as tmp:
         sweep_dir = Path(tmp) / "sweep"
         t0 = time.perf_counter()
@@ -44,10 +47,10 @@ def main() -> None:
     fixed = {decay: entry["val_loss"] for decay, entry in jobs[0]["ema"].items()}
     best_w, best_d = min(posthoc, key=posthoc.get), min(fixed, key=fixed.get)
     result = {
-        "what": "one training, scored on the fixed held-out batch (256 Fashion-MNIST test images, fixed noise "
-                "levels and noise; the validation loss of the objective): post-hoc EMA widths reconstructed from "
+        "what": "one training, scored on the fixed held-out batch (val_batches x batch_size held-out images, fixed "
+                "noise levels and noise; the validation loss of the objective): post-hoc EMA widths reconstructed from "
                 "the snapshots of two profiles (sigma_rel 0.05, 0.10) vs the fixed-decay copies trained beside them",
-        "command": "python benchmarks/posthoc_ema.py --steps " + str(args.steps),
+        "command": " ".join(["python benchmarks/posthoc_ema.py", "--steps", str(args.steps), *args.overrides]),
         "settings": overrides, "trainings": sum(m["trained"] for m in jobs), "wall_clock_s": round(wall, 1),
         "snapshots": jobs[0]["ema_snapshots"], "artifact_keys": len({m["artifact_key"] for m in jobs}),
         "posthoc_val_loss_by_sigma_rel": posthoc, "fixed_decay_val_loss": fixed,

@@ -16,7 +16,6 @@ from torchvision.utils import make_grid
 from difflab.checkpoint import atomic_write
 from difflab.diffusion.process import parse_band
 
-
 EMPTY = 64  # the grey of a grid slot no sample fills (white would outweigh the samples)
 
 

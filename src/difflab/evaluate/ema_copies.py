@@ -15,8 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from difflab.checkpoint import load_checkpoint
-from difflab.errors import UserError
 from difflab.data import class_names, load_splits
+from difflab.errors import UserError
 from difflab.sampling import sample_images, write_samples
 from difflab.train.ema import reconstruct
 from difflab.train.stages import ValBatch, fixed_val_batch, held_out_loss
