@@ -3,10 +3,11 @@ Hydra callback in sweep/callback.py) or rebuilt and merged across sweeps and sin
 
     python -m difflab.sweep.compare DIR [DIR ...] [--out FOLDER] [--metric NAME]
 
-Both begin with the answer: the best job by the sweep's metric (sweep.metric, sweep/metric.py).
 Files: comparison.csv (one row per job: swept settings, status, every scalar of metrics.json,
-error), comparison.md (the answer, the best job at each loss and evaluation metric, the table,
-the pictures), comparison.html (the same on one self-contained page, sortable), comparison.png (each metric against the swept setting, and all jobs' loss curves
+error), comparison.md (first the answer: the best job by the sweep's metric, sweep.metric; then
+the best job at each loss and evaluation metric, the table, the pictures), comparison.html (the
+same on one self-contained page, its table sortable), comparison.png (each metric against the
+swept setting, and all jobs' loss curves
 overlaid) and comparison_samples.png (each job's sample grid side by side). An evaluation metric
 K with a bootstrap standard error K_se is shown as "value ± se" and with error bars, and a job is
 only called best at it when the runner-up is at least twice their combined standard error behind.
