@@ -174,7 +174,8 @@ LATENT = ["autoencoder=kl", "autoencoder.channels=16", "autoencoder.train.max_st
 def test_ema_decay_sweep_is_one_training(tmp_path, shapes_dir, kind):
     """Every training mode: pixel and latent, diffusion and joint (whose copies hold the classifier too)."""
     sweep_dir = tmp_path / "sweep"
-    sweep("+sweep=ema_decay", *tiny_overrides(shapes_dir, tmp_path / "cache"), *kind, "train.threads=1",
+    sweep("train.ema.decays=[0.99,0.995,0.999,0.9995]", *tiny_overrides(shapes_dir, tmp_path / "cache"), *kind,
+          "train.threads=1",
           "train.ema.warmup=false", f"hydra.sweep.dir={sweep_dir}")
     assert [p.name for p in sweep_dir.iterdir() if p.is_dir()] == ["0"]
     metrics = read_metrics(sweep_dir / "0")

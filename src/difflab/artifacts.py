@@ -79,8 +79,13 @@ def dataset_settings(cfg: DictConfig) -> dict:
 
 def train_settings(train_cfg: DictConfig) -> dict:
     settings = {k: v for k, v in OmegaConf.to_container(train_cfg, resolve=True).items() if k not in OBSERVATION_KEYS}
-    if not settings["ema"]["decays"]:  # no extra EMA copies: the key models trained before copies existed had
-        del settings["ema"]["decays"]
+    ema = settings["ema"]
+    if not ema["decays"]:  # no extra EMA copies: the key models trained before copies existed had
+        del ema["decays"]
+    ema.pop("sigma_rel", None)  # the post-hoc EMA width is chosen when the model is loaded, so one training serves all
+    if not ema.get("posthoc"):  # no post-hoc profiles: the key models trained before they existed had
+        for key in ("posthoc", "sigma_rels", "snapshot_every"):
+            ema.pop(key, None)
     if settings.get("grad_accum_steps") == 1:  # whole batches: the key models trained before accumulation existed had
         del settings["grad_accum_steps"]
     return settings

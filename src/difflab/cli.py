@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import difflab.distributed as dist
 from difflab.config import register_configs
 from difflab.errors import SamplingInterrupted, TrainingInterrupted, UserError
+from difflab.sweep.metric import optuna_direction
 from difflab.sweep.named import register_named_sweeps
 
 # The package's conf/: in a clone a symlink to the top-level conf/ (resolved, so that Hydra's records name that
@@ -48,6 +49,7 @@ def _run_start(pattern: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_start", _run_start, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("sweep_direction", optuna_direction, replace=True)
 register_configs()
 register_named_sweeps()
 
@@ -319,6 +321,14 @@ def _torchrun_main() -> None:
         dist.teardown()
 
 
+def _check_optuna(args: list[str]) -> None:
+    """+sweep=optuna (sweeps/optuna.yaml) selects a sweeper plugin that is an optional extra."""
+    import importlib.util
+
+    if "+sweep=optuna" in args and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        _fail(UserError("+sweep=optuna needs the Optuna sweeper, which is not installed: pip install 'difflab[optuna]'."))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["cache"]:  # difflab cache list | prune --older-than 30d
         from difflab.cache_command import main as cache_main
@@ -333,6 +343,7 @@ def main() -> None:
     except UserError as e:
         _fail(e)
     _check_output_folders(sys.argv[1:])
+    _check_optuna(sys.argv[1:])
     if any(DRY_RUN.match(a) for a in sys.argv[1:]):
         _dry_run(sys.argv[1:])
     _check_composition(sys.argv[1:])

@@ -17,6 +17,7 @@ from difflab.diffusion.flow import T_SAMPLINGS
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.diffusion.schedules import SCHEDULES
 from difflab.diffusion.spacing import SPACINGS
+from difflab.sweep.metric import metric_direction
 
 
 @dataclass
@@ -171,6 +172,12 @@ class EMAConfig:
     start: int = 0  # before this step the EMA is a plain copy of the weights
     warmup: bool = True  # decay_k = min(decay, 1 - (1 + k)^(-3/4)) as in diffusers
     decays: List[float] = field(default_factory=list)  # extra EMA copies kept, sampled and evaluated besides `decay`
+    # Post-hoc EMA (EDM2): two power-function EMA profiles and their snapshots every
+    # snapshot_every steps, from which any EMA length is reconstructed after training (train/ema.py).
+    posthoc: bool = False
+    sigma_rels: List[float] = field(default_factory=lambda: [0.05, 0.10])  # the two tracked profiles' widths
+    snapshot_every: int = 100
+    sigma_rel: Optional[float] = None  # sample the EMA of this width, reconstructed (needs posthoc); null = `decay`
 
 
 @dataclass
@@ -243,6 +250,7 @@ class SampleConfig:
     gif: bool = True
     gif_images: int = 10
     gif_frames: int = 25
+    save_png: bool = False  # also one PNG per sample: samples/images/<index>_<label>.png
 
 
 @dataclass
@@ -255,6 +263,13 @@ class EvalConfig:
     classifier_batch_size: int = 128
     bootstrap: int = 50  # replicates of the bootstrap standard errors of FD and KID; 0 = no errors
     memorisation: int = 500  # samples whose nearest training image is looked up (memorisation check); 0 = none
+
+
+@dataclass
+class SweepConfig:
+    # The metric that picks a sweep's best job and that run.py returns to Hydra's sweeper (optuna):
+    # auto = the evaluation's FD when measured, else the held-out loss (sweep/metric.py).
+    metric: str = "auto"
 
 
 @dataclass
@@ -284,6 +299,7 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
@@ -373,7 +389,7 @@ RANGES: dict[str, Range] = {
     "train.lr": POSITIVE, "train.weight_decay": AT_LEAST_0, "train.betas": BELOW_1, "train.warmup_steps": AT_LEAST_0,
     "train.min_lr_ratio": FRACTION, "train.grad_clip": AT_LEAST_0, "train.threads": POSITIVE,
     "train.ema.decay": BELOW_1, "train.ema.update_every": POSITIVE, "train.ema.start": AT_LEAST_0,
-    "train.ema.decays": BELOW_1, "train.early_stop.threshold": AT_LEAST_0, "train.early_stop.window": POSITIVE,
+    "train.ema.decays": BELOW_1, "train.ema.snapshot_every": POSITIVE, "train.early_stop.threshold": AT_LEAST_0, "train.early_stop.window": POSITIVE,
     "train.log_every": POSITIVE, "train.val_every": POSITIVE, "train.val_batches": POSITIVE,
     "train.image_every": AT_LEAST_0, "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": AT_LEAST_0,
     "classifier.channels": POSITIVE, "classifier.channel_mults": POSITIVE, "classifier.num_res_blocks": AT_LEAST_1,
@@ -405,6 +421,27 @@ def check_ranges(cfg) -> None:
             raise UserError(f"{key}=[] leaves the network without levels: give at least one multiplier, e.g. [1, 2, 2].")
 
 
+MAX_SIGMA_REL = 0.28  # a power-function EMA (exponent gamma > 0) is narrower: sigma_rel^2 < 1/12
+
+
+def _check_ema_lengths(ema, mode: str) -> None:
+    """Post-hoc EMA widths must be ones a power-function EMA has, and a width to sample needs
+    the snapshots of a training that kept them."""
+    from difflab.errors import UserError
+
+    widths = [*ema.sigma_rels, *([] if ema.sigma_rel is None else [ema.sigma_rel])]
+    for width in widths:
+        if not 0 < width < MAX_SIGMA_REL:
+            raise UserError(f"train.ema.sigma_rel(s) has {width}, outside (0, {MAX_SIGMA_REL}) where power-function "
+                            "EMAs exist: use e.g. 0.05 to 0.2.")
+    if ema.posthoc and len(set(ema.sigma_rels)) < 2:
+        raise UserError(f"train.ema.sigma_rels={list(ema.sigma_rels)} needs two different widths to reconstruct others "
+                        "from: use e.g. [0.05, 0.10].")
+    if ema.sigma_rel is not None and not ema.posthoc and mode not in ("sample", "evaluate"):
+        raise UserError(f"train.ema.sigma_rel={ema.sigma_rel} is reconstructed from post-hoc EMA snapshots: add "
+                        "train.ema.posthoc=true.")
+
+
 def validate(cfg) -> None:
     """Checks the schema cannot express; raises UserError naming the key and the fix."""
     from difflab.errors import UserError
@@ -424,6 +461,10 @@ def validate(cfg) -> None:
         raise UserError("eval.bootstrap=1 gives no spread to take a standard error of: use 0 (no errors) or e.g. 50.")
     if 0 < cfg.eval.num_samples < 4:
         raise UserError(f"eval.num_samples={cfg.eval.num_samples} must be 0 (no evaluation) or at least 4: use e.g. 500.")
+    _check_ema_lengths(cfg.train.ema, cfg.mode.name)
+    if cfg.sweep.metric != "auto" and metric_direction(cfg.sweep.metric) is None:
+        raise UserError(f"sweep.metric={cfg.sweep.metric} is not a metric whose better direction is known: use auto, an "
+                        "evaluation metric (fd_inception, fd_classifier, kid_classifier, class_accuracy) or val_loss.")
     if cfg.mode.name == "reconstruction" and cfg.autoencoder.name == "none":
         raise UserError("mode=reconstruction trains an autoencoder, but autoencoder=none: add autoencoder=kl or autoencoder=vq.")
     if cfg.ckpt.autoencoder and cfg.autoencoder.name == "none" and cfg.mode.name != "sample":

@@ -351,6 +351,9 @@ class PlanBuilder:
         steps = _check_sampler(cfg, model.cfg)
         if cfg.mode.name in DIFFUSION_MODES and cfg.train.ema.decays:
             self.add("ema copies", "run", None, None, ", ".join(map(str, cfg.train.ema.decays)))
+        if cfg.train.ema.sigma_rel is not None:
+            self.add("post-hoc ema", "run", None, None, f"sigma_rel={cfg.train.ema.sigma_rel}, reconstructed from the "
+                     "snapshots")
         if cfg.sample.num_images > 0:
             self.add("sample", "new", None, steps, f"{cfg.sample.num_images} images, {cfg.sampler.name} "
                      f"({nfe(cfg.sampler.name, steps)} NFE), "

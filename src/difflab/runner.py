@@ -19,7 +19,7 @@ from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_sett
 from difflab.checkpoint import atomic_write_json
 from difflab.data import load_splits
 from difflab.errors import SamplingInterrupted, UserError
-from difflab.evaluate.ema_copies import evaluate_ema_copies, validation_batch
+from difflab.evaluate.ema_copies import evaluate_ema_copies, use_ema_length, validation_batch
 from difflab.evaluate.metrics import evaluate_model
 from difflab.export_format import read_model_state
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
@@ -27,9 +27,10 @@ from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obta
 from difflab.record import provenance, write_metrics
 from difflab.sampling import sample_and_write, sample_images
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
+from difflab.sweep.metric import objective
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
-from difflab.trained import DiffusionModel, diffusion_model_from_state, load_diffusion_model
+from difflab.trained import DiffusionModel, diffusion_model_from_state
 
 log = logging.getLogger("difflab")
 
@@ -70,6 +71,19 @@ def sample_and_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, mo
     return metrics
 
 
+def load_model(cfg: DictConfig, given: str, device: torch.device,
+               given_name: str = "ckpt") -> tuple[DiffusionModel, dict, str, dict]:
+    """The diffusion model `given` names (a checkpoint, its run folder or an export), with the EMA of width
+    train.ema.sigma_rel reconstructed from its post-hoc snapshots when one is asked for; its state, the file or folder
+    it came from, and what the run records about the EMA."""
+    state, path = read_model_state(given, given_name)
+    model = diffusion_model_from_state(state, device)
+    if cfg.train.ema.sigma_rel is None:
+        return model, state, str(path), {}
+    return model, state, str(path), use_ema_length(model, state, path, cfg.train.ema.sigma_rel,
+                                                   validation_batch(model, cfg.paths.cache_dir, device))
+
+
 def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     """Train (or take from the artifact cache) the diffusion model, then sample from it; mode=joint
     does the same for the diffusion model and classifier trained together. A latent model first
@@ -95,7 +109,8 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
         metrics["init_from"] = str(Path(cfg.train.init_from).expanduser().resolve())
     write_metrics(run_dir, metrics)  # the training's record is kept whatever happens while sampling
     try:
-        model = load_diffusion_model(str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
+        model, _, _, record = load_model(cfg, str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
+        metrics.update(record)
         metrics.update(sample_and_evaluate(cfg, run_dir, device, model, classifier, metrics["checkpoint"], writer,
                                            metrics["steps"]))
         if cfg.train.ema.decays:
@@ -141,24 +156,20 @@ def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> 
     return metrics
 
 
-def given_model(cfg: DictConfig, device: torch.device) -> tuple[DiffusionModel, dict, str]:
-    """The model ckpt.model names (a checkpoint, its run folder or an export), its state and where it came from."""
-    state, path = read_model_state(cfg.ckpt.model)
-    return diffusion_model_from_state(state, device), state, str(path)
-
-
 def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    model, state, checkpoint = given_model(cfg, device)
+    model, state, checkpoint, record = load_model(cfg, cfg.ckpt.model, device)
     classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device, given=state)
+    metrics.update(record)
     metrics.update({"stage": "sample", "checkpoint": checkpoint})
     metrics.update(sample_and_write(model, cfg, run_dir, device, classifier=classifier))
     return metrics
 
 
 def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    model, state, checkpoint = given_model(cfg, device)
+    model, state, checkpoint, record = load_model(cfg, cfg.ckpt.model, device)
     writer = _writer(run_dir)
     classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device, given=state)
+    metrics.update(record)
     metrics.update({"stage": "evaluate", "checkpoint": checkpoint,
                     **sample_and_evaluate(cfg, run_dir, device, model, classifier, checkpoint, writer)})
     writer.close()
@@ -170,7 +181,8 @@ MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "join
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
-    """Run what cfg.mode asks for in run_dir; returns the sweep objective (lower is better)."""
+    """Run what cfg.mode asks for in run_dir; returns the sweep objective: the value of sweep.metric
+    (sweep/metric.py; conf/hydra/sweeper/optuna.yaml gives optuna its direction)."""
     overrides: list[str] = []
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
@@ -196,4 +208,4 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     write_metrics(run_dir, metrics)
     write_hparams(run_dir / "tb", overrides_to_hparams(overrides), metrics)
     log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
-    return metrics.get("final_loss")
+    return objective(metrics, cfg.sweep.metric)

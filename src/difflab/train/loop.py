@@ -33,7 +33,7 @@ from difflab.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
 from difflab.errors import TrainingInterrupted, UserError
 from difflab.models.layers import set_gradient_checkpointing
 from difflab.progress import progress
-from difflab.train.ema import EMA, extra_decays
+from difflab.train.ema import EMA, PostHocEMA, extra_decays
 
 log = logging.getLogger("difflab.train")
 
@@ -263,6 +263,8 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
         self.ema_copies = {d: EMA(self.model, d, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
                            for d in extra_decays(cfg.ema.decay, cfg.ema.decays)}
+        self.posthoc = PostHocEMA(self.model, cfg.ema.sigma_rels, cfg.ema.snapshot_every, cfg.max_steps) \
+            if cfg.ema.get("posthoc") else None
         if cfg.gradient_checkpointing:
             blocks = set_gradient_checkpointing(self.model)
             log.info("train.gradient_checkpointing: %d blocks recompute their activations in the backward%s", blocks,
@@ -286,6 +288,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "ema_copies": {str(d): c.state_dict() for d, c in self.ema_copies.items()},
+            **({"posthoc_ema": self.posthoc.state_dict()} if self.posthoc else {}),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -303,6 +306,8 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         for decay, ema_copy in self.ema_copies.items():
             ema_copy.load_state_dict(state["ema_copies"][str(decay)])
+        if self.posthoc:
+            self.posthoc.load_state_dict(state["posthoc_ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -424,6 +429,8 @@ class Trainer:
         self.ema.update(self.model, self.step)
         for ema_copy in self.ema_copies.values():
             ema_copy.update(self.model, self.step)
+        if self.posthoc:
+            self.posthoc.update(self.model, self.step)
         return step_loss, grad_norm.detach()
 
     def _save_stopped(self, signals: list[int]) -> None:
