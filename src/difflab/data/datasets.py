@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch import Tensor
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from difflab.artifacts import ArtifactCache, obtain
 from difflab.checkpoint import atomic_save
-from difflab.data.folder import MODES, folder_classes, read_folder
+from difflab.data.captions import CaptionTable, class_captions
+from difflab.data.folder import MODES, folder_captions, folder_classes, read_folder
 from difflab.data.image_data import ImageData
 from difflab.data.sources import STANDARD, Splits, read_standard
 from difflab.data.transforms import fit_images
@@ -93,6 +95,28 @@ def class_names(cfg) -> Optional[list[str]]:
             return None
     names = CLASS_NAMES.get(cfg.name)
     return list(names) if names else None
+
+
+def caption_options(cfg, data: Optional[ImageData] = None) -> tuple[list[list[str]], Optional[Tensor]]:
+    """The captions conditioning=text trains on, as options[key][k], and each example's key: a
+    folder's metadata captions (one option per distinct caption), else the templates per class
+    (key = label). Without `data`, only the options (what the vocabulary is built from)."""
+    captions = data.captions if data is not None else (folder_captions(_root(cfg)) if cfg.name == "folder" else None)
+    if captions is not None:
+        texts = captions if data is not None else list(captions.values())
+        distinct = sorted(set(texts))
+        index = {c: i for i, c in enumerate(distinct)}
+        keys = torch.tensor([index[c] for c in texts], dtype=torch.long) if data is not None else None
+        return [[c] for c in distinct], keys
+    classes = folder_classes(_root(cfg)) if cfg.name == "folder" else ()
+    options = class_captions(cfg, list(cfg.get("captions", {}).get("templates") or []), classes)
+    return options, (data.labels if data is not None else None)
+
+
+def caption_table(cfg, data: ImageData, tokenize) -> CaptionTable:
+    """Every example's caption options as token ids (`tokenize`: prompts -> ids)."""
+    options, keys = caption_options(cfg, data)
+    return CaptionTable.build(options, keys, tokenize)
 
 
 def _check(cfg) -> None:
