@@ -146,7 +146,7 @@ class ClipTextEncoder(nn.Module):
         super().__init__()
         model, tokenizer = load_clip(pretrained)
         self.pretrained, self.freeze = pretrained, freeze
-        self.tokenizer = ClipTokenizer(tokenizer, max_length)
+        self.tokenizer = ClipTokenizer(tokenizer, min(max_length, model.config.max_position_embeddings))
         if not freeze:
             self.model = type(model).from_pretrained(clip_files(pretrained))  # its own trainable copy
         self.proj = nn.Linear(model.config.hidden_size, width)
