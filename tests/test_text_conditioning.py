@@ -259,18 +259,21 @@ def test_class_tokens_end_to_end_latent_flow(shapes_dir, tmp_path, cache):
     assert np.load(run_dir / "samples" / "samples.npz")["labels"].tolist() == [0] * 4 + [1] * 4
 
 
+def _printable_bytes() -> list[int]:
+    """The bytes byte-level BPE (GPT-2, CLIP) writes as themselves; the others map to chr(256 + i)."""
+    return [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+
+
 def write_tiny_clip(folder: Path) -> Path:
     """A randomly initialised CLIP text model and a byte-level BPE tokenizer without merges."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
+    chars = [chr(b) for b in _printable_bytes()] + [chr(256 + i) for i in range(256 - len(_printable_bytes()))]
     vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(folder)
+    CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                             num_attention_heads=2, max_position_embeddings=24,
                             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
