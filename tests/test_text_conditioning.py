@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_AE, read_metrics, run_py, tiny_overrides
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import TINY_AE, read_metrics, run_py, tiny_overrides
 from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.data.captions import CaptionTable, class_captions, fill
 from difflab.data.folder import read_folder

@@ -480,23 +480,14 @@ def conditioning_name(cfg) -> str:
 
 
 def validate_conditioning(cfg) -> None:
-    """Cross-attention has a context to read only when the conditioning makes one, and text
-    conditioning is trained and guided as text (not as classes)."""
+    """Cross-attention has a context to read only when the conditioning makes one (the plan checks
+    the rest of text conditioning: its captions, encoder and mode)."""
     from difflab.errors import UserError
 
     name, cross = conditioning_name(cfg), cfg.unet.cross_attention_resolutions
     if name == "class" and cross:
         raise UserError(f"unet.cross_attention_resolutions={list(cross)} need tokens to attend to, but conditioning=class "
                         "adds the label to the time embedding: add conditioning=class_tokens or conditioning=text.")
-    if name == "text" and cfg.text_encoder.name == "clip" and not cfg.text_encoder.pretrained:
-        raise UserError("text_encoder=clip needs its weights: add text_encoder.pretrained=/folder/of/clip or a Hugging "
-                        "Face hub name in the local cache, e.g. openai/clip-vit-base-patch32.")
-    if name == "text" and cfg.mode.name == "joint":
-        raise UserError("mode=joint trains a classifier of the labels beside the model, but conditioning=text conditions "
-                        "it on prompts: use mode=diffusion.")
-    if name == "text" and cfg.guidance.name == "classifier" and cfg.mode.name not in ("sample", "evaluate"):
-        raise UserError("guidance=classifier steers towards a class label, but conditioning=text conditions on prompts: "
-                        "use guidance=cfg (the empty prompt is its null condition) or guidance=none.")
 
 
 LOSS_ONLY_KEYS = ("loss", "class_conditional", "prediction", "min_snr_gamma")  # objective keys no noise level depends on

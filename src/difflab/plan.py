@@ -402,6 +402,12 @@ def check_conditioning(cfg: DictConfig, num_classes: int) -> dict:
                         "(or objective.class_conditional=false): use a labelled data set, or conditioning=class.")
     if name != "text":
         return {}
+    if cfg.mode.name == "joint":
+        raise UserError("mode=joint trains a classifier of the labels beside the model, but conditioning=text conditions "
+                        "it on prompts: use mode=diffusion.")
+    if cfg.text_encoder.name == "clip" and not cfg.text_encoder.pretrained:
+        raise UserError("text_encoder=clip needs its weights: add text_encoder.pretrained=/folder/of/clip or a Hugging "
+                        "Face hub name in the local cache, e.g. openai/clip-vit-base-patch32.")
     if cfg.text_encoder.name == "clip":
         require_transformers()
         clip_files(cfg.text_encoder.pretrained)

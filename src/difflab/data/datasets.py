@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from torch import Tensor
 
 from difflab.artifacts import ArtifactCache, obtain
 from difflab.checkpoint import atomic_save
