@@ -112,7 +112,8 @@ def load_clip(pretrained: str):
     transformers = require_transformers()
     folder = clip_files(pretrained)
     try:
-        model = transformers.CLIPTextModel.from_pretrained(folder)
+        with torch.device("cpu"):  # real weights even inside the plan's meta-device shape checks (this is cached)
+            model = transformers.CLIPTextModel.from_pretrained(folder)
         tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise UserError(f"text_encoder.pretrained={pretrained} could not be loaded as a CLIP text model and tokenizer "
