@@ -28,8 +28,7 @@ from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencode
 from difflab.checkpoint import load_checkpoint
 from difflab.config import (Config, autoencoder_train_config, classifier_train_config, conditioning_name, level_meaning,
                             objective_name, validate, validate_batch_splits)
-from difflab.data import caption_options, dataset_classes
-from difflab.data.captions import metadata_file
+from difflab.data import dataset_classes, default_prompts
 from difflab.diffusion import nfe
 from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
 from difflab.errors import UserError
@@ -411,10 +410,7 @@ def check_conditioning(cfg: DictConfig, num_classes: int) -> dict:
     if cfg.text_encoder.name == "clip":
         require_transformers()
         clip_files(cfg.text_encoder.pretrained)
-    options, _ = caption_options(cfg.dataset)
-    if cfg.dataset.name == "folder" and metadata_file(Path(cfg.dataset.root).expanduser()):
-        return {"prompts": [row[0] for row in options][:100]}
-    return {"class_prompts": [row[0] for row in options]}
+    return default_prompts(cfg.dataset)
 
 
 def _levels(cfg: DictConfig) -> str:

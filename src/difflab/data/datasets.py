@@ -113,6 +113,15 @@ def caption_options(cfg, data: Optional[ImageData] = None) -> tuple[list[list[st
     return options, (data.labels if data is not None else None)
 
 
+def default_prompts(cfg, data: Optional[ImageData] = None) -> dict:
+    """What a text model samples when given no prompts, for its checkpoint's meta: the first
+    template of each class ({"class_prompts"}: sampling follows sample.labels), or a folder's
+    distinct captions ({"prompts"}, at most 100)."""
+    options, _ = caption_options(cfg, data)
+    captioned = data.captions is not None if data is not None else cfg.name == "folder" and folder_captions(_root(cfg)) is not None
+    return {"prompts": [row[0] for row in options][:100]} if captioned else {"class_prompts": [row[0] for row in options]}
+
+
 def caption_table(cfg, data: ImageData, tokenize) -> CaptionTable:
     """Every example's caption options as token ids (`tokenize`: prompts -> ids)."""
     options, keys = caption_options(cfg, data)

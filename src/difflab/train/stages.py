@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from difflab.checkpoint import load_checkpoint
 from difflab.config import conditioning_name
-from difflab.data import ImageData, augment_batch, caption_options, caption_table, load_splits, to_model_range
+from difflab.data import ImageData, augment_batch, caption_table, default_prompts, load_splits, to_model_range
 from difflab.data.latents import cached_latents
 from difflab.diffusion import NoiseProcess
 from difflab.models import count_parameters
@@ -134,10 +134,8 @@ class DiffusionStage(NoisyDataStage):
         if self.text:  # y is a caption's key (its class, or which caption): the loss draws the caption's tokens
             self.captions = caption_table(cfg.dataset, self.train_data, self.net.tokenize).to(device)
             self.labels = self.captions.keys
-            options, _ = caption_options(cfg.dataset, self.train_data)
-            defaults = ({"class_prompts": [row[0] for row in options]} if self.train_data.captions is None else
-                        {"prompts": [row[0] for row in options][:100]})
-            self.text_meta = {"conditioning": "text", **defaults, **({"vocabulary": vocabulary} if vocabulary else {})}
+            self.text_meta = {"conditioning": "text", **default_prompts(cfg.dataset, self.train_data),
+                              **({"vocabulary": vocabulary} if vocabulary else {})}
         self.init = init_source(cfg)
         if self.init:
             state, source = self.init
