@@ -72,8 +72,7 @@ def dataset_settings(cfg: DictConfig) -> dict:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.pop("val_size")
     dataset.pop("download")
-    if ((cfg.get("conditioning") or {}).get("name") or "class") != "text":
-        dataset.pop("captions", None)  # read by text conditioning only
+    dataset.pop("captions", None)  # text conditioning's: in conditioning_settings
     if dataset["name"] != "folder":
         dataset.pop("root")  # the standard data sets are the same bytes wherever they are read from
     return dataset
@@ -91,6 +90,7 @@ def conditioning_settings(cfg: DictConfig) -> dict:
     settings = {"unet": unet, "conditioning": OmegaConf.to_container(cfg.conditioning, resolve=True)}
     if name == "text":
         settings["text_encoder"] = OmegaConf.to_container(cfg.text_encoder, resolve=True)
+        settings["captions"] = OmegaConf.to_container(cfg.dataset.captions, resolve=True)
     return settings
 
 
