@@ -9,7 +9,8 @@ once per held-out template (never a training caption), the class model by label;
 evaluation classifier (the one fd_classifier uses) reads every sample. Usage:
 
     python benchmarks/text_conditioning.py [--steps 1500] [--per-digit 20] [--scale 1.5] \\
-        [--held-out "an image of the number {word}"] [--overrides "..."] [--out /tmp/text_conditioning]
+        [--held-out "an image of the number {word}"] [--overrides "..."] [--out /tmp/text_conditioning] \\
+        [--trained TEXT_RUN CLASS_RUN]
 """
 
 from __future__ import annotations
@@ -64,10 +65,15 @@ def main() -> None:
     parser.add_argument("--held-out", default="an image of the number {word}")
     parser.add_argument("--overrides", default="", help="extra run.py overrides, space separated")
     parser.add_argument("--out", type=Path, default=Path("/tmp/difflab_text_conditioning"))
+    parser.add_argument("--trained", type=Path, nargs=2, metavar=("TEXT_RUN", "CLASS_RUN"),
+                        help="run folders of the two trainings, already made with these settings: measure only")
     args = parser.parse_args()
     common = [f"train.max_steps={args.steps}", *args.overrides.split()]
-    trained = {"text": train("text", args.out / "text", ["conditioning=text", *common]),
-               "class": train("class", args.out / "class", common)}
+    if args.trained:
+        trained = {name: json.loads((folder / "metrics.json").read_text()) for name, folder in zip(("text", "class"), args.trained)}
+    else:
+        trained = {"text": train("text", args.out / "text", ["conditioning=text", *common]),
+                   "class": train("class", args.out / "class", common)}
     torch.set_grad_enabled(False)
     text = load_diffusion_model(trained["text"]["checkpoint"], torch.device("cpu"))
     label = load_diffusion_model(trained["class"]["checkpoint"], torch.device("cpu"))
