@@ -72,9 +72,26 @@ def dataset_settings(cfg: DictConfig) -> dict:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.pop("val_size")
     dataset.pop("download")
+    dataset.pop("captions", None)  # text conditioning's: in conditioning_settings
     if dataset["name"] != "folder":
         dataset.pop("root")  # the standard data sets are the same bytes wherever they are read from
     return dataset
+
+
+def conditioning_settings(cfg: DictConfig) -> dict:
+    """The network and how its condition enters it. The keys of conditioning=class leave out the
+    cross-attention and caption settings it does not read (the keys its models had before them)."""
+    unet = OmegaConf.to_container(cfg.unet, resolve=True)
+    name = (cfg.get("conditioning") or {}).get("name") or "class"
+    if name == "class":
+        for key in ("cross_attention_resolutions", "context_dim"):
+            unet.pop(key, None)
+        return {"unet": unet}
+    settings = {"unet": unet, "conditioning": OmegaConf.to_container(cfg.conditioning, resolve=True)}
+    if name == "text":
+        settings["text_encoder"] = OmegaConf.to_container(cfg.text_encoder, resolve=True)
+        settings["captions"] = OmegaConf.to_container(cfg.dataset.captions, resolve=True)
+    return settings
 
 
 def train_settings(train_cfg: DictConfig) -> dict:
@@ -116,7 +133,7 @@ def diffusion_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None, i
     return _with_init({
         "dataset": dataset_settings(cfg),
         "autoencoder": _autoencoder_settings(autoencoder_key),
-        "unet": OmegaConf.to_container(cfg.unet, resolve=True),
+        **conditioning_settings(cfg),
         "noise": noise_settings(cfg),
         "objective": OmegaConf.to_container(cfg.objective, resolve=True),
         "label_dropout": cfg.guidance.p_uncond if cfg.guidance.name == "cfg" else 0.0,

@@ -27,6 +27,15 @@ class AugmentationConfig:
 
 
 @dataclass
+class CaptionsConfig:
+    """Captions of a labelled data set for conditioning=text, made from its class names: one
+    template drawn per example per step. {name} is the class name, and on MNIST {digit} (3) and
+    {word} (three). A folder with a metadata.jsonl or metadata.csv takes its captions from there."""
+
+    templates: List[str] = field(default_factory=list)
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING  # mnist | fashion_mnist | cifar10 | cifar100 | folder
     root: str = "${paths.data_dir}"
@@ -36,6 +45,7 @@ class DatasetConfig:
     val_size: int = 1000  # held-out images for the validation loss
     download: bool = True
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
 
 
 @dataclass
@@ -86,6 +96,25 @@ class UNetConfig:
     head_channels: int = 64
     dropout: float = 0.0
     norm_groups: int = 32
+    # conditioning=class_tokens|text: feature-map sizes with cross-attention over the condition's tokens,
+    # besides the middle, which always has it; null = the attention_resolutions
+    cross_attention_resolutions: Optional[List[int]] = None
+    context_dim: int = 64  # width of the context tokens the cross-attention reads
+
+
+@dataclass
+class ConditioningConfig:
+    name: str = "class"  # class (added label embedding) | class_tokens (the class as tokens, cross-attention) | text
+
+
+@dataclass
+class TextEncoderConfig:
+    name: str = "learned"  # learned (word vocabulary + small transformer, trained with the denoiser) | clip
+    pretrained: Optional[str] = None  # clip: a local folder or a Hugging Face hub name already in its cache
+    freeze: bool = True  # clip: keep its weights (and cache each prompt's hidden states)
+    max_length: int = 16  # tokens per prompt, the start token included
+    layers: int = 2  # learned
+    heads: int = 4  # learned
 
 
 @dataclass
@@ -247,6 +276,7 @@ class SampleConfig:
     num_images: int = 100
     batch_size: int = 250
     labels: Any = "balanced"  # balanced | uniform | [3, 3, 7]
+    prompts: Optional[List[str]] = None  # conditioning=text: the prompts, repeated to num_images; null = from labels
     gif: bool = True
     gif_images: int = 10
     gif_frames: int = 25
@@ -294,6 +324,8 @@ class Config:
     sampler: SamplerConfig = MISSING
     guidance: GuidanceConfig = MISSING
     mode: ModeConfig = MISSING
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     objective: Any = MISSING  # one of OBJECTIVE_SCHEMAS, by the objective group
     train: TrainConfig = field(default_factory=TrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -315,6 +347,8 @@ GROUP_SCHEMAS = {
     "sampler": SamplerConfig,
     "guidance": GuidanceConfig,
     "mode": ModeConfig,
+    "conditioning": ConditioningConfig,
+    "text_encoder": TextEncoderConfig,
 }
 
 
@@ -327,6 +361,8 @@ CHOICES = {
     "objective.name": tuple(OBJECTIVE_SCHEMAS),
     "objective.t_sampling": T_SAMPLINGS,
     "guidance.name": ("none", "classifier", "cfg"),
+    "conditioning.name": ("class", "class_tokens", "text"),
+    "text_encoder.name": ("learned", "clip"),
     "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate"),
     "objective.prediction": ("eps", "x0", "v"),
     "objective.loss": ("l2", "l1"),
@@ -376,7 +412,8 @@ RANGES: dict[str, Range] = {
     "autoencoder.train.lr": POSITIVE, "autoencoder.train.warmup_steps": AT_LEAST_0,
     "unet.channels": POSITIVE, "unet.channel_mults": POSITIVE, "unet.num_res_blocks": AT_LEAST_1,
     "unet.attention_resolutions": POSITIVE, "unet.head_channels": POSITIVE, "unet.dropout": BELOW_1,
-    "unet.norm_groups": POSITIVE,
+    "unet.norm_groups": POSITIVE, "unet.cross_attention_resolutions": POSITIVE, "unet.context_dim": POSITIVE,
+    "text_encoder.max_length": Range(2), "text_encoder.layers": AT_LEAST_0, "text_encoder.heads": POSITIVE,
     "schedule.T": Range(2), "schedule.beta_start": BETA, "schedule.beta_end": BETA, "schedule.cosine_s": POSITIVE,
     "schedule.dns_offset": POSITIVE,
     "sampler.steps": AT_LEAST_1, "sampler.eta": FRACTION, "sampler.rho": POSITIVE, "sampler.s_churn": AT_LEAST_0,
@@ -473,8 +510,25 @@ def validate(cfg) -> None:
     if objective.name == "edm" and objective.sigma_min >= objective.sigma_max:
         raise UserError(f"objective.sigma_min={objective.sigma_min} must be below objective.sigma_max="
                         f"{objective.sigma_max}: sampling runs from sigma_max down to sigma_min.")
+    validate_conditioning(cfg)
     if cfg.schedule.zero_terminal_snr and objective.name == "ddpm" and objective.prediction == "eps":
         raise UserError("schedule.zero_terminal_snr=true leaves x0 undefined at the last step for eps prediction: add objective.prediction=v.")
+
+
+def conditioning_name(cfg) -> str:
+    """How a config's condition enters its network (a config from before conditioning existed: class)."""
+    return (cfg.get("conditioning") or {}).get("name") or "class"
+
+
+def validate_conditioning(cfg) -> None:
+    """Cross-attention has a context to read only when the conditioning makes one (the plan checks
+    the rest of text conditioning: its captions, encoder and mode)."""
+    from difflab.errors import UserError
+
+    name, cross = conditioning_name(cfg), cfg.unet.cross_attention_resolutions
+    if name == "class" and cross:
+        raise UserError(f"unet.cross_attention_resolutions={list(cross)} need tokens to attend to, but conditioning=class "
+                        "adds the label to the time embedding: add conditioning=class_tokens or conditioning=text.")
 
 
 LOSS_ONLY_KEYS = ("loss", "class_conditional", "prediction", "min_snr_gamma")  # objective keys no noise level depends on

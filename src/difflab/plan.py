@@ -26,9 +26,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencoder_settings, classifier_settings,
                                diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
 from difflab.checkpoint import load_checkpoint
-from difflab.config import (Config, autoencoder_train_config, classifier_train_config, level_meaning, objective_name,
-                            validate, validate_batch_splits)
-from difflab.data import dataset_classes
+from difflab.config import (Config, autoencoder_train_config, classifier_train_config, conditioning_name, level_meaning,
+                            objective_name, validate, validate_batch_splits)
+from difflab.data import dataset_classes, default_prompts
 from difflab.diffusion import nfe
 from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
 from difflab.errors import UserError
@@ -37,11 +37,13 @@ from difflab.evaluate.feature_classifier import classifier_settings as eval_clas
 from difflab.export_format import given_model_artifact, read_model_state
 from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
+from difflab.models.text_encoder import clip_files, require_transformers
 from difflab.sampling import sampler_steps
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
 from difflab.trained import (CLASSIFIER_STAGES, LatentSpace, build_denoiser_net, build_process, check_autoencoder,
-                             classifier_from_state, dims, init_weights, load_classifier, load_latent_space)
+                             classifier_from_state, dims, init_weights, load_classifier, load_latent_space,
+                             text_vocabulary)
 
 log = logging.getLogger("difflab")
 
@@ -85,6 +87,11 @@ class ModelFacts:
     shape: tuple[int, int, int]  # what it denoises
     autoencoder_key: Optional[str]
     joint: bool
+    meta: dict = field(default_factory=dict)  # a text model's: its default prompts (per class, or captions)
+
+    @property
+    def text(self) -> bool:
+        return conditioning_name(self.cfg) == "text"
 
 
 def model_facts(state: dict) -> ModelFacts:
@@ -92,7 +99,7 @@ def model_facts(state: dict) -> ModelFacts:
     meta, ae = state["meta"], state.get("autoencoder")
     ae_key = (ae.get("key") or ae["identity"]) if ae else None
     return ModelFacts(OmegaConf.create(state["config"]), meta["num_classes"], meta["label_dropout"],
-                      tuple(meta["shape"]), ae_key, state["stage"] == "joint")
+                      tuple(meta["shape"]), ae_key, state["stage"] == "joint", meta)
 
 
 # ---------------------------------------------------------------- checks of the config alone
@@ -192,7 +199,7 @@ def _stage_network(cfg: DictConfig, part: str) -> torch.nn.Module:
         shape, classes = _denoised_shape(cfg), dataset_classes(cfg.dataset)
         if part == "classifier":
             return build_classifier(cfg.classifier, shape[0], shape[1], classes)
-        return build_denoiser_net(cfg, shape, classes if cfg.objective.class_conditional else 0)
+        return build_denoiser_net(cfg, shape, classes if cfg.objective.class_conditional else 0, text_vocabulary(cfg))
 
 
 def init_key(cfg: DictConfig) -> Optional[str]:
@@ -281,8 +288,10 @@ class PlanBuilder:
         cfg = self.cfg
         if cfg.mode.name in LOADING_MODES:
             return self.given_model()
-        num_classes = dataset_classes(cfg.dataset) if cfg.objective.class_conditional else 0
-        dropout = cfg.guidance.p_uncond if cfg.guidance.name == "cfg" and num_classes else 0.0
+        text = conditioning_name(cfg) == "text"
+        num_classes = dataset_classes(cfg.dataset) if cfg.objective.class_conditional and not text else 0
+        meta = check_conditioning(cfg, num_classes)
+        dropout = cfg.guidance.p_uncond if cfg.guidance.name == "cfg" and (num_classes or text) else 0.0
         ae_key = self.autoencoder(main=False) if cfg.autoencoder.name != "none" else None
         joint = cfg.mode.name == "joint"
         if joint and dataset_classes(cfg.dataset) < 2:
@@ -292,11 +301,14 @@ class PlanBuilder:
         source, key = _trained_source(self.cache, cfg.mode.name, settings, cfg, resumes_training(cfg, self.run_dir))
         objective = objective_name(cfg)
         objective += f" ({cfg.schedule.name} schedule)" if objective == "ddpm" else ""
-        detail = f"{cfg.unet.name} unet, {dims(_denoised_shape(cfg))}, {num_classes} classes, {objective}"
+        condition = f"text ({cfg.text_encoder.name} encoder)" if text else f"{num_classes} classes"
+        if conditioning_name(cfg) == "class_tokens":
+            condition += " as tokens"
+        detail = f"{cfg.unet.name} unet, {dims(_denoised_shape(cfg))}, {condition}, {objective}"
         if cfg.train.init_from:
             detail += f", from {cfg.train.init_from}"
         self.add("joint model" if joint else "diffusion model", source, key, cfg.train.max_steps, detail)
-        return ModelFacts(cfg, num_classes, dropout, _denoised_shape(cfg), ae_key, joint)
+        return ModelFacts(cfg, num_classes, dropout, _denoised_shape(cfg), ae_key, joint, meta)
 
     def given_model(self) -> ModelFacts:
         cfg = self.cfg
@@ -310,9 +322,13 @@ class PlanBuilder:
     def guidance(self, model: ModelFacts) -> None:
         """Guidance against the model, and the classifier of classifier guidance."""
         cfg = self.cfg
+        if model.text and cfg.guidance.name == "classifier":
+            raise UserError("guidance=classifier steers towards class labels, but the model is conditioned on prompts: "
+                            "use guidance=cfg (the empty prompt is its null condition) or guidance=none.")
         if cfg.guidance.name == "cfg" and model.label_dropout <= 0:
             why = ("it was trained without label dropout" if cfg.mode.name in LOADING_MODES else
-                   "the model would train without label dropout" + (" (it is unconditional)" if not model.num_classes else ""))
+                   "the model would train without label dropout" +
+                   (" (it is unconditional)" if not model.num_classes and not model.text else ""))
             raise UserError(f"guidance=cfg needs a model trained with label dropout and {why}: train it with "
                             "guidance=cfg guidance.p_uncond=0.1 on a labelled data set, or sample with guidance=none.")
         if cfg.guidance.name != "classifier":
@@ -347,6 +363,15 @@ class PlanBuilder:
     def sampling(self, model: ModelFacts) -> None:
         cfg = self.cfg
         classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
+        prompts = cfg.sample.get("prompts")
+        if prompts is not None and not model.text:
+            raise UserError("sample.prompts asks for prompts, but the model is conditioned on "
+                            f"{'classes' if model.num_classes else 'nothing'}: use sample.labels, or train with conditioning=text.")
+        if prompts is not None and (not list(prompts) or not all(isinstance(p, str) for p in prompts)):
+            raise UserError(f"sample.prompts={list(prompts)} must be a non-empty list of strings: e.g. "
+                            "sample.prompts='[\"a handwritten seven\", \"the digit 3\"]'.")
+        if model.text:
+            classes = len(model.meta.get("class_prompts") or [])
         _check_labels(cfg.sample.labels, classes)
         steps = _check_sampler(cfg, model.cfg)
         if cfg.mode.name in DIFFUSION_MODES and cfg.train.ema.decays:
@@ -367,6 +392,29 @@ class PlanBuilder:
                 self.add("evaluation classifier", "cache" if found else "train", key, settings["steps"],
                          f"{data_cfg.dataset.name}, feature extractor of fd_classifier")
             self.add("evaluate", "new", None, steps, f"{cfg.eval.num_samples} samples, {', '.join(cfg.eval.extractors)}")
+
+
+def check_conditioning(cfg: DictConfig, num_classes: int) -> dict:
+    """What the conditioning of the model a run trains needs, checked without reading an image: class
+    tokens need classes; text needs captions (a readable metadata file naming the folder's images, or
+    templates the class names fill) and, for CLIP, transformers and the weights. Returns the
+    default prompts a text model will sample, as its checkpoint's meta will say."""
+    name = conditioning_name(cfg)
+    if name == "class_tokens" and num_classes == 0:
+        raise UserError("conditioning=class_tokens feeds the class to the network, but the data set has no classes "
+                        "(or objective.class_conditional=false): use a labelled data set, or conditioning=class.")
+    if name != "text":
+        return {}
+    if cfg.mode.name == "joint":
+        raise UserError("mode=joint trains a classifier of the labels beside the model, but conditioning=text conditions "
+                        "it on prompts: use mode=diffusion.")
+    if cfg.text_encoder.name == "clip" and not cfg.text_encoder.pretrained:
+        raise UserError("text_encoder=clip needs its weights: add text_encoder.pretrained=/folder/of/clip or a Hugging "
+                        "Face hub name in the local cache, e.g. openai/clip-vit-base-patch32.")
+    if cfg.text_encoder.name == "clip":
+        require_transformers()
+        clip_files(cfg.text_encoder.pretrained)
+    return default_prompts(cfg.dataset)
 
 
 def _levels(cfg: DictConfig) -> str:

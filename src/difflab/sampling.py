@@ -58,6 +58,7 @@ class SampleResult:
     labels: Optional[Tensor]
     seconds: float
     frames: list[Grid]  # denoising grids (x_t above the predicted x0) of the first batch's first images
+    prompts: Optional[list[str]] = None  # a text model's prompt per image
 
 
 def generate(
@@ -129,18 +130,22 @@ def write_sample_pngs(result: SampleResult, folder: Path, names: Optional[list[s
 
 def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0,
                   names: Optional[list[str]] = None, pngs: bool = False) -> dict:
-    """samples.npz (images uint8 N,H,W,C; labels int64 N), grid.png (rows named by `names`, the
-    class names), denoising frames + GIF, and with `pngs` every sample in images/."""
+    """samples.npz (images uint8 N,H,W,C; labels int64 N; a text model's prompts, str N), grid.png
+    (rows named by `names`, the class names, or by the prompts), denoising frames + GIF, and with
+    `pngs` every sample in images/."""
     folder.mkdir(parents=True, exist_ok=True)
     if pngs:
         write_sample_pngs(result, folder / "images", names)
     labels = result.labels if result.labels is not None else torch.full((len(result.images),), -1)
+    prompts = {} if result.prompts is None else {"prompts": np.array(result.prompts, dtype=str)}
     np.savez_compressed(
         folder / "samples.npz",
         images=rearrange(result.images, "n c h w -> n h w c").numpy(),
         labels=labels.numpy().astype(np.int64),
+        **prompts,
     )
-    grid = class_grid(result.images, result.labels, names=names)
+    rows, names = (result.labels, names) if result.prompts is None else prompt_rows(result.prompts)
+    grid = class_grid(result.images, rows, names=names)
     save_grid(grid, folder / "grid.png")
     if writer is not None:
         writer.add_image("samples/grid", grid.image, step)
@@ -152,16 +157,46 @@ def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0
             "sampling_images_per_s": len(result.images) / max(result.seconds, 1e-9)}
 
 
+def prompt_rows(prompts: list[str]) -> tuple[Tensor, list[str]]:
+    """Each image's row of a grid by prompt (in the order the prompts first come), and the rows' names."""
+    distinct = list(dict.fromkeys(prompts))
+    index = {p: i for i, p in enumerate(distinct)}
+    return torch.tensor([index[p] for p in prompts]), distinct
+
+
+def sample_prompts(meta: dict, prompts: Optional[list[str]], labels_spec, n: int,
+                   generator: torch.Generator) -> tuple[list[str], Optional[Tensor]]:
+    """A text model's n prompts, and the class each names where known: `prompts` repeated to n;
+    else the first template of each class of sample.labels (a model trained on class templates),
+    or the training captions (one trained on a folder's metadata) repeated."""
+    if prompts:
+        return [prompts[i % len(prompts)] for i in range(n)], None
+    if meta.get("class_prompts"):
+        labels = make_labels(labels_spec, n, len(meta["class_prompts"]), generator)
+        return [meta["class_prompts"][int(c)] for c in labels], labels
+    captions = meta["prompts"]
+    return [captions[i % len(captions)] for i in range(n)], None
+
+
 def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, device: torch.device,
-                  gif: bool = False, classifier: Optional[torch.nn.Module] = None, stage: str = "sample") -> SampleResult:
-    labels = make_labels(labels_spec, n, model.num_classes or _classifier_classes(classifier),
-                         torch.Generator().manual_seed(cfg.seed))
-    return generate(
+                  gif: bool = False, classifier: Optional[torch.nn.Module] = None, stage: str = "sample",
+                  prompts: Optional[list[str]] = None) -> SampleResult:
+    """n samples for sample.labels (`labels_spec`), or a text model's prompts (`prompts`, else sample.prompts)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    given = prompts or cfg.sample.get("prompts")
+    if model.text:
+        prompts, labels = sample_prompts(model.meta, list(given) if given else None, labels_spec, n, generator)
+        conditions = model.tokenize(prompts)
+    else:
+        labels = make_labels(labels_spec, n, model.num_classes or _classifier_classes(classifier), generator)
+        conditions, prompts = labels, None
+    result = generate(
         lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0, classifier),
-        model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
+        model.process, model.shape, conditions, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
         decode=model.decode, gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
         stage=stage,
     )
+    return replace(result, labels=labels, prompts=prompts)
 
 
 def _classifier_classes(classifier: Optional[torch.nn.Module]) -> int:
@@ -190,7 +225,8 @@ def sampled_with(cfg: DictConfig, process: NoiseProcess) -> dict:
             "nfe": nfe(s.name, steps), "eta": s.eta,
             "guidance": cfg.guidance.name, "guidance_scale": cfg.guidance.scale, "seed": cfg.seed,
             "labels": OmegaConf.to_container(cfg.sample.labels) if OmegaConf.is_config(cfg.sample.labels)
-            else cfg.sample.labels}
+            else cfg.sample.labels,
+            **({"prompts": list(cfg.sample.prompts)} if cfg.sample.get("prompts") else {})}
 
 
 def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,

@@ -66,7 +66,8 @@ def train_diffusion(cfg: DictConfig, stage_dir: Path, device: torch.device, writ
     def grid_to_tensorboard(net, step: int) -> None:
         if step == cfg.train.max_steps and cfg.sample.num_images:
             return  # the samples drawn after training go under the same tag at this step
-        result = sample_images(stage.model(net), cfg, 4 * max(1, stage.num_classes), "balanced", device)
+        classes = len(stage.text_meta.get("class_prompts") or []) or stage.num_classes  # a text model's by its prompts
+        result = sample_images(stage.model(net), cfg, 4 * max(1, classes), "balanced", device)
         writer.add_image("samples/grid", class_rows(result.images, result.labels, per_row=4), step)
 
     trainer, result = stage.fit(grid_to_tensorboard)
