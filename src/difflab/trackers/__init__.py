@@ -91,7 +91,7 @@ def flat_settings(config: dict, prefix: str = "") -> dict:
 
 
 # The run's results a sweep is compared by (TensorBoard's HParams metrics), besides the
-# evaluation's curves (val/<metric>): the tag of the curve each one ends.
+# final evaluation (val/final/<metric>): the tag of the curve each one ends.
 HEADLINE_TAGS = {"final_loss": "train/loss", "best_val_loss": "val/best_loss"}
 HEADLINE = ("sample_class_accuracy_t0", "reconstruction_mse", "reconstruction_psnr")
 
@@ -135,7 +135,7 @@ class Trackers:
         has them yet), and each tracker records them as its final metrics."""
         headline = {}
         for key, value in final_numbers(metrics).items():
-            tag = HEADLINE_TAGS.get(key, f"val/{key}")
+            tag = HEADLINE_TAGS.get(key, f"val/final/{key}")
             if key in HEADLINE_TAGS or key in HEADLINE or tag in self.tags:
                 headline[tag] = value
                 if tag not in self.tags:
