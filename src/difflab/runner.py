@@ -25,7 +25,7 @@ from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obta
 from difflab.record import provenance, write_metrics
 from difflab.sampling import sample_and_write, sample_images
 from difflab.sweep.hparams import run_identity
-from difflab.trackers import Trackers, open_trackers
+from difflab.trackers import OPEN_RUNS, Trackers, open_trackers
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
 from difflab.trained import DiffusionModel, load_diffusion_model
@@ -49,26 +49,22 @@ def resolve_device(name: str) -> torch.device:
     return dist.local_device(_named_device(name))
 
 
-_RUN_TRACKERS: dict[Path, tuple[Trackers, dict]] = {}  # the trackers of each run in progress, and its HParams
-
-
 def run_trackers(cfg: DictConfig, run_dir: Path) -> Trackers:
     """The run's trackers (cfg.logger), opened once by run() and closed by it after the final
     metrics; each mode logs its curves, pictures and evaluation to them."""
-    if run_dir not in _RUN_TRACKERS:
-        who, hparams = run_identity(cfg, run_dir)
-        _RUN_TRACKERS[run_dir] = open_trackers(cfg, who, hparams), hparams
-    return _RUN_TRACKERS[run_dir][0]
+    if run_dir not in OPEN_RUNS:
+        OPEN_RUNS[run_dir] = open_trackers(cfg, *run_identity(cfg, run_dir))
+    return OPEN_RUNS[run_dir]
 
 
 def close_trackers(run_dir: Path, metrics: Optional[dict]) -> None:
     """The final metrics (when the run has them) to every tracker of the run, which is then closed."""
-    if run_dir not in _RUN_TRACKERS:
+    trackers = OPEN_RUNS.pop(run_dir, None)
+    if trackers is None:
         return
-    trackers, hparams = _RUN_TRACKERS.pop(run_dir)
     try:
         if metrics is not None:
-            trackers.log_final(metrics, hparams, int(metrics.get("steps") or 0))
+            trackers.log_final(metrics, trackers.hparams, int(metrics.get("steps") or 0))
     finally:
         trackers.close()
 

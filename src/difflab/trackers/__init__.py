@@ -105,9 +105,16 @@ class Trackers:
     """Every tracker of a run, answering SummaryWriter's calls (and the run's own: the config and
     the final metrics). Empty on torchrun ranks other than 0, which write nothing."""
 
-    def __init__(self, trackers: list[Tracker]):
-        self.trackers = trackers
+    def __init__(self, trackers: list[Tracker], hparams: Optional[dict] = None, owned: bool = True):
+        self.trackers, self.hparams, self.owned = trackers, hparams or {}, owned
         self.tags: set[str] = set()  # the scalar curves logged so far: the HParams view reads their last values
+
+    def borrowed(self) -> Trackers:
+        """The same trackers for a part of the run (a stage trained in the run's own folder), which
+        closing leaves open for the rest of the run."""
+        view = Trackers(self.trackers, self.hparams, owned=False)
+        view.tags = self.tags
+        return view
 
     def add_scalar(self, tag: str, value: float, step: int = 0) -> None:
         self.tags.add(tag)
@@ -144,6 +151,8 @@ class Trackers:
             t.log_final(metrics, headline, hparams, step)
 
     def close(self) -> None:
+        if not self.owned:
+            return
         for t in self.trackers:
             t.close()
         self.trackers = []
@@ -160,12 +169,18 @@ def open_trackers(cfg: DictConfig, who: RunName, hparams: Optional[dict] = None)
     for name in tracker_names(cfg):
         module = importlib.import_module(f"difflab.trackers.{TRACKERS[name][0]}")
         trackers.append(module.open_tracker(cfg.logger[name], who))
-    hub = Trackers(trackers)
-    hub.log_config(config, hparams or {})
+    hub = Trackers(trackers, hparams)
+    hub.log_config(config, hub.hparams)
     return hub
 
 
+OPEN_RUNS: dict[Path, Trackers] = {}  # the trackers of each run in progress, by its folder (the runner's)
+
+
 def stage_trackers(cfg: DictConfig, folder: Path) -> Trackers:
-    """The trackers of a prerequisite trained in a sub-folder of the run (autoencoder/, classifier/):
-    a tracker run of its own, named by its folder."""
+    """The trackers of a stage trained in `folder`: the run's own when it is the run's folder
+    (mode=reconstruction, mode=classifier), else, for a prerequisite trained in a sub-folder
+    (autoencoder/, classifier/), a tracker run of its own named by that folder."""
+    if folder in OPEN_RUNS:
+        return OPEN_RUNS[folder].borrowed()
     return open_trackers(cfg, RunName(folder, folder.name))
