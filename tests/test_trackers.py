@@ -187,7 +187,8 @@ def test_a_sweep_groups_its_jobs(tmp_path, shapes_dir, offline):
 
 
 def test_a_logger_that_is_no_option_is_one_sentence(tmp_path, shapes_dir):
-    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "logger=[csv,foo]", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_py(*tiny_overrides(shapes_dir, tmp_path / "cache"), "logger=[csv,foo]",
+                  f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: logger=foo is not an option: choose one of csv, mlflow, "
                                                     "tensorboard, wandb.")

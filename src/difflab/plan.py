@@ -379,7 +379,8 @@ class PlanBuilder:
                             f"{cfg.mode.name} trains none: leave eval.every out (or 0).")
         if best == "class_accuracy" and ("classifier" not in cfg.eval.extractors or dataset_classes(cfg.dataset) < 2):
             raise UserError("train.best_metric=class_accuracy needs the evaluation classifier of a labelled data set: "
-                            "keep classifier in eval.extractors and use a data set with classes, or train.best_metric=fd.")
+                            "keep classifier in eval.extractors and use a data set with classes, or "
+                            "train.best_metric=fd.")
         self.add("evaluate during training", "run", None, None,
                  f"every {cfg.eval.every} steps, {cfg.eval.every_samples} samples, best.pt by {best}")
 

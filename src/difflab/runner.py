@@ -78,8 +78,8 @@ def measure_during_training(cfg: DictConfig, device: torch.device, writer: Track
         every.guidance.name = "none"
 
     def measure(model: DiffusionModel, step: int) -> Optional[float]:
-        metrics = evaluate_model(model, every, device, f"training step {step}", balanced_sampler(model, every, device, None),
-                                 writer, step, tag_prefix="val/")
+        metrics = evaluate_model(model, every, device, f"training step {step}",
+                                 balanced_sampler(model, every, device, None), writer, step, tag_prefix="val/")
         return best_score(metrics, cfg.train.best_metric)
 
     return measure
@@ -183,8 +183,9 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     model = load_diffusion_model(cfg.ckpt.model, device)
     checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
     classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
+    writer = run_trackers(cfg, run_dir)
     metrics.update({"stage": "evaluate", "checkpoint": checkpoint,
-                    **sample_and_evaluate(cfg, run_dir, device, model, classifier, checkpoint, run_trackers(cfg, run_dir))})
+                    **sample_and_evaluate(cfg, run_dir, device, model, classifier, checkpoint, writer)})
     return metrics
 
 

@@ -47,7 +47,8 @@ class MlflowTracker(Tracker):
         saved = who.sweep_dir / PARENT_ID_FILE
         if saved.is_file():
             return saved.read_text().strip()
-        run_id = self.client.create_run(experiment_id, run_name=who.group, tags={"difflab.sweep": str(who.sweep_dir)}).info.run_id
+        tags = {"difflab.sweep": str(who.sweep_dir)}
+        run_id = self.client.create_run(experiment_id, run_name=who.group, tags=tags).info.run_id
         saved.write_text(run_id)
         return run_id
 

@@ -521,7 +521,8 @@ class Trainer:
                         self.best_val = val
                         if best_by_val:
                             self.save("best.pt")
-                if eval_fn is not None and self.writes and eval_every and (self.step % eval_every == 0 or at_end or early):
+                evaluates = eval_fn is not None and self.writes and eval_every
+                if evaluates and (self.step % eval_every == 0 or at_end or early):
                     score = eval_fn(self.ema.model, self.step)
                     self.model.train()
                     if score is not None and not best_by_val:
