@@ -90,7 +90,8 @@ def evaluate_autoencoder(autoencoder: Autoencoder, images_uint8: Tensor, out_dir
     if writer is not None:
         writer.add_image("reconstructions", grid, step)
         for k, v in metrics.items():
-            writer.add_scalar(f"val/final/{k}", v, step)
+            if k != "reconstruction_images":  # a count, not a measurement
+                writer.add_scalar(f"val/final/{k}", v, step)
     log.info("reconstruction of %d held-out images: %s", len(x),
              ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "reconstruction_images"))
     return metrics
