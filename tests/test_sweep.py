@@ -81,12 +81,14 @@ def test_tensorboard_shows_every_job_with_its_settings(schedule_sweep):
     mux = EventMultiplexer()
     mux.AddRunsFromDirectory(str(sweep_dir))
     mux.Reload()
-    assert sorted(mux.Runs()) == ["0/tb", "1/tb", "2/tb"]  # no stray hparams runs
-    for job, schedule in enumerate(["linear", "cosine", "dns"]):
-        content = mux.PluginRunToTagToContent("hparams")[f"{job}/tb"]
+    runs = [f"{job}/tb/schedule={schedule}" for job, schedule in enumerate(["linear", "cosine", "dns"])]
+    assert sorted(mux.Runs()) == runs  # each named by its swept setting; no stray hparams runs
+    for run, schedule in zip(runs, ["linear", "cosine", "dns"]):
+        content = mux.PluginRunToTagToContent("hparams")[run]
         start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
         assert start.session_start_info.hparams["schedule"].string_value == schedule
-        assert mux.Scalars(f"{job}/tb", "final/final_loss")[0].value > 0
+        assert not [k for k in start.session_start_info.hparams if k.startswith("paths")]
+        assert mux.Scalars(run, "train/loss")[-1].value > 0  # the HParams metric: the curve's last value
 
 
 def test_rerun_with_resume_finishes_only_what_is_missing(schedule_sweep, tmp_path):

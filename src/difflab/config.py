@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -246,6 +246,7 @@ class TrainConfig:
     reuse_other_code: bool = False  # ... even when difflab's model, diffusion, training or data code has changed since
     init_from: Optional[str] = None  # a checkpoint whose EMA weights the stage's networks start from (fresh optimizer, step 0)
     progress: bool = True
+    best_metric: str = "val_loss"  # what picks best.pt: val_loss | fd | class_accuracy (the last two need eval.every)
 
 
 @dataclass
@@ -293,6 +294,8 @@ class EvalConfig:
     classifier_batch_size: int = 128
     bootstrap: int = 50  # replicates of the bootstrap standard errors of FD and KID; 0 = no errors
     memorisation: int = 500  # samples whose nearest training image is looked up (memorisation check); 0 = none
+    every: int = 0  # measure during training every N steps (and at its end), to every tracker; 0 = off
+    every_samples: int = 64  # samples each measurement during training draws (always the same seeds)
 
 
 @dataclass
@@ -334,6 +337,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: Dict[str, Any] = field(default_factory=dict)  # the trackers chosen in the logger group, by name
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dry_run: bool = False  # print the run plan (steps, sources, keys) and exit without doing any of it
@@ -368,6 +372,7 @@ CHOICES = {
     "objective.loss": ("l2", "l1"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.best_metric": ("val_loss", "fd", "class_accuracy"),
 }
 
 EVAL_EXTRACTORS = ("inception", "classifier")
@@ -437,6 +442,7 @@ RANGES: dict[str, Range] = {
     "sample.gif_frames": AT_LEAST_1,
     "eval.num_samples": AT_LEAST_0, "eval.batch_size": POSITIVE, "eval.classifier_steps": POSITIVE,
     "eval.classifier_batch_size": POSITIVE, "eval.bootstrap": AT_LEAST_0, "eval.memorisation": AT_LEAST_0,
+    "eval.every": AT_LEAST_0, "eval.every_samples": Range(4),
 }
 NONEMPTY = ("unet.channel_mults", "autoencoder.channel_mults", "classifier.channel_mults")
 

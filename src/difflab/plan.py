@@ -39,6 +39,7 @@ from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
 from difflab.models.text_encoder import clip_files, require_transformers
 from difflab.sampling import sampler_steps
+from difflab.trackers import check_trackers
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
 from difflab.trained import (CLASSIFIER_STAGES, LatentSpace, build_denoiser_net, build_process, check_autoencoder,
@@ -393,6 +394,24 @@ class PlanBuilder:
                          f"{data_cfg.dataset.name}, feature extractor of fd_classifier")
             self.add("evaluate", "new", None, steps, f"{cfg.eval.num_samples} samples, {', '.join(cfg.eval.extractors)}")
 
+    def evaluation_during_training(self) -> None:
+        """eval.every: the evaluation while the diffusion model trains, and what train.best_metric needs of it."""
+        cfg, best = self.cfg, self.cfg.train.best_metric
+        if best != "val_loss" and not cfg.eval.every:
+            raise UserError(f"train.best_metric={best} is measured by the evaluation during training, which "
+                            "eval.every=0 leaves off: add e.g. eval.every=500, or train.best_metric=val_loss.")
+        if not cfg.eval.every:
+            return
+        if cfg.mode.name not in DIFFUSION_MODES:
+            raise UserError(f"eval.every={cfg.eval.every} measures a diffusion model while it trains, and mode="
+                            f"{cfg.mode.name} trains none: leave eval.every out (or 0).")
+        if best == "class_accuracy" and ("classifier" not in cfg.eval.extractors or dataset_classes(cfg.dataset) < 2):
+            raise UserError("train.best_metric=class_accuracy needs the evaluation classifier of a labelled data set: "
+                            "keep classifier in eval.extractors and use a data set with classes, or "
+                            "train.best_metric=fd.")
+        self.add("evaluate during training", "run", None, None,
+                 f"every {cfg.eval.every} steps, {cfg.eval.every_samples} samples, best.pt by {best}")
+
 
 def check_conditioning(cfg: DictConfig, num_classes: int) -> dict:
     """What the conditioning of the model a run trains needs, checked without reading an image: class
@@ -441,17 +460,22 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
     validate(cfg)
     check_cache_dir(cfg)
     validate_batch_splits(cfg, world_size)
+    check_trackers(cfg)
     builder = PlanBuilder(cfg, run_dir)
     mode = cfg.mode.name
     if mode == "evaluate" and cfg.eval.num_samples <= 0:
         raise UserError(f"mode=evaluate with eval.num_samples={cfg.eval.num_samples} has nothing to measure: add e.g. "
                         "eval.num_samples=2000.")
+    if mode not in DIFFUSION_MODES:
+        builder.evaluation_during_training()  # refuses eval.every where nothing diffuses
     if mode == "reconstruction":
         builder.autoencoder(main=True)
     elif mode == "classifier":
         builder.classifier()
     else:
         model = given or builder.model()
+        if mode in DIFFUSION_MODES:
+            builder.evaluation_during_training()
         builder.guidance(model)
         builder.sampling(model)
     return builder.plan

@@ -151,6 +151,8 @@ def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0
         writer.add_image("samples/grid", grid.image, step)
     if result.frames:
         save_denoising(result.frames, folder / "denoising", folder / "denoising.gif")
+        for i, frame in enumerate(result.frames if writer is not None else []):  # the slider walks the steps
+            writer.add_image("samples/denoising", frame.image, i)
     log.info("wrote %d samples to %s (%.1f images/s)", len(result.images), folder,
              len(result.images) / max(result.seconds, 1e-9))
     return {"num_images": len(result.images), "sampling_seconds": result.seconds,

@@ -103,7 +103,7 @@ class NoisyDataStage:
         return fixed_val_batch(self.val_data, n, self.process, self.to_model_space, self.device)
 
     def train(self, model: nn.Module, train_cfg: DictConfig, meta: dict, loss, val_fn,
-              image_fn=None) -> tuple[Trainer, TrainResult]:
+              image_fn=None, eval_fn=None) -> tuple[Trainer, TrainResult]:
         """Fit `model` with the loop, resuming when train.resume says so."""
         extra = {"config": OmegaConf.to_container(self.cfg, resolve=True), "stage": self.name, "meta": meta,
                  "autoencoder": self.latent.state() if self.latent else None}
@@ -111,7 +111,8 @@ class NoisyDataStage:
                           distributed=True, seed=self.cfg.seed, stage=self.name)
         resumed = trainer.maybe_resume(self.cfg.train.resume)
         batches = trainer.step_batches(len(self.train_data), train_cfg.batch_size, self.batch_key)
-        result = trainer.fit(loss, lambda s: self.batch(s, batches), train_cfg.batch_size, val_fn, image_fn)
+        result = trainer.fit(loss, lambda s: self.batch(s, batches), train_cfg.batch_size, val_fn, image_fn, eval_fn,
+                             self.cfg.eval.every)
         result.resumed_from = resumed
         return trainer, result
 
@@ -169,9 +170,9 @@ class DiffusionStage(NoisyDataStage):
         return lambda net: held_out_loss(self.process, self.cfg.objective, net, fixed,
                                          self.num_classes > 0 or self.text, self.cfg.train.batch_size)
 
-    def fit(self, image_fn=None) -> tuple[Trainer, TrainResult]:
+    def fit(self, image_fn=None, eval_fn=None) -> tuple[Trainer, TrainResult]:
         meta = model_meta(self.shape, self.num_classes, self.label_dropout, **self.text_meta)
-        return self.train(self.net, self.cfg.train, meta, self.loss, self.make_val_fn(), image_fn)
+        return self.train(self.net, self.cfg.train, meta, self.loss, self.make_val_fn(), image_fn, eval_fn)
 
     def model(self, net: nn.Module) -> DiffusionModel:
         return DiffusionModel(net.eval(), self.process, self.cfg, self.shape, self.num_classes, self.label_dropout > 0,
