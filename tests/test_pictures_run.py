@@ -9,7 +9,11 @@ import torch
 from conftest import run_py, tiny_overrides
 from PIL import Image
 
+from difflab.api import _compose
+from difflab.diffusion.spacing import index_spacing, spacing_of
 from difflab.pictures import save_real_vs_generated
+from difflab.sampling import schedule_points
+from difflab.trained import build_process
 
 
 @pytest.mark.slow
@@ -28,6 +32,8 @@ def test_a_run_writes_each_sample_and_the_data_pictures(tmp_path, shapes_dir):
         assert img.width > 2 * img.height > 100  # two class rows of 6 real + 6 generated images
     with Image.open(run_dir / "samples" / "forward_noising.png") as img:
         assert img.width > 3 * img.height > 100  # two rows of 8 noise levels
+    with Image.open(run_dir / "schedule.png") as img:
+        assert img.width > 300
 
 
 def test_real_vs_generated_without_labels(tmp_path):
@@ -35,3 +41,13 @@ def test_real_vs_generated_without_labels(tmp_path):
     save_real_vs_generated(real, None, generated, None, tmp_path / "x.png")
     with Image.open(tmp_path / "x.png") as img:
         assert img.mode == "RGB" and img.width > img.height
+
+
+def test_the_schedule_plot_places_the_sampler_steps_on_the_curve():
+    cfg = _compose(["objective=ddpm", "schedule.T=50", "sampler=ddim", "sampler.steps=5"])
+    process = build_process(cfg)
+    t, curve, steps_t, steps = schedule_points(process, cfg.sampler)
+    assert len(t) == 50 and np.all(np.diff(curve) < 0)  # log-SNR falls from data to noise
+    indices = index_spacing(spacing_of(process, cfg.sampler.spacing), 50, 5)
+    assert np.allclose(steps_t, np.array(indices) / 49, atol=1e-6)  # each step sits at its own index
+    assert np.allclose(np.interp(steps_t, t, curve), steps, atol=1e-4)

@@ -67,7 +67,7 @@ def _check_torchrun_job() -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         raise UserError("A sweep (-m or a named sweep) cannot run inside torchrun: start one torchrun per job of the "
-                        "sweep (README, 'Scaling out').")
+                        "sweep (docs/scaling-out.md).")
     run_dir = hydra_cfg.runtime.output_dir
     if dist.from_main(lambda: run_dir) != run_dir:
         raise UserError(f"The torchrun processes named different run folders ({run_dir} here): give one "

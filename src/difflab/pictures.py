@@ -229,3 +229,23 @@ def save_noising_strip(frames: Tensor, levels: Sequence[str], names: Sequence[st
     """frames (R, L, C, H, W) uint8: each row one image at increasing noise, columns named by `levels`."""
     step = 1 / len(levels)
     _labelled_rows(frames, names, [(text, (i + 0.5) * step) for i, text in enumerate(levels)], path, min_size=768)
+
+
+def save_schedule_plot(t: Sequence[float], log_snr: Sequence[float], steps_t: Sequence[float],
+                       steps_log_snr: Sequence[float], title: str, path: str | Path) -> None:
+    """log-SNR against t (0 = data, 1 = noise) of a noise process, with the levels a sampler visits marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(t, log_snr, label="schedule")
+    ax.plot(steps_t, steps_log_snr, "o", ms=4, label=f"sampler ({len(steps_t)} steps)")
+    ax.set_xlabel("t (0 = data, 1 = noise)")
+    ax.set_ylabel("log-SNR  ln(alpha^2 / sigma^2)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -32,6 +32,8 @@ from difflab.data import dataset_classes, default_prompts
 from difflab.diffusion import nfe
 from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
 from difflab.errors import UserError
+from difflab.evaluate.extractors import DOWNLOAD as INCEPTION_DOWNLOAD
+from difflab.evaluate.extractors import find_inception_weights, inception_url
 from difflab.evaluate.feature_classifier import STAGE as EVAL_CLASSIFIER_STAGE
 from difflab.evaluate.feature_classifier import classifier_settings as eval_classifier_settings
 from difflab.export_format import given_model_artifact, read_model_state
@@ -57,7 +59,7 @@ INIT_PARTS = {"reconstruction": "autoencoder", "diffusion": "unet", "joint": "un
 @dataclass
 class Step:
     name: str
-    source: str  # given | cache | train | resume | run (made by the run's own training) | new
+    source: str  # given | cache | train | resume | run (made by the run's own training) | new | download
     key: Optional[str] = None  # artifact key
     steps: Optional[int] = None  # training steps, or sampler steps
     detail: str = ""
@@ -70,6 +72,9 @@ class Plan:
 
     def to_json(self) -> dict:
         return {"mode": self.mode, "steps": [dataclasses.asdict(s) for s in self.steps]}
+
+    def needs(self, step: str, source: str) -> bool:
+        return any(s.name == step and s.source == source for s in self.steps)
 
     def table(self) -> str:
         rows = [("step", "source", "key", "steps", "detail")]
@@ -392,7 +397,15 @@ class PlanBuilder:
                 found = self.cache.find(EVAL_CLASSIFIER_STAGE, settings)
                 self.add("evaluation classifier", "cache" if found else "train", key, settings["steps"],
                          f"{data_cfg.dataset.name}, feature extractor of fd_classifier")
+            self.inception_weights()
             self.add("evaluate", "new", None, steps, f"{cfg.eval.num_samples} samples, {', '.join(cfg.eval.extractors)}")
+
+    def inception_weights(self) -> None:
+        """eval.inception_weights=download: fetched at the start of the run, so an offline machine says so before
+        anything trains."""
+        if "inception" in self.cfg.eval.extractors and self.cfg.eval.inception_weights == INCEPTION_DOWNLOAD:
+            found, _ = find_inception_weights(INCEPTION_DOWNLOAD)
+            self.add("inception weights", "cache" if found else "download", None, None, str(found or inception_url()))
 
     def evaluation_during_training(self) -> None:
         """eval.every: the evaluation while the diffusion model trains, and what train.best_metric needs of it."""

@@ -19,6 +19,7 @@ from difflab.checkpoint import atomic_write_json
 from difflab.data import load_splits
 from difflab.errors import SamplingInterrupted, UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies, use_ema_length, validation_batch
+from difflab.evaluate.extractors import download_inception_weights
 from difflab.evaluate.metrics import best_score, evaluate_model
 from difflab.export_format import read_model_state
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
@@ -220,6 +221,8 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     log.info("plan:\n%s", plan.table())
     if dist.is_main():
         atomic_write_json(run_dir / "plan.json", plan.to_json())
+        if plan.needs("inception weights", "download"):
+            download_inception_weights()
     keep_freed_memory()  # before the first large tensor: 6-13% of a CPU training step (allocator.py)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

@@ -24,7 +24,7 @@ from difflab.diffusion import Churn, GuidedDenoiser, NoiseProcess, nfe, run_samp
 from difflab.diffusion.spacing import spacing_of
 from difflab.errors import UserError
 from difflab.pictures import (Grid, class_grid, save_denoising, save_grid, save_noising_strip, save_png,
-                              save_real_vs_generated)
+                              save_real_vs_generated, save_schedule_plot)
 from difflab.progress import progress
 
 if TYPE_CHECKING:
@@ -241,12 +241,34 @@ def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, devi
     metrics = {**write_samples(result, run_dir / "samples", writer, step, names, pngs=cfg.sample.save_png),
                "sampled_with": sampled_with(cfg, model.process)}
     write_data_pictures(model, cfg, result, run_dir / "samples", device, names)
+    write_schedule_plot(model.process, cfg.sampler, run_dir / "schedule.png")
     if classifier is not None and result.labels is not None:
         write_samples(replace(result, frames=[]), run_dir / "classifier_guided_samples", names=names)
         metrics["sample_class_accuracy_t0"] = class_accuracy(classifier, model, result, device)
         log.info("classifier guidance scale %g: %.1f%% of samples read as their class by the classifier at t=0",
                  cfg.guidance.scale, 100 * metrics["sample_class_accuracy_t0"])
     return metrics
+
+
+def schedule_points(process: NoiseProcess, sampler_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The process's log-SNR over its grid of levels (t from 0 = data to 1 = noise, finite values only), and the
+    sampler's steps placed on that curve (t, log-SNR)."""
+    index = torch.arange(process.index_count)
+    curve = _log_snr(process, process.index_level(index))
+    t = (index.double() / max(process.index_count - 1, 1)).numpy()
+    steps = _log_snr(process, sampling_grid(process, sampler_cfg.steps, sampler_cfg.spacing, sampler_cfg.rho).levels)
+    finite = np.isfinite(curve)  # log-SNR falls monotonically in t: each step's t is where the curve has its value
+    return t[finite], curve[finite], np.interp(-steps, -curve[finite], t[finite]), steps
+
+
+def write_schedule_plot(process: NoiseProcess, sampler_cfg, path: Path) -> None:
+    """schedule.png: log-SNR against t, with the sampler's steps marked."""
+    save_schedule_plot(*schedule_points(process, sampler_cfg), process.summary(), path)
+
+
+def _log_snr(process: NoiseProcess, levels: Tensor) -> np.ndarray:
+    alpha, sigma = process.alpha_sigma(levels.double())
+    return (2 * (alpha.log() - sigma.log())).numpy()
 
 
 NOISING_LEVELS = 8  # columns of the forward-noising strip, the clean image first

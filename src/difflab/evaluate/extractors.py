@@ -3,7 +3,8 @@ names that identify their weights, so the feature cache (feature_cache.py) never
 of weights, and the extraction itself, done as torch_fidelity.calculate_metrics does it.
 
 - Inception-v3 (torch-fidelity's own network): when its weights file is at hand, from
-  `eval.inception_weights` or torch's hub cache; offline without it, it is skipped.
+  `eval.inception_weights` or torch's hub cache (`eval.inception_weights=download` fetches it there
+  first); offline without it, it is skipped.
 - The data set's evaluation classifier (feature_classifier.py), trained here, always at hand.
 
 Both receive uint8 3-channel images at the data set's size: Inception resizes to 299 inside,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -35,6 +37,7 @@ from difflab.evaluate.feature_classifier import load_classifier_file
 log = logging.getLogger("difflab.evaluate")
 
 INCEPTION_FILE = Path(URL_INCEPTION_V3).name  # weights-inception-2015-12-05-6726825d.pth
+DOWNLOAD = "download"  # eval.inception_weights: fetch the file into torch's hub cache at the start of a run
 
 
 @dataclass
@@ -101,15 +104,52 @@ def classifier_extractor(path: Path, key: str) -> Extractor:
     return Extractor("classifier", name, path)
 
 
+def _hub_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
 def find_inception_weights(configured: Optional[str]) -> tuple[Optional[Path], str]:
-    """(weights file, "") when one is at hand, else (None, why not)."""
-    if configured:
+    """(weights file, "") when one is at hand, else (None, why not). `download` means torch's hub
+    cache, where download_inception_weights puts the file."""
+    if configured and configured != DOWNLOAD:
         path = Path(configured).expanduser()
         return (path, "") if path.is_file() else (None, f"eval.inception_weights={configured} does not exist")
-    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    path = _hub_path()
     if path.is_file():
         return path, ""
-    return None, f"{INCEPTION_FILE} is not in torch's hub cache ({path.parent}); pass eval.inception_weights=PATH"
+    return None, (f"{INCEPTION_FILE} is not in torch's hub cache ({path.parent}); pass eval.inception_weights=PATH "
+                  f"or eval.inception_weights={DOWNLOAD}")
+
+
+def inception_url() -> str:
+    """Where eval.inception_weights=download fetches from: torch-fidelity's release, or a mirror named by
+    $DIFFLAB_INCEPTION_URL."""
+    return os.environ.get("DIFFLAB_INCEPTION_URL") or URL_INCEPTION_V3
+
+
+def download_inception_weights(url: Optional[str] = None) -> Path:
+    """torch-fidelity's Inception weights in torch's hub cache, downloaded from `url` unless they are there
+    already; the file is checked to be Inception's before it takes its place, so a failed or foreign download
+    leaves nothing behind."""
+    path, url = _hub_path(), url or inception_url()
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    log.info("downloading the Inception weights from %s to %s", url, path)
+    try:
+        torch.hub.download_url_to_file(url, str(part), progress=False)
+        inception_extractor(part)
+        os.replace(part, path)
+    except UserError:
+        raise UserError(f"eval.inception_weights={DOWNLOAD} fetched {url}, which is not Inception's weights file: "
+                        f"download {INCEPTION_FILE} yourself and pass eval.inception_weights=PATH.") from None
+    except Exception as e:  # urllib raises URLError, HTTPError, timeouts and OSErrors
+        raise UserError(f"eval.inception_weights={DOWNLOAD} could not fetch {url} ({type(e).__name__}): connect to "
+                        f"the internet, or pass eval.inception_weights=PATH to a copy of {INCEPTION_FILE}.") from None
+    finally:
+        part.unlink(missing_ok=True)
+    return path
 
 
 def inception_extractor(path: Path) -> Extractor:
