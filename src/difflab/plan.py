@@ -30,13 +30,14 @@ from difflab.config import (Config, autoencoder_train_config, classifier_train_c
                             validate, validate_batch_splits)
 from difflab.data import dataset_classes
 from difflab.diffusion import nfe
+from difflab.diffusion.editing import start_step
 from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
 from difflab.errors import UserError
 from difflab.evaluate.feature_classifier import STAGE as EVAL_CLASSIFIER_STAGE
 from difflab.evaluate.feature_classifier import classifier_settings as eval_classifier_settings
 from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
-from difflab.sampling import sampler_steps
+from difflab.sampling import edit_labels, edit_nfe, read_edit_inputs, sampler_steps
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
 from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, LatentSpace, build_denoiser_net, build_process,
@@ -46,7 +47,7 @@ log = logging.getLogger("difflab")
 
 TRAINING_MODES = ("reconstruction", "diffusion", "classifier", "joint")
 DIFFUSION_MODES = ("diffusion", "joint")
-LOADING_MODES = ("sample", "evaluate")
+LOADING_MODES = ("sample", "evaluate", "edit")
 INIT_PARTS = {"reconstruction": "autoencoder", "diffusion": "unet", "joint": "unet", "classifier": "classifier"}
 
 
@@ -344,6 +345,22 @@ class PlanBuilder:
         self.add("classifier", source, key, classifier_train_config(lookup).max_steps,
                  "noise-aware, for classifier guidance" + (" (mode=classifier settings)" if source == "train" else ""))
 
+    def editing(self, model: ModelFacts) -> None:
+        """mode=edit: its images, masks and labels read and checked against the model."""
+        cfg, e = self.cfg, self.cfg.edit
+        steps = _check_sampler(cfg, model.cfg)
+        inputs = read_edit_inputs(e)
+        n, found, wanted = len(inputs.images), tuple(inputs.images.shape[1:]), _image_shape(model.cfg)
+        if found != wanted:
+            raise UserError(f"edit.images={e.images} holds {dims(found)} images (channels x height x width) but the model "
+                            f"makes {dims(wanted)} ones: give images of the model's size and channels.")
+        classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
+        edit_labels(e.labels, n, classes, inputs.file_labels)
+        taken = steps - start_step(steps, e.strength)
+        what = "inpainting" + (f", each step taken {e.resample} times" if e.resample > 1 else "") if e.mask else "SDEdit"
+        self.add("edit", "new", None, taken, f"{n} images, {what}, strength {e.strength:g} ({taken} of {steps} "
+                 f"{cfg.sampler.name} steps, {edit_nfe(cfg.sampler.name, taken, e.resample if e.mask else 1)} NFE)")
+
     def sampling(self, model: ModelFacts) -> None:
         cfg = self.cfg
         classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
@@ -399,6 +416,10 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
         builder.autoencoder(main=True)
     elif mode == "classifier":
         builder.classifier()
+    elif mode == "edit":
+        model = given or builder.model()
+        builder.guidance(model)
+        builder.editing(model)
     else:
         model = given or builder.model()
         builder.guidance(model)

@@ -24,7 +24,7 @@ from difflab.evaluate.metrics import evaluate_model
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
                           obtain_guidance_classifier, obtain_latent_space, resumes_training)
 from difflab.record import provenance, write_metrics
-from difflab.sampling import sample_and_write, sample_images
+from difflab.sampling import edit_and_write, sample_and_write, sample_images
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
@@ -160,8 +160,17 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     return metrics
 
 
+def run_edit(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    model = load_diffusion_model(cfg.ckpt.model, device)
+    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
+    metrics.update({"stage": "edit", "checkpoint": str(Path(cfg.ckpt.model).expanduser().resolve())})
+    metrics.update(edit_and_write(model, cfg, run_dir, device, classifier))
+    return metrics
+
+
 MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "joint": run_diffusion,
-         "classifier": run_classifier, "sample": run_sample, "evaluate": run_evaluate}
+         "classifier": run_classifier, "sample": run_sample, "evaluate": run_evaluate,
+         "edit": run_edit}
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
