@@ -20,6 +20,7 @@ from difflab.errors import UserError
 from difflab.models.autoencoder import build_autoencoder
 from difflab.plan import build_plan
 from difflab.sampling import EditInputs, edit_images, generate, sample_images
+from difflab.sweep.compare import collect
 from difflab.trained import DiffusionModel, LatentSpace, build_denoiser_net, build_process
 
 CPU = torch.device("cpu")
@@ -226,3 +227,16 @@ def test_a_mistake_through_run_py_is_one_line(trained, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == ("error: edit.images=/nonexistent/x.npz does not exist: give a "
                                                     "folder of images or a samples.npz file.")
     assert not (tmp_path / "run" / "edits").exists()
+
+
+@pytest.mark.slow
+def test_strength_sweep_compares_the_before_after_grids(trained, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    npz = trained / "samples" / "samples.npz"
+    proc = run_py("-m", "+sweep=edit_strength", *_edit(trained, f"edit.images={npz}", "edit.strength=0.2,1.0",
+                                                       f"hydra.sweep.dir={sweep_dir}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = collect([sweep_dir])
+    assert [r.settings["edit.strength"] for r in jobs] == ["0.2", "1.0"]
+    assert [r.grid for r in jobs] == [sweep_dir / job / "edits" / "before_after.png" for job in ("0", "1")]
+    assert Image.open(sweep_dir / "comparison_samples.png").size[0] > 2 * 256

@@ -18,11 +18,11 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from difflab.data import class_names, to_model_range, to_uint8
+from difflab.data.edit_inputs import read_edit_images, read_masks
 from difflab.diffusion import Churn, GuidedDenoiser, NoiseProcess, nfe, run_sampler, sampling_grid
 from difflab.diffusion.editing import EditTask, Inpainting, noised, start_step
 from difflab.diffusion.samplers import OnStep
 from difflab.diffusion.spacing import spacing_of
-from difflab.data.edit_inputs import read_edit_images, read_masks
 from difflab.errors import UserError
 from difflab.pictures import EMPTY, Grid, aligned_rows, class_grid, save_denoising, save_grid
 from difflab.progress import progress

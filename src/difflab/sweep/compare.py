@@ -6,9 +6,10 @@ Hydra callback in sweep/callback.py) or rebuilt and merged across sweeps and sin
 Files: comparison.csv (one row per job: swept settings, status, every scalar of metrics.json,
 error), comparison.md (the same as a table, the best job at each loss and evaluation metric, the
 pictures), comparison.png (each metric against the swept setting, and all jobs' loss curves
-overlaid) and comparison_samples.png (each job's sample grid side by side). An evaluation metric
-K with a bootstrap standard error K_se is shown as "value ± se" and with error bars, and a job is
-only called best at it when the runner-up is at least twice their combined standard error behind.
+overlaid) and comparison_samples.png (each job's sample grid side by side; mode=edit's before/after
+grid). An evaluation metric K with a bootstrap standard error K_se is shown as "value ± se" and
+with error bars, and a job is only called best at it when the runner-up is at least twice their
+combined standard error behind.
 A job that trained several EMA copies (train.ema.decays) gives one row per decay. A job whose
 metrics.json or .hydra/overrides.yaml cannot be read is one row with status unreadable and the
 reason in its error column, so it costs the comparison only that row; a damaged picture or loss
@@ -51,6 +52,7 @@ SE_SUFFIX = "_se"  # metric K's bootstrap standard error is recorded as K_se
 SPREAD_SUFFIXES = (SE_SUFFIX, "_std")  # spreads of a metric (kid_std, ...), not metrics to rank
 LOWER_IS_BETTER = ("fd", "fid", "kid")  # name prefixes of distances between generated and real features
 HIGHER_IS_BETTER = ("class_accuracy", "precision", "recall", "inception_score")
+JOB_PICTURES = ("edits/before_after.png",)  # a job's picture where it has no samples/grid.png
 SEPARATION = 2  # a difference of this many combined standard errors (about a 95% test) names a winner
 
 log = logging.getLogger("difflab")
@@ -69,8 +71,9 @@ class JobResult:
 
     @property
     def grid(self) -> Optional[Path]:
-        path = self.samples_dir / "grid.png" if self.samples_dir else None
-        return path if path and path.is_file() else None
+        """The job's picture: its sample grid, else the first of JOB_PICTURES it has (mode=edit's before/after)."""
+        paths = [self.samples_dir / "grid.png"] if self.samples_dir else []
+        return next((p for p in [*paths, *(self.run_dir / name for name in JOB_PICTURES)] if p.is_file()), None)
 
 
 # ---- reading runs -------------------------------------------------------------------------
