@@ -120,7 +120,8 @@ def generate(
     t0 = time.perf_counter()
     grid = sampling_grid(process, sampler_cfg.steps, sampler_cfg.spacing, sampler_cfg.rho)
     start = 0 if edit is None else start_step(len(grid), edit.strength)
-    steps = len(grid) - start
+    taken = grid.from_step(start)  # the steps the sampler takes
+    steps = len(taken)
     keep = set(np.linspace(0, steps - 1, min(gif_frames, steps)).round().astype(int).tolist())
     with progress(stage, n, unit="img") as bar:
         for first in range(0, n, batch_size):
@@ -141,10 +142,9 @@ def generate(
             x_t = None
             if edit is not None:
                 x_in = edit.inputs[batch].to(device)
-                x_t = noised(grid.from_step(start), x_in, noise) if start > 0 else None  # strength 1: as sampling
+                x_t = noised(taken, x_in, noise) if start > 0 else None  # strength 1: as sampling
                 if edit.masks is not None:
-                    hooks.insert(0, Inpainting(denoiser, grid.from_step(start), x_in, edit.masks[batch].to(device),
-                                               edit.resample, gen))
+                    hooks.insert(0, Inpainting(denoiser, taken, x_in, edit.masks[batch].to(device), edit.resample, gen))
             x0 = run_sampler(sampler_cfg.name, denoiser, process, noise, sampler_cfg.steps,
                              eta=sampler_cfg.eta, generator=gen, on_step=_chained(hooks), start=start, x_t=x_t,
                              **sampler_options(sampler_cfg))
