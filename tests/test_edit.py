@@ -70,8 +70,7 @@ def test_strength_0_in_latent_space_is_the_autoencoders_reconstruction(shapes_di
     assert torch.equal(out.images, reconstruction)
 
 
-@pytest.mark.parametrize("objective, sampler", [("ddpm", "ddpm"), ("ddpm", "unipc"), ("edm", "heun"),
-                                                ("flow", "euler"), ("flow", "dpmpp_2m")])
+@pytest.mark.parametrize("objective, sampler", [("ddpm", "ddpm"), ("edm", "heun"), ("flow", "dpmpp_2m")])
 def test_strength_1_is_sampling_from_noise_with_the_same_generator(shapes_dir, tmp_path, objective, sampler):
     cfg = _cfg(shapes_dir, tmp_path, "edit.strength=1", f"sampler={sampler}", "sampler.steps=4",
                "edit.labels=[0,1,1,0]", objective=objective)
@@ -82,7 +81,7 @@ def test_strength_1_is_sampling_from_noise_with_the_same_generator(shapes_dir, t
     assert edited.labels.tolist() == [0, 1, 1, 0]
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("sampler", sorted(set(SAMPLERS) - {"euler"}))  # euler is ddim
 def test_inpainting_keeps_the_known_region_in_every_sampler(shapes_dir, tmp_path, sampler):
     """The step hook alone (no pasting afterwards) leaves the unmasked pixels as given."""
     cfg = _cfg(shapes_dir, tmp_path, f"sampler={sampler}", "sampler.steps=4")

@@ -416,14 +416,13 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
         builder.autoencoder(main=True)
     elif mode == "classifier":
         builder.classifier()
-    elif mode == "edit":
-        model = given or builder.model()
-        builder.guidance(model)
-        builder.editing(model)
     else:
         model = given or builder.model()
         builder.guidance(model)
-        builder.sampling(model)
+        if mode == "edit":
+            builder.editing(model)
+        else:
+            builder.sampling(model)
     return builder.plan
 
 
