@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO / "src"))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default="/tmp/bench_cache", help="the artifact cache (paths.cache_dir)")
-    parser.add_argument("--num-images", type=int, default=500, help="test digits edited per case")
+    parser.add_argument("--num-images", type=int, default=200, help="test digits edited per case")
     parser.add_argument("--strengths", default="0.2,0.4,0.6,0.8,1.0")
-    parser.add_argument("--resample", type=int, default=3, help="RePaint's U for the resampled inpainting case")
+    parser.add_argument("--resample", type=int, default=2, help="RePaint's U for the resampled inpainting case")
     parser.add_argument("--train-steps", type=int, default=600, help="steps of the model trained when none is cached")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
@@ -97,9 +97,10 @@ def main() -> None:
                 "read_as_source": float((predicted == source_labels).float().mean()),
                 "seconds": round(time.perf_counter() - t0, 1)}, out.images
 
-    sdedit = [edit(float(s), targets)[0] for s in args.strengths.split(",")]
-    for row in sdedit:
-        print(json.dumps(row), file=sys.stderr)
+    sdedit = []
+    for strength in args.strengths.split(","):
+        sdedit.append(edit(float(strength), targets)[0])
+        print(json.dumps(sdedit[-1]), file=sys.stderr, flush=True)
 
     mask = torch.zeros_like(source[:, :1], dtype=torch.float32)
     mask[..., source.shape[-1] // 2:] = 1  # regenerate the right half

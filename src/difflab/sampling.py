@@ -79,9 +79,11 @@ def edit_labels(spec: Any, n: int, num_classes: int, given: Optional[Tensor] = N
         raise UserError(f"The model is class-conditional, so each edited image needs a class: add edit.labels=<one id "
                         f"in 0..{num_classes - 1} for all> or one per image (e.g. edit.labels=[3,8]).")
     if len(values) not in (1, n):
-        raise UserError(f"edit.labels has {len(values)} labels for {n} images: give one label for all, or one per image.")
+        raise UserError(f"edit.labels has {len(values)} labels for {n} images: give one label for all, or one per "
+                        "image.")
     if min(values) < 0 or max(values) >= num_classes:
-        raise UserError(f"edit.labels={values} has a class outside 0..{num_classes - 1}, the model's classes: fix the list.")
+        raise UserError(f"edit.labels={values} has a class outside 0..{num_classes - 1}, the model's classes: fix "
+                        "the list.")
     return torch.tensor(values * (n if len(values) == 1 else 1), dtype=torch.long)
 
 

@@ -43,8 +43,9 @@ def _stacked(files: list[Path], setting: str, grey: Optional[bool] = None) -> Te
     images = [_decode(f, setting, grey) for f in files]
     shapes = sorted({tuple(t.shape) for t in images})
     if len(shapes) > 1:
-        raise UserError(f"{setting} holds images of different sizes or channels ({', '.join('x'.join(map(str, s)) for s in shapes[:2])}): "
-                        "give images of one size, that of the model's.")
+        shown = ", ".join("x".join(map(str, s)) for s in shapes[:2])
+        raise UserError(f"{setting} holds images of different sizes or channels ({shown}): give images of one size, "
+                        "that of the model's.")
     return torch.stack(images)
 
 
@@ -62,8 +63,10 @@ def _read_npz(path: Path, setting: str) -> tuple[Tensor, Optional[Tensor]]:
             images = data["images"] if "images" in data.files else None
             labels = data["labels"] if "labels" in data.files else None
     except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{setting}={path} is not a readable .npz ({e}): give a samples.npz written by difflab.") from None
-    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
+        raise UserError(f"{setting}={path} is not a readable .npz ({e}): give a samples.npz written by "
+                        "difflab.") from None
+    shaped = images is not None and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (1, 3)
+    if not shaped or not len(images):
         raise UserError(f"{setting}={path} has no `images` array of uint8 N,H,W,C with C 1 or 3: give a samples.npz "
                         "written by difflab (or one in its format).")
     if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"):
