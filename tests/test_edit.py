@@ -14,6 +14,7 @@ from PIL import Image
 
 from difflab.api import _compose
 from difflab.data import to_model_range, to_uint8
+from difflab.data.edit_inputs import read_edit_images
 from difflab.diffusion.editing import EditTask, start_step
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.errors import UserError
@@ -239,3 +240,20 @@ def test_strength_sweep_compares_the_before_after_grids(trained, tmp_path):
     assert [r.settings["edit.strength"] for r in jobs] == ["0.2", "1.0"]
     assert [r.grid for r in jobs] == [sweep_dir / job / "edits" / "before_after.png" for job in ("0", "1")]
     assert Image.open(sweep_dir / "comparison_samples.png").size[0] > 2 * 256
+
+
+def test_npz_inputs_are_read_without_pickle_and_checked(tmp_path):
+    images = np.arange(2 * 16 * 16, dtype=np.uint8).reshape(2, 16, 16, 1)
+    np.savez(tmp_path / "good.npz", images=images, labels=np.array([1, 0]))
+    read, labels = read_edit_images(str(tmp_path / "good.npz"))
+    assert read.shape == (2, 1, 16, 16) and torch.equal(read[1, 0], torch.from_numpy(images[1, ..., 0]))
+    assert labels.tolist() == [1, 0]
+    np.savez(tmp_path / "floats.npz", images=images.astype(np.float32))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    (tmp_path / "objects.npz").write_bytes((tmp_path / "objects.npy").read_bytes())
+    np.save(tmp_path / "plain.npy", images)
+    (tmp_path / "plain.npz").write_bytes((tmp_path / "plain.npy").read_bytes())
+    for name, needle in [("floats.npz", "has no `images` array of uint8"), ("objects.npz", "is not a readable .npz"),
+                         ("plain.npz", "is not a readable .npz")]:
+        with pytest.raises(UserError, match=needle):
+            read_edit_images(str(tmp_path / name))

@@ -59,7 +59,10 @@ def _folder_files(root: Path, setting: str) -> list[Path]:
 def _read_npz(path: Path, setting: str) -> tuple[Tensor, Optional[Tensor]]:
     """images (and labels where it has them) of a samples.npz, read without pickle."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # a plain .npy array under an .npz name
+            raise ValueError("one array, not an archive of named arrays")
+        with data:
             images = data["images"] if "images" in data.files else None
             labels = data["labels"] if "labels" in data.files else None
     except (OSError, ValueError, EOFError) as e:
