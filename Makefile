@@ -2,6 +2,7 @@
 # Setup is idempotent: a stamp file records a finished install, so later calls skip it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+EXTRAS := dev,launchers,bench,wandb,mlflow,text,optuna
 # torch/torchvision pinned to the builds on this machine's disk (a plain `torch` pulls a newer CUDA build).
 ifeq ($(shell uname -m),aarch64)
 TORCH := torch==2.9.1 torchvision==0.24.1
@@ -15,7 +16,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,launchers,bench]'
+	@# every extra, so the tests exercise the real trackers, CLIP, pruning and Optuna; the pin keeps the torch above
+	printf '%s\n' $(TORCH) > $(VENV)/torch-pin.txt
+	$(PY) -m pip install --quiet -c $(VENV)/torch-pin.txt -e '.[$(EXTRAS)]'
 	@# Fashion-MNIST offline (Debian's IDX files); optional, so a failure only prints a note.
 	@[ -d /usr/share/datasets/fashion-mnist ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } || \

@@ -285,6 +285,18 @@ class SampleConfig:
 
 
 @dataclass
+class EditConfig:
+    """mode=edit: SDEdit image-to-image and inpainting of given images with a trained model."""
+
+    images: Optional[str] = None  # a folder of images or a samples.npz (images N,H,W,C uint8; labels N)
+    strength: float = 0.6  # the share of the sampler's steps the inputs are noised back by; 1 = from pure noise
+    labels: Any = None  # one class id for all, or one per image; null = the .npz's labels (or none: unconditional)
+    mask: Optional[str] = None  # a mask image for all inputs, or a folder of one per input (white = regenerate)
+    resample: int = 1  # inpainting: times each step is taken (RePaint's resampling); 1 = none
+    batch_size: int = 250
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = 500  # samples measured at the end of training and by mode=evaluate; 0 = none
     batch_size: int = 250  # images per feature-extractor batch
@@ -333,6 +345,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
@@ -367,7 +380,7 @@ CHOICES = {
     "guidance.name": ("none", "classifier", "cfg"),
     "conditioning.name": ("class", "class_tokens", "text"),
     "text_encoder.name": ("learned", "clip"),
-    "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate"),
+    "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate", "edit"),
     "objective.prediction": ("eps", "x0", "v"),
     "objective.loss": ("l2", "l1"),
     "train.lr_schedule": ("cosine", "constant"),
@@ -440,6 +453,7 @@ RANGES: dict[str, Range] = {
     "classifier.lr": POSITIVE, "classifier.weight": AT_LEAST_0, "classifier.accuracy_bands": POSITIVE,
     "sample.num_images": AT_LEAST_0, "sample.batch_size": POSITIVE, "sample.gif_images": AT_LEAST_0,
     "sample.gif_frames": AT_LEAST_1,
+    "edit.strength": Range(0, 1, low_open=True), "edit.resample": AT_LEAST_1, "edit.batch_size": POSITIVE,
     "eval.num_samples": AT_LEAST_0, "eval.batch_size": POSITIVE, "eval.classifier_steps": POSITIVE,
     "eval.classifier_batch_size": POSITIVE, "eval.bootstrap": AT_LEAST_0, "eval.memorisation": AT_LEAST_0,
     "eval.every": AT_LEAST_0, "eval.every_samples": Range(4),
@@ -583,7 +597,7 @@ def autoencoder_batch_key(cfg) -> str:
 
 def _trained_batch_keys(cfg) -> list[str]:
     """The keys of the batch sizes a run may train with: its stage's, and its autoencoder's."""
-    if cfg.mode.name in ("sample", "evaluate"):  # they train nothing
+    if cfg.mode.name in ("sample", "evaluate", "edit"):  # they train nothing
         return []
     keys = {"reconstruction": [], "classifier": ["classifier.batch_size"]}.get(cfg.mode.name, ["train.batch_size"])
     if cfg.autoencoder.name != "none":
@@ -597,7 +611,7 @@ def validate_batch_splits(cfg, world_size: int) -> None:
     torchrun the mode must also train something."""
     from difflab.errors import UserError
 
-    if world_size > 1 and cfg.mode.name in ("sample", "evaluate"):
+    if world_size > 1 and cfg.mode.name in ("sample", "evaluate", "edit"):
         raise UserError(f"mode={cfg.mode.name} trains nothing, so torchrun's extra processes would have nothing to do: "
                         "run it with `python run.py`.")
     accum = cfg.train.grad_accum_steps

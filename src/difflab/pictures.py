@@ -102,13 +102,20 @@ def save_png(grid: Tensor, path: str | Path, min_size: int = 256) -> None:
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
+def aligned_rows(sets: Sequence[Tensor], names: Sequence[str] = (), per_row: int = 8, fill: int = 128) -> Grid:
+    """Equal-length sets of uint8 images shown one above the other, image k of each set in one
+    column (before above after), `per_row` columns at a time; rows named by `names`."""
+    per_row = min(per_row, len(sets[0]))
+    blank = torch.full((-len(sets[0]) % per_row, *sets[0].shape[1:]), fill, dtype=sets[0].dtype)  # fills the last row
+    sets = [torch.cat([images, blank]) for images in sets]
+    rows = [images[start:start + per_row] for start in range(0, len(sets[0]), per_row) for images in sets]
+    names = list(names) or [""] * len(sets)
+    return Grid(make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=fill), names * (len(rows) // len(sets)))
+
+
 def save_pairs(top: Tensor, bottom: Tensor, path: str | Path, per_row: int = 8) -> None:
     """Pairs of uint8 images, each `top` image above its `bottom` one, `per_row` pairs a row."""
-    per_row = min(per_row, len(top))
-    blank = torch.full((-len(top) % per_row, *top.shape[1:]), 128, dtype=top.dtype)  # fills the last row
-    top, bottom = torch.cat([top, blank]), torch.cat([bottom, blank])
-    rows = [half[start:start + per_row] for start in range(0, len(top), per_row) for half in (top, bottom)]
-    save_png(make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=128), path)
+    save_png(aligned_rows([top, bottom], per_row=per_row).image, path)
 
 
 def save_denoising(frames: Sequence[Grid], folder: str | Path, gif_path: str | Path, duration_ms: int = 120) -> None:

@@ -30,6 +30,7 @@ from difflab.config import (Config, autoencoder_train_config, classifier_train_c
                             objective_name, validate, validate_batch_splits)
 from difflab.data import dataset_classes, default_prompts
 from difflab.diffusion import nfe
+from difflab.diffusion.editing import start_step
 from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
 from difflab.errors import UserError
 from difflab.evaluate.extractors import DOWNLOAD as INCEPTION_DOWNLOAD
@@ -40,7 +41,7 @@ from difflab.export_format import given_model_artifact, read_model_state
 from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
 from difflab.models.text_encoder import clip_files, require_transformers
-from difflab.sampling import sampler_steps
+from difflab.sampling import edit_labels, edit_nfe, read_edit_inputs, sampler_steps
 from difflab.trackers import check_trackers
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
@@ -52,7 +53,7 @@ log = logging.getLogger("difflab")
 
 TRAINING_MODES = ("reconstruction", "diffusion", "classifier", "joint")
 DIFFUSION_MODES = ("diffusion", "joint")
-LOADING_MODES = ("sample", "evaluate")
+LOADING_MODES = ("sample", "evaluate", "edit")
 INIT_PARTS = {"reconstruction": "autoencoder", "diffusion": "unet", "joint": "unet", "classifier": "classifier"}
 
 
@@ -366,6 +367,22 @@ class PlanBuilder:
         self.add("classifier", source, key, classifier_train_config(lookup).max_steps,
                  "noise-aware, for classifier guidance" + (" (mode=classifier settings)" if source == "train" else ""))
 
+    def editing(self, model: ModelFacts) -> None:
+        """mode=edit: its images, masks and labels read and checked against the model."""
+        cfg, e = self.cfg, self.cfg.edit
+        steps = _check_sampler(cfg, model.cfg)
+        inputs = read_edit_inputs(e)
+        n, found, wanted = len(inputs.images), tuple(inputs.images.shape[1:]), _image_shape(model.cfg)
+        if found != wanted:
+            raise UserError(f"edit.images={e.images} holds {dims(found)} images (channels x height x width) but the model "
+                            f"makes {dims(wanted)} ones: give images of the model's size and channels.")
+        classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
+        edit_labels(e.labels, n, classes, inputs.file_labels)
+        taken = steps - start_step(steps, e.strength)
+        what = "inpainting" + (f", each step taken {e.resample} times" if e.resample > 1 else "") if e.mask else "SDEdit"
+        self.add("edit", "new", None, taken, f"{n} images, {what}, strength {e.strength:g} ({taken} of {steps} "
+                 f"{cfg.sampler.name} steps, {edit_nfe(cfg.sampler.name, taken, e.resample if e.mask else 1)} NFE)")
+
     def sampling(self, model: ModelFacts) -> None:
         cfg = self.cfg
         classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
@@ -490,7 +507,10 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
         if mode in DIFFUSION_MODES:
             builder.evaluation_during_training()
         builder.guidance(model)
-        builder.sampling(model)
+        if mode == "edit":
+            builder.editing(model)
+        else:
+            builder.sampling(model)
     return builder.plan
 
 

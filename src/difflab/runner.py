@@ -25,7 +25,7 @@ from difflab.export_format import read_model_state
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
                           obtain_guidance_classifier, obtain_latent_space, resumes_training)
 from difflab.record import provenance, write_metrics
-from difflab.sampling import sample_and_write, sample_images
+from difflab.sampling import edit_and_write, sample_and_write, sample_images
 from difflab.sweep.hparams import run_identity
 from difflab.sweep.metric import objective
 from difflab.trackers import OPEN_RUNS, Trackers, open_trackers
@@ -206,8 +206,17 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     return metrics
 
 
+def run_edit(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    model, state, checkpoint, record = load_model(cfg, cfg.ckpt.model, device)
+    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device, given=state)
+    metrics.update({**record, "stage": "edit", "checkpoint": checkpoint})
+    metrics.update(edit_and_write(model, cfg, run_dir, device, classifier))
+    return metrics
+
+
 MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "joint": run_diffusion,
-         "classifier": run_classifier, "sample": run_sample, "evaluate": run_evaluate}
+         "classifier": run_classifier, "sample": run_sample, "evaluate": run_evaluate,
+         "edit": run_edit}
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -139,6 +140,12 @@ class LatentSpace:
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         return torch.cat([self.autoencoder.decode(zb / self.scale).float() for zb in z.split(ENCODE_BATCH)])
+
+    def mask_to_latent(self, mask: Tensor) -> Tensor:
+        """A pixel mask (N,1,H,W, 1 = regenerate) on the latent grid: a latent cell is regenerated
+        when any pixel it covers is (padded as the encoder pads its input)."""
+        ae = self.autoencoder
+        return F.max_pool2d(F.pad(mask.float(), (0, ae.pad, 0, ae.pad)), ae.factor)
 
     def state(self) -> dict:
         return {"config": self.config, "image_shape": list(self.image_shape), "latent_scale": self.scale,

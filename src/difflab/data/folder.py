@@ -31,7 +31,7 @@ def read_folder(root: Path, image_size: int, channels: int) -> ImageData:
     captioned by the folder's metadata file when it has one."""
     if not root.is_dir():
         raise UserError(f"dataset.root={root} is not a folder: set dataset.root to a folder of .png or .jpg images.")
-    files = _image_files(root)
+    files = image_files(root)
     class_of = _class_names(root, files)
     captions = folder_captions(root, files)
     decoded, bad, kept = [], [], []
@@ -79,10 +79,10 @@ def folder_classes(root: Path) -> list[str]:
     """The class names read_folder would label the folder's images with, without decoding any."""
     if not root.is_dir():
         raise UserError(f"dataset.root={root} is not a folder: set dataset.root to a folder of .png or .jpg images.")
-    return sorted(set(_class_names(root, _image_files(root)).values()))
+    return sorted(set(_class_names(root, image_files(root)).values()))
 
 
-def _image_files(root: Path) -> list[Path]:
+def image_files(root: Path) -> list[Path]:
     """Image files anywhere under root, skipping hidden files and folders (.git, .ipynb_checkpoints)."""
     return sorted(p for p in root.rglob("*")
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()

@@ -19,7 +19,9 @@ from torch import Tensor
 from difflab.diffusion.process import NoiseProcess, log_snr
 from difflab.diffusion.spacing import Grid, sampling_grid
 
-OnStep = Callable[[int, Tensor, Tensor], None]  # (step index, x_t, x0_hat)
+# (step index i, x_t at the level step i reached, x0_hat) -> None, or the x_t to go on from (inpainting's
+# re-noised known region); called after every step.
+OnStep = Callable[[int, Tensor, Tensor], Optional[Tensor]]
 
 
 class Denoiser(Protocol):
@@ -40,6 +42,12 @@ class Churn:
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _after_step(on_step: OnStep | None, i: int, x: Tensor, x0: Tensor) -> Tensor:
+    """x after step i, as the step hook leaves it."""
+    out = on_step(i, x, x0) if on_step else None
+    return x if out is None else out
 
 
 def _posterior(a_t: float, s_t: float, a_s: float, s_s: float) -> tuple[float, float, float]:
@@ -63,8 +71,7 @@ def ddpm(denoiser: Denoiser, grid: Grid, x: Tensor, generator: torch.Generator |
         if shift is not None:
             mean = mean + var * shift  # classifier guidance: mu + Sigma * grad log p(y | x_t)
         x = mean + math.sqrt(var) * _noise(x, generator) if var > 0 else mean
-        if on_step:
-            on_step(i, x, x0)
+        x = _after_step(on_step, i, x, x0)
     return x
 
 
@@ -79,8 +86,7 @@ def ddim(denoiser: Denoiser, grid: Grid, x: Tensor, eta: float = 0.0, generator:
         x = a_s * x0 + math.sqrt(max(s_s**2 - c**2, 0.0)) * eps
         if c > 0:
             x = x + c * _noise(x, generator)
-        if on_step:
-            on_step(i, x, x0)
+        x = _after_step(on_step, i, x, x0)
     return x
 
 
@@ -112,8 +118,7 @@ def heun(denoiser: Denoiser, grid: Grid, x: Tensor, process: NoiseProcess, churn
                 _, eps_next = denoiser(a_s * x_next, grid.level(i + 1, x))
                 x_next = x_ve + (ve_s - ve_t) * (eps + eps_next) / 2
             x = a_s * x_next
-        if on_step:
-            on_step(i, x, x0)
+        x = _after_step(on_step, i, x, x0)
     return x
 
 
@@ -132,8 +137,7 @@ def dpmpp_2m(denoiser: Denoiser, grid: Grid, x: Tensor, on_step: OnStep | None =
             d = x0 if x0_prev is None or math.isinf(h_prev) else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
             x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        if on_step:
-            on_step(i, x, x0)
+        x = _after_step(on_step, i, x, x0)
     return x
 
 
@@ -180,8 +184,7 @@ def unipc(denoiser: Denoiser, grid: Grid, x: Tensor, on_step: OnStep | None = No
         if order == 2:  # UniP-2: rho = 1/2 on D1 = (m_prev - m) / r
             r = (lams[i - 1] - lams[i]) / h
             x = x - grid.alphas[i + 1] * math.expm1(-h) * 0.5 * (history[0] - x0) / r
-        if on_step:
-            on_step(i, x, x0)
+        x = _after_step(on_step, i, x, x0)
     return x
 
 
@@ -197,14 +200,16 @@ def nfe(name: str, steps: int) -> int:
 
 def run_sampler(name: str, denoiser: Denoiser, process: NoiseProcess, noise: Tensor, steps: int | None,
                 eta: float = 0.0, generator: torch.Generator | None = None, on_step: OnStep | None = None,
-                spacing: Optional[str] = None, rho: float = 7.0, churn: Churn = Churn()) -> Tensor:
+                spacing: Optional[str] = None, rho: float = 7.0, churn: Churn = Churn(), start: int = 0,
+                x_t: Optional[Tensor] = None) -> Tensor:
     """Sample from standard normal `noise`, scaled to the first level's marginal for unit-variance
-    data (sqrt(alpha^2 + sigma^2): 1 for DDPM and flow, about sigma_max for EDM). Gradients stay
+    data (sqrt(alpha^2 + sigma^2): 1 for DDPM and flow, about sigma_max for EDM); or, from step
+    `start` of the grid on, from `x_t` at that step's level (SDEdit's noised input). Gradients stay
     off except where the denoiser enables them (classifier guidance differentiates the classifier)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}.")
-    grid = sampling_grid(process, steps, spacing, rho)
-    x = noise * math.hypot(grid.alphas[0], grid.sigmas[0])
+    grid = sampling_grid(process, steps, spacing, rho).from_step(start)
+    x = noise * math.hypot(grid.alphas[0], grid.sigmas[0]) if x_t is None else x_t
     # inference_mode skips autograd's version counters and views bookkeeping; classifier guidance
     # differentiates the classifier, which tensors made under inference_mode cannot enter.
     guided = getattr(denoiser, "classifier", None) is not None

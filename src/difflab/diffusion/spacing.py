@@ -32,6 +32,10 @@ class Grid:
     def __len__(self) -> int:
         return len(self.levels)
 
+    def from_step(self, start: int) -> Grid:
+        """The grid of steps start, start + 1, ... (start = len: clean data alone, no steps)."""
+        return Grid(self.levels[start:], self.alphas[start:], self.sigmas[start:])
+
     def level(self, i: int, x: Tensor) -> Tensor:
         """Level i for every example of the batch x (int64 where the levels are DDPM steps)."""
         value = self.levels[i]

@@ -8,7 +8,8 @@ error), comparison.md (first the answer: the best job by the sweep's metric, swe
 the best job at each loss and evaluation metric, the table, the pictures), comparison.html (the
 same on one self-contained page, its table sortable), comparison.png (each metric against the
 swept setting, and all jobs' loss curves
-overlaid) and comparison_samples.png (each job's sample grid side by side). An evaluation metric
+overlaid) and comparison_samples.png (each job's sample grid side by side;
+mode=edit's before/after grid). An evaluation metric
 K with a bootstrap standard error K_se is shown as "value ± se" and with error bars, and a job is
 only called best at it when the runner-up is at least twice their combined standard error behind.
 A job that trained several EMA copies (train.ema.decays) gives one row per decay. A job whose
@@ -53,6 +54,7 @@ REDO = "delete it and re-run the job with train.resume=auto"  # the fix for a da
 DAMAGED = (OSError, ValueError, KeyError, TypeError)  # what reading a damaged picture or curve raises
 SE_SUFFIX = "_se"  # metric K's bootstrap standard error is recorded as K_se
 LOSSES = ("final_loss", "val_loss", "best_val_loss")  # each gets its "Lowest" line; no standard errors to weigh
+JOB_PICTURES = ("edits/before_after.png",)  # a job's picture where it has no samples/grid.png
 SEPARATION = 2  # a difference of this many combined standard errors (about a 95% test) names a winner
 
 log = logging.getLogger("difflab")
@@ -71,8 +73,9 @@ class JobResult:
 
     @property
     def grid(self) -> Optional[Path]:
-        path = self.samples_dir / "grid.png" if self.samples_dir else None
-        return path if path and path.is_file() else None
+        """The job's picture: its sample grid, else the first of JOB_PICTURES it has (mode=edit's before/after)."""
+        paths = [self.samples_dir / "grid.png"] if self.samples_dir else []
+        return next((p for p in [*paths, *(self.run_dir / name for name in JOB_PICTURES)] if p.is_file()), None)
 
 
 # ---- reading runs -------------------------------------------------------------------------
