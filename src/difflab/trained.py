@@ -22,6 +22,7 @@ from difflab.diffusion import DDPMProcess, EDMProcess, FlowProcess, GuidedDenois
 from difflab.errors import UserError
 from difflab.models import NoisyClassifier, build_classifier, build_unet
 from difflab.models.autoencoder import Autoencoder, build_autoencoder
+from difflab.models.mlp import build_mlp
 
 ENCODE_BATCH = 256
 DIFFUSION_STAGES = ("diffusion", "joint")
@@ -41,6 +42,10 @@ def build_process(cfg: DictConfig) -> NoiseProcess:
 
 
 def build_denoiser_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The network of the `unet` group for inputs of `shape`: the residual MLP of unet=mlp (for vector
+    latents), else a UNet."""
+    if cfg.unet.name == "mlp":
+        return build_mlp(cfg.unet, shape, num_classes)
     return build_unet(cfg.unet, in_channels=shape[0], image_size=shape[1], num_classes=num_classes)
 
 
