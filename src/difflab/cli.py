@@ -158,6 +158,12 @@ def composition_error(e: Exception) -> str:
     from difflab.config import OBJECTIVE_SCHEMAS
 
     text = "\n".join(str(c) for c in (e, e.__cause__) if c is not None)
+    missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
+    if missing and (Path(CONF_DIR) / missing.group(1)).is_dir():  # an option (or preset) that no file names
+        group, name = missing.groups()
+        choices = ", ".join(sorted(f.stem for f in (Path(CONF_DIR) / group).glob("*.yaml")))
+        plus = "+" if group == "experiment" else ""
+        return f"{plus}{group}={name} is not an option: choose one of {choices}."
     wrong = re.search(r"Could not override '([^']+)'", text)
     if not wrong:
         return text.splitlines()[0]
