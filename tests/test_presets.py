@@ -23,10 +23,11 @@ TABLE = REPO / "docs" / "presets.md"
 
 # The preset's networks shrunk to the tiny run's: every setting the presets give, so none survives.
 TINY_UNET = ["unet.channels=16", "unet.channel_mults=[1,2]", "unet.num_res_blocks=1", "unet.attention_resolutions=[8]",
-             "unet.head_channels=8", "unet.norm_groups=8", "unet.dropout=0.0"]
-TINY_MLP = ["unet.channels=32", "unet.num_res_blocks=2"]
+             "unet.head_channels=8", "unet.norm_groups=8", "unet.dropout=0.0", "train.threads=1"]
+TINY_MLP = ["unet.channels=32", "unet.num_res_blocks=2", "train.threads=1"]
 TINY_LATENT = [*TINY_AE, "autoencoder.channel_mults=[1,2,2]", "autoencoder.norm_groups=8",
-               "autoencoder.codebook_size=16", "autoencoder.latent_channels=4", "autoencoder.discriminator.start=4"]
+               "autoencoder.codebook_size=16", "autoencoder.latent_channels=4", "autoencoder.discriminator.start=4",
+               "autoencoder.discriminator.num_layers=2"]  # 70x70 patches need more than 16x16 images
 
 
 @pytest.fixture(scope="module")
