@@ -3,6 +3,7 @@ trained end to end: the API draws what `python run.py mode=sample` writes, and a
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -105,6 +106,25 @@ def test_an_export_holds_no_pickle_and_samples_as_the_checkpoint(trained, pipe, 
     assert exported.latent_shape is None and exported.num_classes == 2
     for settings in [{}, {"labels": 1, "sampler": "ddim", "steps": 4, "guidance_scale": 2.0, "seed": 5}]:
         assert torch.equal(exported.sample(5, **settings).images, pipe.sample(5, **settings).images)
+
+
+@pytest.mark.parametrize("given", ["export", "run folder"])
+def test_mode_sample_reads_an_export_or_a_run_folder_as_the_checkpoint(trained, tmp_path, given):
+    if given == "export":
+        ckpt = tmp_path / "exported"
+        assert run_py("export", f"ckpt={trained}", f"out={ckpt}").returncode == 0
+    else:
+        ckpt = trained
+    written = {}
+    for name, path in [("given", ckpt), ("checkpoint", trained / "checkpoints" / "last.pt")]:
+        out = tmp_path / name
+        proc = run_py("mode=sample", f"ckpt={path}", "sample.num_images=4", "guidance=cfg", "guidance.scale=2",
+                      "device=cpu", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={out}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        written[name] = np.load(out / "samples" / "samples.npz")["images"]
+    assert np.array_equal(written["given"], written["checkpoint"])
+    metrics = json.loads((tmp_path / "given" / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(ckpt.resolve() if given == "export" else trained / "checkpoints" / "last.pt")
 
 
 def test_an_earlier_export_is_overwritten_file_by_file_and_checked_when_loaded(trained, latent, tmp_path):

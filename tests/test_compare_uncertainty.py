@@ -83,7 +83,7 @@ def test_real_metrics_and_spreads_get_no_verdict_line(tmp_path):
 @pytest.mark.parametrize("key, direction", [
     ("fd_classifier", "lower"), ("fid", "lower"), ("kid_classifier", "lower"), ("real_fd_classifier", "lower"),
     ("class_accuracy", "higher"), ("precision_classifier", "higher"), ("recall", "higher"),
-    ("inception_score", "higher"), ("fd_classifier_se", None), ("kid_std", None), ("final_loss", None),
+    ("inception_score", "higher"), ("fd_classifier_se", None), ("kid_std", None), ("final_loss", "lower"),
     ("steps", None)])
 def test_metric_direction(key, direction):
     assert metric_direction(key) == direction

@@ -123,7 +123,11 @@ def test_named_sweeps_compose(hydra_ctx):
         validate(cfg)
     guided = compose(config_name="config", overrides=["+sweep=guidance_scale"], return_hydra_config=True)
     assert guided.guidance.name == "cfg" and guided.hydra.sweeper.params["guidance.scale"] == "0,1,2,3,5"
-    assert len(compose(config_name="config", overrides=["+sweep=ema_decay"]).train.ema.decays) >= 3
+    ema = compose(config_name="config", overrides=["+sweep=ema_decay"], return_hydra_config=True)
+    assert ema.train.ema.posthoc and len(ema.hydra.sweeper.params["train.ema.sigma_rel"].split(",")) >= 3
+    study = compose(config_name="config", overrides=["+sweep=optuna", "sweep.metric=class_accuracy"],
+                    return_hydra_config=True)
+    assert study.hydra.sweeper._target_.endswith("OptunaSweeper") and study.hydra.sweeper.direction == "maximize"
 
 
 @pytest.mark.parametrize("launcher", ["parallel", "slurm", "slurm_local"])

@@ -103,7 +103,8 @@ def test_reconstruction_mode_vq_with_discriminator_then_given_checkpoint(tmp_pat
 
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
-    assert {"train/loss", "reconstruction/mse", "reconstruction/psnr", "reconstruction/codebook_usage"} <= set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/final/reconstruction_mse", "val/final/reconstruction_psnr",
+            "val/final/codebook_usage"} <= set(acc.Tags()["scalars"])
     assert "reconstructions" in acc.Tags()["images"]
     # the same autoencoder given explicitly: measured again, not trained
     given = tmp_path / "given"

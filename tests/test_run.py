@@ -58,7 +58,7 @@ def test_tensorboard_has_scalars_and_images(trained):
     # every train.image_every=3 steps, and at the end the grid of the samples drawn after
     # training (once: the trainer does not draw a second grid for the last step)
     assert [e.step for e in acc.Images("samples/grid")] == [3, 6]
-    assert acc.Scalars("final/final_loss")[0].value > 0
+    assert not [t for t in scalars if t.startswith(("final/", "eval/"))]  # the final metrics are in HParams only
 
 
 def test_hparams_view_is_in_the_runs_own_folder(trained):

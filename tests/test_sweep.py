@@ -81,12 +81,14 @@ def test_tensorboard_shows_every_job_with_its_settings(schedule_sweep):
     mux = EventMultiplexer()
     mux.AddRunsFromDirectory(str(sweep_dir))
     mux.Reload()
-    assert sorted(mux.Runs()) == ["0/tb", "1/tb", "2/tb"]  # no stray hparams runs
-    for job, schedule in enumerate(["linear", "cosine", "dns"]):
-        content = mux.PluginRunToTagToContent("hparams")[f"{job}/tb"]
+    runs = [f"{job}/tb/schedule={schedule}" for job, schedule in enumerate(["linear", "cosine", "dns"])]
+    assert sorted(mux.Runs()) == runs  # each named by its swept setting; no stray hparams runs
+    for run, schedule in zip(runs, ["linear", "cosine", "dns"]):
+        content = mux.PluginRunToTagToContent("hparams")[run]
         start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
         assert start.session_start_info.hparams["schedule"].string_value == schedule
-        assert mux.Scalars(f"{job}/tb", "final/final_loss")[0].value > 0
+        assert not [k for k in start.session_start_info.hparams if k.startswith("paths")]
+        assert mux.Scalars(run, "train/loss")[-1].value > 0  # the HParams metric: the curve's last value
 
 
 def test_rerun_with_resume_finishes_only_what_is_missing(schedule_sweep, tmp_path):
@@ -174,7 +176,8 @@ LATENT = ["autoencoder=kl", "autoencoder.channels=16", "autoencoder.train.max_st
 def test_ema_decay_sweep_is_one_training(tmp_path, shapes_dir, kind):
     """Every training mode: pixel and latent, diffusion and joint (whose copies hold the classifier too)."""
     sweep_dir = tmp_path / "sweep"
-    sweep("+sweep=ema_decay", *tiny_overrides(shapes_dir, tmp_path / "cache"), *kind, "train.threads=1",
+    sweep("train.ema.decays=[0.99,0.995,0.999,0.9995]", *tiny_overrides(shapes_dir, tmp_path / "cache"), *kind,
+          "train.threads=1",
           "train.ema.warmup=false", f"hydra.sweep.dir={sweep_dir}")
     assert [p.name for p in sweep_dir.iterdir() if p.is_dir()] == ["0"]
     metrics = read_metrics(sweep_dir / "0")

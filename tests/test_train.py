@@ -257,3 +257,21 @@ def test_nan_without_any_checkpoint_says_so(tmp_path):
     x = torch.randn(8, 2)
     with pytest.raises(UserError, match=r"no checkpoint was written before it\): train.lr=0.01 is the likely cause"):
         trainer.fit(lambda model, step: model(x).pow(2).mean() * float("nan"), lambda s: s, 8)
+
+
+@pytest.mark.parametrize("best_metric, best_step", [("fd", 4), ("val_loss", 6)])
+def test_best_pt_follows_train_best_metric(best_metric, best_step, tmp_path):
+    """An evaluation every 2 steps scoring step 4 best: best.pt is step 4's when train.best_metric
+    names the evaluation, the lowest validation loss's (the last step's here) otherwise; a resumed
+    trainer keeps the best score."""
+    trainer = _trainer(tmp_path, max_steps=6, lr=0.05, warmup_steps=1, val_every=2, best_metric=best_metric)
+    x = torch.randn(64, 2)
+    loss = lambda model, idx: (model(x[idx]) ** 2).mean()  # noqa: E731
+    scores = {2: 3.0, 4: 1.0, 6: 2.0}
+    trainer.fit(loss, StepBatches(64, 16, seed=0).indices, 16, val_fn=lambda model: 1.0 / trainer.step,
+                eval_fn=lambda model, step: scores[step], eval_every=2)
+    best = load_checkpoint(tmp_path / "ckpt" / "best.pt", "best")
+    assert best["step"] == best_step
+    resumed = _trainer(tmp_path, max_steps=6, best_metric=best_metric)
+    resumed.maybe_resume("auto")
+    assert resumed.best_score == (1.0 if best_metric == "fd" else None)

@@ -35,12 +35,12 @@ from torchvision.transforms.functional import to_pil_image
 from difflab.cli import command_line, compose_api, composition_error
 from difflab.data import to_model_range, to_uint8
 from difflab.errors import UserError
-from difflab.export_format import find_checkpoint, is_export, read_export, write_export
+from difflab.export_format import read_model_state, write_export
 from difflab.plan import build_plan, model_facts
 from difflab.record import read_metrics
 from difflab.runner import resolve_device
 from difflab.sampling import sample_images
-from difflab.trained import LatentSpace, diffusion_model_from_state, load_diffusion_state
+from difflab.trained import LatentSpace, diffusion_model_from_state
 
 Labels = Union[None, int, str, Sequence[int]]
 
@@ -174,9 +174,7 @@ class Pipeline:
 def load(path: Union[str, os.PathLike], device: str = "auto") -> Pipeline:
     """The diffusion model of a checkpoint (.pt), a run folder (its checkpoints/last.pt, or the checkpoint its
     metrics.json names, e.g. in the artifact cache) or an export folder (read with no pickle); device as device=."""
-    path = Path(path).expanduser()
-    state = read_export(path) if is_export(path) else load_diffusion_state(find_checkpoint(path))
-    return Pipeline(state, resolve_device(device))
+    return Pipeline(read_model_state(path)[0], resolve_device(device))
 
 
 def export(ckpt: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> Path:

@@ -72,15 +72,37 @@ def dataset_settings(cfg: DictConfig) -> dict:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.pop("val_size")
     dataset.pop("download")
+    dataset.pop("captions", None)  # text conditioning's: in conditioning_settings
     if dataset["name"] != "folder":
         dataset.pop("root")  # the standard data sets are the same bytes wherever they are read from
     return dataset
 
 
+def conditioning_settings(cfg: DictConfig) -> dict:
+    """The network and how its condition enters it. The keys of conditioning=class leave out the
+    cross-attention and caption settings it does not read (the keys its models had before them)."""
+    unet = OmegaConf.to_container(cfg.unet, resolve=True)
+    name = (cfg.get("conditioning") or {}).get("name") or "class"
+    if name == "class":
+        for key in ("cross_attention_resolutions", "context_dim"):
+            unet.pop(key, None)
+        return {"unet": unet}
+    settings = {"unet": unet, "conditioning": OmegaConf.to_container(cfg.conditioning, resolve=True)}
+    if name == "text":
+        settings["text_encoder"] = OmegaConf.to_container(cfg.text_encoder, resolve=True)
+        settings["captions"] = OmegaConf.to_container(cfg.dataset.captions, resolve=True)
+    return settings
+
+
 def train_settings(train_cfg: DictConfig) -> dict:
     settings = {k: v for k, v in OmegaConf.to_container(train_cfg, resolve=True).items() if k not in OBSERVATION_KEYS}
-    if not settings["ema"]["decays"]:  # no extra EMA copies: the key models trained before copies existed had
-        del settings["ema"]["decays"]
+    ema = settings["ema"]
+    if not ema["decays"]:  # no extra EMA copies: the key models trained before copies existed had
+        del ema["decays"]
+    ema.pop("sigma_rel", None)  # the post-hoc EMA width is chosen when the model is loaded, so one training serves all
+    if not ema.get("posthoc"):  # no post-hoc profiles: the key models trained before they existed had
+        for key in ("posthoc", "sigma_rels", "snapshot_every"):
+            ema.pop(key, None)
     if settings.get("grad_accum_steps") == 1:  # whole batches: the key models trained before accumulation existed had
         del settings["grad_accum_steps"]
     return settings
@@ -114,7 +136,7 @@ def diffusion_settings(cfg: DictConfig, autoencoder_key: Optional[str] = None, i
     return _with_init({
         "dataset": dataset_settings(cfg),
         "autoencoder": _autoencoder_settings(autoencoder_key),
-        "unet": OmegaConf.to_container(cfg.unet, resolve=True),
+        **conditioning_settings(cfg),
         "noise": noise_settings(cfg),
         "objective": OmegaConf.to_container(cfg.objective, resolve=True),
         "label_dropout": cfg.guidance.p_uncond if cfg.guidance.name == "cfg" else 0.0,

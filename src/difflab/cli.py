@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import difflab.distributed as dist
 from difflab.config import register_configs
 from difflab.errors import SamplingInterrupted, TrainingInterrupted, UserError
+from difflab.sweep.metric import optuna_direction
 from difflab.sweep.named import register_named_sweeps
 
 # The package's conf/: in a clone a symlink to the top-level conf/ (resolved, so that Hydra's records name that
@@ -48,6 +49,7 @@ def _run_start(pattern: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_start", _run_start, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("sweep_direction", optuna_direction, replace=True)
 register_configs()
 register_named_sweeps()
 
@@ -158,12 +160,12 @@ def composition_error(e: Exception) -> str:
     from difflab.config import OBJECTIVE_SCHEMAS
 
     text = "\n".join(str(c) for c in (e, e.__cause__) if c is not None)
-    missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
+    missing = re.search(r"Could not (?:find|load) '(\w+)/([^']+)'", text)
     if missing and (Path(CONF_DIR) / missing.group(1)).is_dir():  # an option (or preset) that no file names
-        group, name = missing.groups()
-        choices = ", ".join(sorted(f.stem for f in (Path(CONF_DIR) / group).glob("*.yaml")))
-        plus = "+" if group == "experiment" else ""
-        return f"{plus}{group}={name} is not an option: choose one of {choices}."
+        group, option = missing.groups()
+        options = sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+        plus = "+" if group == "experiment" else ""  # presets are added to the defaults, not chosen among them
+        return f"{plus}{group}={option} is not an option: choose one of {', '.join(options)}."
     wrong = re.search(r"Could not override '([^']+)'", text)
     if not wrong:
         return text.splitlines()[0]
@@ -325,6 +327,14 @@ def _torchrun_main() -> None:
         dist.teardown()
 
 
+def _check_optuna(args: list[str]) -> None:
+    """+sweep=optuna (sweeps/optuna.yaml) selects a sweeper plugin that is an optional extra."""
+    import importlib.util
+
+    if "+sweep=optuna" in args and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        _fail(UserError("+sweep=optuna needs the Optuna sweeper, which is not installed: pip install 'difflab[optuna]'."))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["cache"]:  # difflab cache list | prune --older-than 30d
         from difflab.cache_command import main as cache_main
@@ -339,6 +349,7 @@ def main() -> None:
     except UserError as e:
         _fail(e)
     _check_output_folders(sys.argv[1:])
+    _check_optuna(sys.argv[1:])
     if any(DRY_RUN.match(a) for a in sys.argv[1:]):
         _dry_run(sys.argv[1:])
     _check_composition(sys.argv[1:])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -17,12 +17,22 @@ from difflab.diffusion.flow import T_SAMPLINGS
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.diffusion.schedules import SCHEDULES
 from difflab.diffusion.spacing import SPACINGS
+from difflab.sweep.metric import metric_direction
 
 
 @dataclass
 class AugmentationConfig:
     hflip: bool = False
     crop_padding: int = 0  # random crop back to image_size after zero-padding; 0 = off
+
+
+@dataclass
+class CaptionsConfig:
+    """Captions of a labelled data set for conditioning=text, made from its class names: one
+    template drawn per example per step. {name} is the class name, and on MNIST {digit} (3) and
+    {word} (three). A folder with a metadata.jsonl or metadata.csv takes its captions from there."""
+
+    templates: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -35,6 +45,7 @@ class DatasetConfig:
     val_size: int = 1000  # held-out images for the validation loss
     download: bool = True
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
 
 
 @dataclass
@@ -87,6 +98,25 @@ class UNetConfig:
     head_channels: int = 64
     dropout: float = 0.0
     norm_groups: int = 32
+    # conditioning=class_tokens|text: feature-map sizes with cross-attention over the condition's tokens,
+    # besides the middle, which always has it; null = the attention_resolutions
+    cross_attention_resolutions: Optional[List[int]] = None
+    context_dim: int = 64  # width of the context tokens the cross-attention reads
+
+
+@dataclass
+class ConditioningConfig:
+    name: str = "class"  # class (added label embedding) | class_tokens (the class as tokens, cross-attention) | text
+
+
+@dataclass
+class TextEncoderConfig:
+    name: str = "learned"  # learned (word vocabulary + small transformer, trained with the denoiser) | clip
+    pretrained: Optional[str] = None  # clip: a local folder or a Hugging Face hub name already in its cache
+    freeze: bool = True  # clip: keep its weights (and cache each prompt's hidden states)
+    max_length: int = 16  # tokens per prompt, the start token included
+    layers: int = 2  # learned
+    heads: int = 4  # learned
 
 
 @dataclass
@@ -173,6 +203,12 @@ class EMAConfig:
     start: int = 0  # before this step the EMA is a plain copy of the weights
     warmup: bool = True  # decay_k = min(decay, 1 - (1 + k)^(-3/4)) as in diffusers
     decays: List[float] = field(default_factory=list)  # extra EMA copies kept, sampled and evaluated besides `decay`
+    # Post-hoc EMA (EDM2): two power-function EMA profiles and their snapshots every
+    # snapshot_every steps, from which any EMA length is reconstructed after training (train/ema.py).
+    posthoc: bool = False
+    sigma_rels: List[float] = field(default_factory=lambda: [0.05, 0.10])  # the two tracked profiles' widths
+    snapshot_every: int = 100
+    sigma_rel: Optional[float] = None  # sample the EMA of this width, reconstructed (needs posthoc); null = `decay`
 
 
 @dataclass
@@ -212,6 +248,7 @@ class TrainConfig:
     reuse_other_code: bool = False  # ... even when difflab's model, diffusion, training or data code has changed since
     init_from: Optional[str] = None  # a checkpoint whose EMA weights the stage's networks start from (fresh optimizer, step 0)
     progress: bool = True
+    best_metric: str = "val_loss"  # what picks best.pt: val_loss | fd | class_accuracy (the last two need eval.every)
 
 
 @dataclass
@@ -242,9 +279,11 @@ class SampleConfig:
     num_images: int = 100
     batch_size: int = 250
     labels: Any = "balanced"  # balanced | uniform | [3, 3, 7]
+    prompts: Optional[List[str]] = None  # conditioning=text: the prompts, repeated to num_images; null = from labels
     gif: bool = True
     gif_images: int = 10
     gif_frames: int = 25
+    save_png: bool = False  # also one PNG per sample: samples/images/<index>_<label>.png
 
 
 @dataclass
@@ -257,6 +296,15 @@ class EvalConfig:
     classifier_batch_size: int = 128
     bootstrap: int = 50  # replicates of the bootstrap standard errors of FD and KID; 0 = no errors
     memorisation: int = 500  # samples whose nearest training image is looked up (memorisation check); 0 = none
+    every: int = 0  # measure during training every N steps (and at its end), to every tracker; 0 = off
+    every_samples: int = 64  # samples each measurement during training draws (always the same seeds)
+
+
+@dataclass
+class SweepConfig:
+    # The metric that picks a sweep's best job and that run.py returns to Hydra's sweeper (optuna):
+    # auto = the evaluation's FD when measured, else the held-out loss (sweep/metric.py).
+    metric: str = "auto"
 
 
 @dataclass
@@ -281,13 +329,17 @@ class Config:
     sampler: SamplerConfig = MISSING
     guidance: GuidanceConfig = MISSING
     mode: ModeConfig = MISSING
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     objective: Any = MISSING  # one of OBJECTIVE_SCHEMAS, by the objective group
     train: TrainConfig = field(default_factory=TrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: Dict[str, Any] = field(default_factory=dict)  # the trackers chosen in the logger group, by name
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dry_run: bool = False  # print the run plan (steps, sources, keys) and exit without doing any of it
@@ -301,6 +353,8 @@ GROUP_SCHEMAS = {
     "sampler": SamplerConfig,
     "guidance": GuidanceConfig,
     "mode": ModeConfig,
+    "conditioning": ConditioningConfig,
+    "text_encoder": TextEncoderConfig,
 }
 
 
@@ -314,11 +368,14 @@ CHOICES = {
     "objective.name": tuple(OBJECTIVE_SCHEMAS),
     "objective.t_sampling": T_SAMPLINGS,
     "guidance.name": ("none", "classifier", "cfg"),
+    "conditioning.name": ("class", "class_tokens", "text"),
+    "text_encoder.name": ("learned", "clip"),
     "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate"),
     "objective.prediction": ("eps", "x0", "v"),
     "objective.loss": ("l2", "l1"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.best_metric": ("val_loss", "fd", "class_accuracy"),
 }
 
 EVAL_EXTRACTORS = ("inception", "classifier")
@@ -364,7 +421,8 @@ RANGES: dict[str, Range] = {
     "autoencoder.train.lr": POSITIVE, "autoencoder.train.warmup_steps": AT_LEAST_0,
     "unet.channels": POSITIVE, "unet.channel_mults": POSITIVE, "unet.num_res_blocks": AT_LEAST_1,
     "unet.attention_resolutions": POSITIVE, "unet.head_channels": POSITIVE, "unet.dropout": BELOW_1,
-    "unet.norm_groups": POSITIVE,
+    "unet.norm_groups": POSITIVE, "unet.cross_attention_resolutions": POSITIVE, "unet.context_dim": POSITIVE,
+    "text_encoder.max_length": Range(2), "text_encoder.layers": AT_LEAST_0, "text_encoder.heads": POSITIVE,
     "schedule.T": Range(2), "schedule.beta_start": BETA, "schedule.beta_end": BETA, "schedule.cosine_s": POSITIVE,
     "schedule.dns_offset": POSITIVE,
     "sampler.steps": AT_LEAST_1, "sampler.eta": FRACTION, "sampler.rho": POSITIVE, "sampler.s_churn": AT_LEAST_0,
@@ -377,7 +435,7 @@ RANGES: dict[str, Range] = {
     "train.lr": POSITIVE, "train.weight_decay": AT_LEAST_0, "train.betas": BELOW_1, "train.warmup_steps": AT_LEAST_0,
     "train.min_lr_ratio": FRACTION, "train.grad_clip": AT_LEAST_0, "train.threads": POSITIVE,
     "train.ema.decay": BELOW_1, "train.ema.update_every": POSITIVE, "train.ema.start": AT_LEAST_0,
-    "train.ema.decays": BELOW_1, "train.early_stop.threshold": AT_LEAST_0, "train.early_stop.window": POSITIVE,
+    "train.ema.decays": BELOW_1, "train.ema.snapshot_every": POSITIVE, "train.early_stop.threshold": AT_LEAST_0, "train.early_stop.window": POSITIVE,
     "train.log_every": POSITIVE, "train.val_every": POSITIVE, "train.val_batches": POSITIVE,
     "train.image_every": AT_LEAST_0, "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": AT_LEAST_0,
     "classifier.channels": POSITIVE, "classifier.channel_mults": POSITIVE, "classifier.num_res_blocks": AT_LEAST_1,
@@ -388,6 +446,7 @@ RANGES: dict[str, Range] = {
     "sample.gif_frames": AT_LEAST_1,
     "eval.num_samples": AT_LEAST_0, "eval.batch_size": POSITIVE, "eval.classifier_steps": POSITIVE,
     "eval.classifier_batch_size": POSITIVE, "eval.bootstrap": AT_LEAST_0, "eval.memorisation": AT_LEAST_0,
+    "eval.every": AT_LEAST_0, "eval.every_samples": Range(4),
 }
 NONEMPTY = ("unet.channel_mults", "autoencoder.channel_mults", "classifier.channel_mults")
 
@@ -409,6 +468,27 @@ def check_ranges(cfg) -> None:
             raise UserError(f"{key}=[] leaves the network without levels: give at least one multiplier, e.g. [1, 2, 2].")
 
 
+MAX_SIGMA_REL = 0.28  # a power-function EMA (exponent gamma > 0) is narrower: sigma_rel^2 < 1/12
+
+
+def _check_ema_lengths(ema, mode: str) -> None:
+    """Post-hoc EMA widths must be ones a power-function EMA has, and a width to sample needs
+    the snapshots of a training that kept them."""
+    from difflab.errors import UserError
+
+    widths = [*ema.sigma_rels, *([] if ema.sigma_rel is None else [ema.sigma_rel])]
+    for width in widths:
+        if not 0 < width < MAX_SIGMA_REL:
+            raise UserError(f"train.ema.sigma_rel(s) has {width}, outside (0, {MAX_SIGMA_REL}) where power-function "
+                            "EMAs exist: use e.g. 0.05 to 0.2.")
+    if ema.posthoc and len(set(ema.sigma_rels)) < 2:
+        raise UserError(f"train.ema.sigma_rels={list(ema.sigma_rels)} needs two different widths to reconstruct others "
+                        "from: use e.g. [0.05, 0.10].")
+    if ema.sigma_rel is not None and not ema.posthoc and mode not in ("sample", "evaluate"):
+        raise UserError(f"train.ema.sigma_rel={ema.sigma_rel} is reconstructed from post-hoc EMA snapshots: add "
+                        "train.ema.posthoc=true.")
+
+
 def validate(cfg) -> None:
     """Checks the schema cannot express; raises UserError naming the key and the fix."""
     from difflab.errors import UserError
@@ -428,6 +508,10 @@ def validate(cfg) -> None:
         raise UserError("eval.bootstrap=1 gives no spread to take a standard error of: use 0 (no errors) or e.g. 50.")
     if 0 < cfg.eval.num_samples < 4:
         raise UserError(f"eval.num_samples={cfg.eval.num_samples} must be 0 (no evaluation) or at least 4: use e.g. 500.")
+    _check_ema_lengths(cfg.train.ema, cfg.mode.name)
+    if cfg.sweep.metric != "auto" and metric_direction(cfg.sweep.metric) is None:
+        raise UserError(f"sweep.metric={cfg.sweep.metric} is not a metric whose better direction is known: use auto, an "
+                        "evaluation metric (fd_inception, fd_classifier, kid_classifier, class_accuracy) or val_loss.")
     if cfg.mode.name == "reconstruction" and cfg.autoencoder.name == "none":
         raise UserError("mode=reconstruction trains an autoencoder, but autoencoder=none: add autoencoder=kl or autoencoder=vq.")
     if cfg.ckpt.autoencoder and cfg.autoencoder.name == "none" and cfg.mode.name != "sample":
@@ -436,8 +520,25 @@ def validate(cfg) -> None:
     if objective.name == "edm" and objective.sigma_min >= objective.sigma_max:
         raise UserError(f"objective.sigma_min={objective.sigma_min} must be below objective.sigma_max="
                         f"{objective.sigma_max}: sampling runs from sigma_max down to sigma_min.")
+    validate_conditioning(cfg)
     if cfg.schedule.zero_terminal_snr and objective.name == "ddpm" and objective.prediction == "eps":
         raise UserError("schedule.zero_terminal_snr=true leaves x0 undefined at the last step for eps prediction: add objective.prediction=v.")
+
+
+def conditioning_name(cfg) -> str:
+    """How a config's condition enters its network (a config from before conditioning existed: class)."""
+    return (cfg.get("conditioning") or {}).get("name") or "class"
+
+
+def validate_conditioning(cfg) -> None:
+    """Cross-attention has a context to read only when the conditioning makes one (the plan checks
+    the rest of text conditioning: its captions, encoder and mode)."""
+    from difflab.errors import UserError
+
+    name, cross = conditioning_name(cfg), cfg.unet.cross_attention_resolutions
+    if name == "class" and cross:
+        raise UserError(f"unet.cross_attention_resolutions={list(cross)} need tokens to attend to, but conditioning=class "
+                        "adds the label to the time embedding: add conditioning=class_tokens or conditioning=text.")
 
 
 LOSS_ONLY_KEYS = ("loss", "class_conditional", "prediction", "min_snr_gamma")  # objective keys no noise level depends on

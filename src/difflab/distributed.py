@@ -117,19 +117,3 @@ def local_device(device: torch.device) -> torch.device:
         raise UserError(f"device={device} puts every torchrun process on one GPU: use device=cuda (or auto), "
                         "each process then takes the GPU of its LOCAL_RANK.")
     return torch.device("cuda", local_rank())
-
-
-class _NoWriter:
-    """What ranks other than 0 get instead of a TensorBoard writer: every call does nothing."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
-
-
-def summary_writer(log_dir: os.PathLike):
-    """A TensorBoard SummaryWriter on rank 0 (it creates log_dir), a stand-in elsewhere."""
-    if not is_main():
-        return _NoWriter()
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(log_dir))

@@ -24,6 +24,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
+from difflab.artifacts import Artifact, file_digest
 from difflab.checkpoint import atomic_write, atomic_write_json, atomic_write_text
 from difflab.config import objective_name
 from difflab.errors import UserError
@@ -68,6 +69,22 @@ def find_checkpoint(path: Path) -> Path:
                             "checkpoint: give a diffusion run's folder, its checkpoints/last.pt, or an export folder.")
         return found
     return path
+
+
+def read_model_state(given: str | Path, given_name: str = "ckpt") -> tuple[dict, Path]:
+    """The diffusion model's state a user names by a checkpoint, its run folder or an export folder (read with no
+    pickle), and the file or folder it came from."""
+    path = Path(given).expanduser()
+    if is_export(path):
+        return read_export(path), path.resolve()
+    checkpoint = find_checkpoint(path)
+    return load_diffusion_state(checkpoint, given_name), checkpoint.resolve()
+
+
+def given_model_artifact(path: Path) -> Artifact:
+    """A model read_model_state found, keyed by its content (an export's config.json holds the sha256 of each of its
+    weights files)."""
+    return Artifact(path, f"file-{file_digest(path / CONFIG if path.is_dir() else path)}", "given", {})
 
 
 def _sha256(data: bytes) -> str:

@@ -1,5 +1,5 @@
-"""Pictures a person looks at: sample grids (one row per class), the denoising GIF and the
-loss curve."""
+"""Pictures a person looks at: sample grids (one row per class), the denoising GIF, the loss
+curve, real images beside generated ones, and one image noised at increasing levels."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from torchvision.utils import make_grid
 
 from difflab.checkpoint import atomic_write
 from difflab.diffusion.process import parse_band
-
 
 EMPTY = 64  # the grey of a grid slot no sample fills (white would outweigh the samples)
 
@@ -74,17 +73,21 @@ def _margin(rows: Sequence[str]) -> int:
 def save_grid(grid: Grid, path: str | Path, min_size: int = 256, margin: Optional[int] = None) -> None:
     """The grid enlarged (nearest) to at least `min_size`, each row's name in a margin at its left
     (`margin` pixels wide, or as wide as the longest name needs)."""
-    img = _enlarged(grid.image, min_size)
-    margin = _margin(grid.rows) if margin is None else margin
+    img = _named_rows(_enlarged(grid.image, min_size), grid.rows, _margin(grid.rows) if margin is None else margin)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def _named_rows(img: Image.Image, rows: Sequence[str], margin: int) -> Image.Image:
+    """`img` with each row's name in a margin `margin` pixels wide at its left."""
     if not margin:
-        return atomic_write(path, lambda f: img.save(f, format="PNG"))
+        return img
     font = ImageFont.load_default()
     labelled = Image.new(img.mode, (img.width + margin, img.height), color=255 if img.mode == "L" else (255,) * 3)
     labelled.paste(img, (margin, 0))
-    draw, row_height = ImageDraw.Draw(labelled), img.height / len(grid.rows)
-    for i, row in enumerate(grid.rows):
+    draw, row_height = ImageDraw.Draw(labelled), img.height / len(rows)
+    for i, row in enumerate(rows):
         draw.text((4, int((i + 0.5) * row_height) - 5), row, fill=0 if img.mode == "L" else (0, 0, 0), font=font)
-    atomic_write(path, lambda f: labelled.save(f, format="PNG"))
+    return labelled
 
 
 def _enlarged(grid: Tensor, min_size: int) -> Image.Image:
@@ -172,3 +175,57 @@ def save_accuracy_curve(by_band: dict[str, float], path: str | Path) -> None:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _with_header(img: Image.Image, header: Sequence[tuple[str, float]], height: int = 16) -> Image.Image:
+    """`img` under a strip of titles, each centred at its fraction of the width."""
+    white = 255 if img.mode == "L" else (255,) * 3
+    out = Image.new(img.mode, (img.width, img.height + height), color=white)
+    out.paste(img, (0, height))
+    draw, font = ImageDraw.Draw(out), ImageFont.load_default()
+    for text, at in header:
+        draw.text((int(at * img.width - draw.textlength(text, font=font) / 2), 2), text,
+                  fill=0 if img.mode == "L" else (0, 0, 0), font=font)
+    return out
+
+
+def _labelled_rows(rows: Tensor, names: Sequence[str], header: Sequence[tuple[str, float]], path: str | Path,
+                   min_size: int = 512) -> None:
+    """rows (R, K, C, H, W) as a grid, each row's name at its left, the header over the columns
+    (at fractions of the grid's width)."""
+    grid = Grid(make_grid(rearrange(rows, "r k c h w -> (r k) c h w"), nrow=rows.shape[1], padding=2, pad_value=255),
+                list(names))
+    margin = _margin(grid.rows)
+    labelled = _named_rows(_enlarged(grid.image, min_size), grid.rows, margin)
+    shift = margin / labelled.width
+    labelled = _with_header(labelled, [(text, shift + at * (1 - shift)) for text, at in header])
+    atomic_write(path, lambda f: labelled.save(f, format="PNG"))
+
+
+def save_real_vs_generated(real: Tensor, real_labels: Optional[Tensor], generated: Tensor,
+                           labels: Optional[Tensor], path: str | Path, per_class: int = 6,
+                           names: Optional[Sequence[str]] = None) -> None:
+    """One row per generated class: `per_class` real images of the class, a gap, then as many
+    generated ones (uint8 N,C,H,W); without labels, a row of real images and one of generated."""
+    blank = torch.full((1, *generated.shape[1:]), 255, dtype=generated.dtype)
+
+    def first(images: Tensor, n: int) -> Tensor:  # n images, grey slots where the class has fewer
+        return torch.cat([images[:n], torch.full((max(0, n - len(images)), *generated.shape[1:]), EMPTY,
+                                                 dtype=generated.dtype)])
+
+    if labels is None or real_labels is None:
+        k = min(2 * per_class, len(generated))
+        rows = torch.stack([torch.cat([first(real, k), blank]), torch.cat([first(generated, k), blank])])
+        return _labelled_rows(rows, ["real", "generated"], [], path)
+    classes = labels.unique().tolist()[:10]
+    name = (lambda c: names[c] if names is not None and 0 <= c < len(names) else str(c))
+    rows = torch.stack([torch.cat([first(real[real_labels == c], per_class), blank,
+                                   first(generated[labels == c], per_class)]) for c in classes])
+    half = per_class / (2 * per_class + 1)
+    _labelled_rows(rows, [name(c) for c in classes], [("real", half / 2), ("generated", 1 - half / 2)], path)
+
+
+def save_noising_strip(frames: Tensor, levels: Sequence[str], names: Sequence[str], path: str | Path) -> None:
+    """frames (R, L, C, H, W) uint8: each row one image at increasing noise, columns named by `levels`."""
+    step = 1 / len(levels)
+    _labelled_rows(frames, names, [(text, (i + 0.5) * step) for i, text in enumerate(levels)], path, min_size=768)

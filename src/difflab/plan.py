@@ -26,21 +26,25 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencoder_settings, classifier_settings,
                                diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
 from difflab.checkpoint import load_checkpoint
-from difflab.config import (Config, autoencoder_train_config, classifier_train_config, level_meaning, objective_name,
-                            validate, validate_batch_splits)
-from difflab.data import dataset_classes
+from difflab.config import (Config, autoencoder_train_config, classifier_train_config, conditioning_name, level_meaning,
+                            objective_name, validate, validate_batch_splits)
+from difflab.data import dataset_classes, default_prompts
 from difflab.diffusion import nfe
 from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
 from difflab.errors import UserError
 from difflab.evaluate.feature_classifier import STAGE as EVAL_CLASSIFIER_STAGE
 from difflab.evaluate.feature_classifier import classifier_settings as eval_classifier_settings
+from difflab.export_format import given_model_artifact, read_model_state
 from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
+from difflab.models.text_encoder import clip_files, require_transformers
 from difflab.sampling import sampler_steps
+from difflab.trackers import check_trackers
 from difflab.train.makers import train_classifier
 from difflab.train.reconstruction import train_autoencoder
-from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, LatentSpace, build_denoiser_net, build_process,
-                             check_autoencoder, dims, init_weights, load_classifier, load_latent_space)
+from difflab.trained import (CLASSIFIER_STAGES, LatentSpace, build_denoiser_net, build_process, check_autoencoder,
+                             classifier_from_state, dims, init_weights, load_classifier, load_latent_space,
+                             text_vocabulary)
 
 log = logging.getLogger("difflab")
 
@@ -84,6 +88,11 @@ class ModelFacts:
     shape: tuple[int, int, int]  # what it denoises
     autoencoder_key: Optional[str]
     joint: bool
+    meta: dict = field(default_factory=dict)  # a text model's: its default prompts (per class, or captions)
+
+    @property
+    def text(self) -> bool:
+        return conditioning_name(self.cfg) == "text"
 
 
 def model_facts(state: dict) -> ModelFacts:
@@ -91,7 +100,7 @@ def model_facts(state: dict) -> ModelFacts:
     meta, ae = state["meta"], state.get("autoencoder")
     ae_key = (ae.get("key") or ae["identity"]) if ae else None
     return ModelFacts(OmegaConf.create(state["config"]), meta["num_classes"], meta["label_dropout"],
-                      tuple(meta["shape"]), ae_key, state["stage"] == "joint")
+                      tuple(meta["shape"]), ae_key, state["stage"] == "joint", meta)
 
 
 # ---------------------------------------------------------------- checks of the config alone
@@ -162,7 +171,12 @@ def _check_sampler(cfg: DictConfig, model_cfg: DictConfig) -> int:
 def check_vector_latent(cfg: DictConfig) -> None:
     """A vector latent comes from a KL-VAE and, having no map to convolve over, is denoised by the MLP."""
     ae = cfg.autoencoder
-    if ae.latent != "vector" or cfg.mode.name in LOADING_MODES:  # a loaded model brings its own autoencoder
+    if cfg.mode.name in LOADING_MODES:  # a loaded model brings its own autoencoder and network
+        return
+    if cfg.unet.name == "mlp" and conditioning_name(cfg) != "class":
+        raise UserError(f"unet=mlp embeds a class label only, but conditioning={conditioning_name(cfg)} needs the UNet's "
+                        "cross-attention: use conditioning=class, or a UNet (e.g. unet=small).")
+    if ae.latent != "vector":
         return
     if ae.name != "kl":
         made = "makes no latent" if ae.name == "none" else "quantises a map of codes"
@@ -205,7 +219,7 @@ def _stage_network(cfg: DictConfig, part: str) -> torch.nn.Module:
         shape, classes = _denoised_shape(cfg), dataset_classes(cfg.dataset)
         if part == "classifier":
             return build_classifier(cfg.classifier, shape[0], shape[1], classes)
-        return build_denoiser_net(cfg, shape, classes if cfg.objective.class_conditional else 0)
+        return build_denoiser_net(cfg, shape, classes if cfg.objective.class_conditional else 0, text_vocabulary(cfg))
 
 
 def init_key(cfg: DictConfig) -> Optional[str]:
@@ -294,8 +308,10 @@ class PlanBuilder:
         cfg = self.cfg
         if cfg.mode.name in LOADING_MODES:
             return self.given_model()
-        num_classes = dataset_classes(cfg.dataset) if cfg.objective.class_conditional else 0
-        dropout = cfg.guidance.p_uncond if cfg.guidance.name == "cfg" and num_classes else 0.0
+        text = conditioning_name(cfg) == "text"
+        num_classes = dataset_classes(cfg.dataset) if cfg.objective.class_conditional and not text else 0
+        meta = check_conditioning(cfg, num_classes)
+        dropout = cfg.guidance.p_uncond if cfg.guidance.name == "cfg" and (num_classes or text) else 0.0
         ae_key = self.autoencoder(main=False) if cfg.autoencoder.name != "none" else None
         joint = cfg.mode.name == "joint"
         if joint and dataset_classes(cfg.dataset) < 2:
@@ -305,28 +321,34 @@ class PlanBuilder:
         source, key = _trained_source(self.cache, cfg.mode.name, settings, cfg, resumes_training(cfg, self.run_dir))
         objective = objective_name(cfg)
         objective += f" ({cfg.schedule.name} schedule)" if objective == "ddpm" else ""
-        detail = f"{cfg.unet.name} unet, {dims(_denoised_shape(cfg))}, {num_classes} classes, {objective}"
+        condition = f"text ({cfg.text_encoder.name} encoder)" if text else f"{num_classes} classes"
+        if conditioning_name(cfg) == "class_tokens":
+            condition += " as tokens"
+        detail = f"{cfg.unet.name} unet, {dims(_denoised_shape(cfg))}, {condition}, {objective}"
         if cfg.train.init_from:
             detail += f", from {cfg.train.init_from}"
         self.add("joint model" if joint else "diffusion model", source, key, cfg.train.max_steps, detail)
-        return ModelFacts(cfg, num_classes, dropout, _denoised_shape(cfg), ae_key, joint)
+        return ModelFacts(cfg, num_classes, dropout, _denoised_shape(cfg), ae_key, joint, meta)
 
     def given_model(self) -> ModelFacts:
         cfg = self.cfg
         if not cfg.ckpt.model:
             raise UserError(f"mode={cfg.mode.name} needs a trained model: add ckpt=<run folder>/checkpoints/last.pt.")
-        state = _load_kind(cfg.ckpt.model, "ckpt", DIFFUSION_STAGES, "a diffusion model",
-                           "pass a diffusion run's checkpoints/last.pt")
-        artifact = given_artifact(cfg.ckpt.model, "ckpt", "model")
+        state, path = read_model_state(cfg.ckpt.model)
+        artifact = given_model_artifact(path)
         self.add("diffusion model", "given", artifact.key, None, str(artifact.path))
         return model_facts(state)
 
     def guidance(self, model: ModelFacts) -> None:
         """Guidance against the model, and the classifier of classifier guidance."""
         cfg = self.cfg
+        if model.text and cfg.guidance.name == "classifier":
+            raise UserError("guidance=classifier steers towards class labels, but the model is conditioned on prompts: "
+                            "use guidance=cfg (the empty prompt is its null condition) or guidance=none.")
         if cfg.guidance.name == "cfg" and model.label_dropout <= 0:
             why = ("it was trained without label dropout" if cfg.mode.name in LOADING_MODES else
-                   "the model would train without label dropout" + (" (it is unconditional)" if not model.num_classes else ""))
+                   "the model would train without label dropout" +
+                   (" (it is unconditional)" if not model.num_classes and not model.text else ""))
             raise UserError(f"guidance=cfg needs a model trained with label dropout and {why}: train it with "
                             "guidance=cfg guidance.p_uncond=0.1 on a labelled data set, or sample with guidance=none.")
         if cfg.guidance.name != "classifier":
@@ -361,10 +383,22 @@ class PlanBuilder:
     def sampling(self, model: ModelFacts) -> None:
         cfg = self.cfg
         classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
+        prompts = cfg.sample.get("prompts")
+        if prompts is not None and not model.text:
+            raise UserError("sample.prompts asks for prompts, but the model is conditioned on "
+                            f"{'classes' if model.num_classes else 'nothing'}: use sample.labels, or train with conditioning=text.")
+        if prompts is not None and (not list(prompts) or not all(isinstance(p, str) for p in prompts)):
+            raise UserError(f"sample.prompts={list(prompts)} must be a non-empty list of strings: e.g. "
+                            "sample.prompts='[\"a handwritten seven\", \"the digit 3\"]'.")
+        if model.text:
+            classes = len(model.meta.get("class_prompts") or [])
         _check_labels(cfg.sample.labels, classes)
         steps = _check_sampler(cfg, model.cfg)
         if cfg.mode.name in DIFFUSION_MODES and cfg.train.ema.decays:
             self.add("ema copies", "run", None, None, ", ".join(map(str, cfg.train.ema.decays)))
+        if cfg.train.ema.sigma_rel is not None:
+            self.add("post-hoc ema", "run", None, None, f"sigma_rel={cfg.train.ema.sigma_rel}, reconstructed from the "
+                     "snapshots")
         if cfg.sample.num_images > 0:
             self.add("sample", "new", None, steps, f"{cfg.sample.num_images} images, {cfg.sampler.name} "
                      f"({nfe(cfg.sampler.name, steps)} NFE), "
@@ -378,6 +412,47 @@ class PlanBuilder:
                 self.add("evaluation classifier", "cache" if found else "train", key, settings["steps"],
                          f"{data_cfg.dataset.name}, feature extractor of fd_classifier")
             self.add("evaluate", "new", None, steps, f"{cfg.eval.num_samples} samples, {', '.join(cfg.eval.extractors)}")
+
+    def evaluation_during_training(self) -> None:
+        """eval.every: the evaluation while the diffusion model trains, and what train.best_metric needs of it."""
+        cfg, best = self.cfg, self.cfg.train.best_metric
+        if best != "val_loss" and not cfg.eval.every:
+            raise UserError(f"train.best_metric={best} is measured by the evaluation during training, which "
+                            "eval.every=0 leaves off: add e.g. eval.every=500, or train.best_metric=val_loss.")
+        if not cfg.eval.every:
+            return
+        if cfg.mode.name not in DIFFUSION_MODES:
+            raise UserError(f"eval.every={cfg.eval.every} measures a diffusion model while it trains, and mode="
+                            f"{cfg.mode.name} trains none: leave eval.every out (or 0).")
+        if best == "class_accuracy" and ("classifier" not in cfg.eval.extractors or dataset_classes(cfg.dataset) < 2):
+            raise UserError("train.best_metric=class_accuracy needs the evaluation classifier of a labelled data set: "
+                            "keep classifier in eval.extractors and use a data set with classes, or "
+                            "train.best_metric=fd.")
+        self.add("evaluate during training", "run", None, None,
+                 f"every {cfg.eval.every} steps, {cfg.eval.every_samples} samples, best.pt by {best}")
+
+
+def check_conditioning(cfg: DictConfig, num_classes: int) -> dict:
+    """What the conditioning of the model a run trains needs, checked without reading an image: class
+    tokens need classes; text needs captions (a readable metadata file naming the folder's images, or
+    templates the class names fill) and, for CLIP, transformers and the weights. Returns the
+    default prompts a text model will sample, as its checkpoint's meta will say."""
+    name = conditioning_name(cfg)
+    if name == "class_tokens" and num_classes == 0:
+        raise UserError("conditioning=class_tokens feeds the class to the network, but the data set has no classes "
+                        "(or objective.class_conditional=false): use a labelled data set, or conditioning=class.")
+    if name != "text":
+        return {}
+    if cfg.mode.name == "joint":
+        raise UserError("mode=joint trains a classifier of the labels beside the model, but conditioning=text conditions "
+                        "it on prompts: use mode=diffusion.")
+    if cfg.text_encoder.name == "clip" and not cfg.text_encoder.pretrained:
+        raise UserError("text_encoder=clip needs its weights: add text_encoder.pretrained=/folder/of/clip or a Hugging "
+                        "Face hub name in the local cache, e.g. openai/clip-vit-base-patch32.")
+    if cfg.text_encoder.name == "clip":
+        require_transformers()
+        clip_files(cfg.text_encoder.pretrained)
+    return default_prompts(cfg.dataset)
 
 
 def _levels(cfg: DictConfig) -> str:
@@ -404,18 +479,23 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
     validate(cfg)
     check_cache_dir(cfg)
     validate_batch_splits(cfg, world_size)
+    check_trackers(cfg)
     check_vector_latent(cfg)
     builder = PlanBuilder(cfg, run_dir)
     mode = cfg.mode.name
     if mode == "evaluate" and cfg.eval.num_samples <= 0:
         raise UserError(f"mode=evaluate with eval.num_samples={cfg.eval.num_samples} has nothing to measure: add e.g. "
                         "eval.num_samples=2000.")
+    if mode not in DIFFUSION_MODES:
+        builder.evaluation_during_training()  # refuses eval.every where nothing diffuses
     if mode == "reconstruction":
         builder.autoencoder(main=True)
     elif mode == "classifier":
         builder.classifier()
     else:
         model = given or builder.model()
+        if mode in DIFFUSION_MODES:
+            builder.evaluation_during_training()
         builder.guidance(model)
         builder.sampling(model)
     return builder.plan
@@ -452,9 +532,11 @@ def obtain_latent_space(cfg: DictConfig, run_dir: Path, device: torch.device) ->
 
 
 def obtain_guidance_classifier(cfg: DictConfig, model_cfg: DictConfig, latent: Optional[LatentSpace], run_dir: Path,
-                               device: torch.device, own: Optional[str] = None) -> tuple[Optional[torch.nn.Module], dict]:
+                               device: torch.device, own: Optional[str] = None,
+                               given: Optional[dict] = None) -> tuple[Optional[torch.nn.Module], dict]:
     """The classifier of guidance=classifier for a model trained with `model_cfg` in `latent`
-    space: ckpt.classifier, else the model's own (`own`: a joint model), else the cached one
+    space: ckpt.classifier, else the model's own (`own`: a joint model trained now; `given`: the
+    state of the joint model ckpt.model names, checkpoint or export), else the cached one
     trained by mode=classifier with the model's data and schedule, else one trained now in
     run_dir/classifier with those settings (and cached). (None, {}) for other guidance. Under
     torchrun every rank calls it: a classifier trained now trains on all of them."""
@@ -464,8 +546,9 @@ def obtain_guidance_classifier(cfg: DictConfig, model_cfg: DictConfig, latent: O
         path, record = cfg.ckpt.classifier, {"classifier_source": "given"}
     elif own:
         path, record = own, {"classifier_source": "run"}
-    elif cfg.mode.name in LOADING_MODES and model_cfg.mode.name == "joint":
-        path, record = cfg.ckpt.model, {"classifier_source": "given"}  # a joint checkpoint carries its classifier
+    elif given is not None and given["stage"] == "joint":  # a joint model carries its classifier
+        record = {"classifier_source": "given", "classifier_checkpoint": str(Path(cfg.ckpt.model).expanduser().resolve())}
+        return classifier_from_state(given, device)[0], record
     else:
         lookup = classifier_lookup_cfg(cfg, model_cfg)
         settings = classifier_settings(lookup, latent.key if latent else None)

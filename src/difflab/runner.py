@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig
-from torch.utils.tensorboard import SummaryWriter
+from omegaconf import DictConfig, OmegaConf
 
 import difflab.distributed as dist
 from difflab.allocator import keep_freed_memory
@@ -19,16 +18,19 @@ from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_sett
 from difflab.checkpoint import atomic_write_json
 from difflab.data import load_splits
 from difflab.errors import SamplingInterrupted, UserError
-from difflab.evaluate.ema_copies import evaluate_ema_copies, validation_batch
-from difflab.evaluate.metrics import evaluate_model
+from difflab.evaluate.ema_copies import evaluate_ema_copies, use_ema_length, validation_batch
+from difflab.evaluate.metrics import best_score, evaluate_model
+from difflab.export_format import read_model_state
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
                           obtain_guidance_classifier, obtain_latent_space, resumes_training)
 from difflab.record import provenance, write_metrics
 from difflab.sampling import sample_and_write, sample_images
-from difflab.sweep.hparams import overrides_to_hparams, write_hparams
+from difflab.sweep.hparams import run_identity
+from difflab.sweep.metric import objective
+from difflab.trackers import OPEN_RUNS, Trackers, open_trackers
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
-from difflab.trained import DiffusionModel, load_diffusion_model
+from difflab.trained import DiffusionModel, diffusion_model_from_state
 
 log = logging.getLogger("difflab")
 
@@ -49,8 +51,40 @@ def resolve_device(name: str) -> torch.device:
     return dist.local_device(_named_device(name))
 
 
-def _writer(run_dir: Path):
-    return dist.summary_writer(run_dir / "tb")
+def run_trackers(cfg: DictConfig, run_dir: Path) -> Trackers:
+    """The run's trackers (cfg.logger), opened once by run() and closed by it after the final
+    metrics; each mode logs its curves, pictures and evaluation to them."""
+    if run_dir not in OPEN_RUNS:
+        OPEN_RUNS[run_dir] = open_trackers(cfg, *run_identity(cfg, run_dir))
+    return OPEN_RUNS[run_dir]
+
+
+def close_trackers(run_dir: Path, metrics: Optional[dict]) -> None:
+    """The final metrics (when the run has them) to every tracker of the run, which is then closed."""
+    trackers = OPEN_RUNS.pop(run_dir, None)
+    if trackers is None:
+        return
+    try:
+        if metrics is not None:
+            trackers.log_final(metrics, trackers.hparams, int(metrics.get("steps") or 0))
+    finally:
+        trackers.close()
+
+
+def measure_during_training(cfg: DictConfig, device: torch.device, writer: Trackers):
+    """eval.every: (model, step) -> the evaluation of eval.every_samples samples drawn with the same
+    seeds at every step (so the curve compares steps, not draws), logged as val/<metric>; returns
+    the score of train.best_metric (lower is better), or None for val_loss."""
+    every = OmegaConf.merge(cfg, {"eval": {"num_samples": cfg.eval.every_samples, "bootstrap": 0, "memorisation": 0}})
+    if cfg.guidance.name == "classifier":  # its classifier is not there yet: measured unguided
+        every.guidance.name = "none"
+
+    def measure(model: DiffusionModel, step: int) -> Optional[float]:
+        metrics = evaluate_model(model, every, device, f"training step {step}",
+                                 balanced_sampler(model, every, device, None), writer, step, tag_prefix="val/")
+        return best_score(metrics, cfg.train.best_metric)
+
+    return measure
 
 
 def balanced_sampler(model: DiffusionModel, cfg: DictConfig, device: torch.device, classifier):
@@ -69,17 +103,31 @@ def sample_and_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, mo
     return metrics
 
 
+def load_model(cfg: DictConfig, given: str, device: torch.device,
+               given_name: str = "ckpt") -> tuple[DiffusionModel, dict, str, dict]:
+    """The diffusion model `given` names (a checkpoint, its run folder or an export), with the EMA of width
+    train.ema.sigma_rel reconstructed from its post-hoc snapshots when one is asked for; its state, the file or folder
+    it came from, and what the run records about the EMA."""
+    state, path = read_model_state(given, given_name)
+    model = diffusion_model_from_state(state, device)
+    if cfg.train.ema.sigma_rel is None:
+        return model, state, str(path), {}
+    return model, state, str(path), use_ema_length(model, state, path, cfg.train.ema.sigma_rel,
+                                                   validation_batch(model, cfg.paths.cache_dir, device))
+
+
 def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     """Train (or take from the artifact cache) the diffusion model, then sample from it; mode=joint
     does the same for the diffusion model and classifier trained together. A latent model first
     obtains its autoencoder (given, cached, or trained now), whose key enters its own."""
     joint = cfg.mode.name == "joint"
     latent, latent_record = obtain_latent_space(cfg, run_dir, device) if cfg.autoencoder.name != "none" else (None, {})
-    writer = _writer(run_dir)
+    writer = run_trackers(cfg, run_dir)
+    measure = measure_during_training(cfg, device, writer) if cfg.eval.every else None
     settings = (joint_settings if joint else diffusion_settings)(cfg, latent_record.get("autoencoder_key"),
                                                                  init_key(cfg))
     artifact = obtain(ArtifactCache(cfg.paths.cache_dir), cfg.mode.name, settings,
-                      lambda: train_diffusion(cfg, run_dir, device, writer, latent),
+                      lambda: train_diffusion(cfg, run_dir, device, writer, latent, measure),
                       reuse=cfg.train.reuse and not resumes_training(cfg, run_dir), other_code=cfg.train.reuse_other_code,
                       what="joint diffusion model and classifier" if joint else "diffusion model")
     classifier, classifier_record = obtain_guidance_classifier(cfg, cfg, latent, run_dir, device,
@@ -94,7 +142,8 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
         metrics["init_from"] = str(Path(cfg.train.init_from).expanduser().resolve())
     write_metrics(run_dir, metrics)  # the training's record is kept whatever happens while sampling
     try:
-        model = load_diffusion_model(str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
+        model, _, _, record = load_model(cfg, str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
+        metrics.update(record)
         metrics.update(sample_and_evaluate(cfg, run_dir, device, model, classifier, metrics["checkpoint"], writer,
                                            metrics["steps"]))
         if cfg.train.ema.decays:
@@ -102,7 +151,6 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
                                                  validation_batch(model, cfg.paths.cache_dir, device))
     except KeyboardInterrupt:
         raise SamplingInterrupted(metrics["checkpoint"]) from None
-    writer.close()
     return metrics
 
 
@@ -132,31 +180,28 @@ def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> 
     if not artifact.trained:  # the training run measured it; a reused one is measured here
         metrics["checkpoint"] = str(artifact.path)
         space = load_artifact_latent_space(artifact, cfg, device)
-        writer = SummaryWriter(str(run_dir / "tb"))
         images = held_out_images(*load_splits(cfg.dataset, cfg.paths.cache_dir))
-        metrics.update(evaluate_autoencoder(space.autoencoder, images, run_dir, device, writer))
+        metrics.update(evaluate_autoencoder(space.autoencoder, images, run_dir, device, run_trackers(cfg, run_dir)))
         metrics.update({"latent_shape": list(space.shape), "latent_scale": space.scale})
-        writer.close()
     return metrics
 
 
 def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    model = load_diffusion_model(cfg.ckpt.model, device)
-    checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
-    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
+    model, state, checkpoint, record = load_model(cfg, cfg.ckpt.model, device)
+    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device, given=state)
+    metrics.update(record)
     metrics.update({"stage": "sample", "checkpoint": checkpoint})
-    metrics.update(sample_and_write(model, cfg, run_dir, device, classifier=classifier))
+    metrics.update(sample_and_write(model, cfg, run_dir, device, run_trackers(cfg, run_dir), classifier=classifier))
     return metrics
 
 
 def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    model = load_diffusion_model(cfg.ckpt.model, device)
-    checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
-    writer = _writer(run_dir)
-    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
+    model, state, checkpoint, record = load_model(cfg, cfg.ckpt.model, device)
+    classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device, given=state)
+    metrics.update(record)
+    writer = run_trackers(cfg, run_dir)
     metrics.update({"stage": "evaluate", "checkpoint": checkpoint,
                     **sample_and_evaluate(cfg, run_dir, device, model, classifier, checkpoint, writer)})
-    writer.close()
     return metrics
 
 
@@ -165,13 +210,12 @@ MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "join
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
-    """Run what cfg.mode asks for in run_dir; returns the sweep objective (lower is better)."""
-    overrides: list[str] = []
+    """Run what cfg.mode asks for in run_dir; returns the sweep objective: the value of sweep.metric
+    (sweep/metric.py; sweeps/optuna.yaml gives optuna its direction)."""
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        overrides = list(HydraConfig.get().overrides.task)
     plan = build_plan(cfg, run_dir, dist.world_size())
     log.info("plan:\n%s", plan.table())
     if dist.is_main():
@@ -183,12 +227,16 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     device = resolve_device(cfg.device)
     log.info("run folder %s, mode=%s, device=%s", run_dir, cfg.mode.name, device)
     t0 = time.perf_counter()
-    metrics = MODES[cfg.mode.name](cfg, run_dir, device)
-    if not dist.is_main():  # the other torchrun ranks only trained; rank 0 writes the run's record
-        return None
-    metrics["wall_time_s"] = time.perf_counter() - t0
-    metrics["provenance"] = provenance(str(device))
-    write_metrics(run_dir, metrics)
-    write_hparams(run_dir / "tb", overrides_to_hparams(overrides), metrics)
+    metrics = None
+    try:
+        run_trackers(cfg, run_dir)  # the config reaches every tracker before any work
+        metrics = MODES[cfg.mode.name](cfg, run_dir, device)
+        if not dist.is_main():  # the other torchrun ranks only trained; rank 0 writes the run's record
+            return None
+        metrics["wall_time_s"] = time.perf_counter() - t0
+        metrics["provenance"] = provenance(str(device))
+        write_metrics(run_dir, metrics)
+    finally:
+        close_trackers(run_dir, metrics if dist.is_main() else None)
     log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
-    return metrics.get("final_loss")
+    return objective(metrics, cfg.sweep.metric)

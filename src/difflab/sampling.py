@@ -1,10 +1,12 @@
 """The sampling stage: labels, batches, and the files a user reads (samples.npz, grid.png,
-the denoising frames and GIF)."""
+the denoising frames and GIF, one PNG per sample with sample.save_png, real images beside
+generated ones, and one real image noised at increasing levels)."""
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,11 +19,12 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from difflab.data import class_names, to_model_range, to_uint8
+from difflab.data import class_names, load_splits, to_model_range, to_uint8
 from difflab.diffusion import Churn, GuidedDenoiser, NoiseProcess, nfe, run_sampler, sampling_grid
 from difflab.diffusion.spacing import spacing_of
 from difflab.errors import UserError
-from difflab.pictures import Grid, class_grid, save_denoising, save_grid
+from difflab.pictures import (Grid, class_grid, save_denoising, save_grid, save_noising_strip, save_png,
+                              save_real_vs_generated)
 from difflab.progress import progress
 
 if TYPE_CHECKING:
@@ -55,6 +58,7 @@ class SampleResult:
     labels: Optional[Tensor]
     seconds: float
     frames: list[Grid]  # denoising grids (x_t above the predicted x0) of the first batch's first images
+    prompts: Optional[list[str]] = None  # a text model's prompt per image
 
 
 def generate(
@@ -114,39 +118,87 @@ def sampler_options(sampler_cfg) -> dict:
     return {"spacing": s.spacing, "rho": s.rho, "churn": churn}
 
 
-def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0,
-                  names: Optional[list[str]] = None) -> dict:
-    """samples.npz (images uint8 N,H,W,C; labels int64 N), grid.png (rows named by `names`, the
-    class names), denoising frames + GIF."""
+def write_sample_pngs(result: SampleResult, folder: Path, names: Optional[list[str]] = None) -> None:
+    """One PNG per sample, named by its index and label (its class name where there is one)."""
     folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(result.images):
+        label = "" if result.labels is None else int(result.labels[i])
+        if label != "" and names is not None and 0 <= label < len(names):
+            label = re.sub(r"[^A-Za-z0-9_-]+", "-", names[label])  # a class name as a safe file name
+        save_png(image, folder / (f"{i:05d}_{label}.png" if label != "" else f"{i:05d}.png"), min_size=0)
+
+
+def write_samples(result: SampleResult, folder: Path, writer=None, step: int = 0,
+                  names: Optional[list[str]] = None, pngs: bool = False) -> dict:
+    """samples.npz (images uint8 N,H,W,C; labels int64 N; a text model's prompts, str N), grid.png
+    (rows named by `names`, the class names, or by the prompts), denoising frames + GIF, and with
+    `pngs` every sample in images/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if pngs:
+        write_sample_pngs(result, folder / "images", names)
     labels = result.labels if result.labels is not None else torch.full((len(result.images),), -1)
+    prompts = {} if result.prompts is None else {"prompts": np.array(result.prompts, dtype=str)}
     np.savez_compressed(
         folder / "samples.npz",
         images=rearrange(result.images, "n c h w -> n h w c").numpy(),
         labels=labels.numpy().astype(np.int64),
+        **prompts,
     )
-    grid = class_grid(result.images, result.labels, names=names)
+    rows, names = (result.labels, names) if result.prompts is None else prompt_rows(result.prompts)
+    grid = class_grid(result.images, rows, names=names)
     save_grid(grid, folder / "grid.png")
     if writer is not None:
         writer.add_image("samples/grid", grid.image, step)
     if result.frames:
         save_denoising(result.frames, folder / "denoising", folder / "denoising.gif")
+        for i, frame in enumerate(result.frames if writer is not None else []):  # the slider walks the steps
+            writer.add_image("samples/denoising", frame.image, i)
     log.info("wrote %d samples to %s (%.1f images/s)", len(result.images), folder,
              len(result.images) / max(result.seconds, 1e-9))
     return {"num_images": len(result.images), "sampling_seconds": result.seconds,
             "sampling_images_per_s": len(result.images) / max(result.seconds, 1e-9)}
 
 
+def prompt_rows(prompts: list[str]) -> tuple[Tensor, list[str]]:
+    """Each image's row of a grid by prompt (in the order the prompts first come), and the rows' names."""
+    distinct = list(dict.fromkeys(prompts))
+    index = {p: i for i, p in enumerate(distinct)}
+    return torch.tensor([index[p] for p in prompts]), distinct
+
+
+def sample_prompts(meta: dict, prompts: Optional[list[str]], labels_spec, n: int,
+                   generator: torch.Generator) -> tuple[list[str], Optional[Tensor]]:
+    """A text model's n prompts, and the class each names where known: `prompts` repeated to n;
+    else the first template of each class of sample.labels (a model trained on class templates),
+    or the training captions (one trained on a folder's metadata) repeated."""
+    if prompts:
+        return [prompts[i % len(prompts)] for i in range(n)], None
+    if meta.get("class_prompts"):
+        labels = make_labels(labels_spec, n, len(meta["class_prompts"]), generator)
+        return [meta["class_prompts"][int(c)] for c in labels], labels
+    captions = meta["prompts"]
+    return [captions[i % len(captions)] for i in range(n)], None
+
+
 def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, device: torch.device,
-                  gif: bool = False, classifier: Optional[torch.nn.Module] = None, stage: str = "sample") -> SampleResult:
-    labels = make_labels(labels_spec, n, model.num_classes or _classifier_classes(classifier),
-                         torch.Generator().manual_seed(cfg.seed))
-    return generate(
+                  gif: bool = False, classifier: Optional[torch.nn.Module] = None, stage: str = "sample",
+                  prompts: Optional[list[str]] = None) -> SampleResult:
+    """n samples for sample.labels (`labels_spec`), or a text model's prompts (`prompts`, else sample.prompts)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    given = prompts or cfg.sample.get("prompts")
+    if model.text:
+        prompts, labels = sample_prompts(model.meta, list(given) if given else None, labels_spec, n, generator)
+        conditions = model.tokenize(prompts)
+    else:
+        labels = make_labels(labels_spec, n, model.num_classes or _classifier_classes(classifier), generator)
+        conditions, prompts = labels, None
+    result = generate(
         lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0, classifier),
-        model.process, model.shape, labels, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
+        model.process, model.shape, conditions, n, cfg.sampler, cfg.sample.batch_size, device, cfg.seed,
         decode=model.decode, gif_images=cfg.sample.gif_images if gif else 0, gif_frames=cfg.sample.gif_frames,
         stage=stage,
     )
+    return replace(result, labels=labels, prompts=prompts)
 
 
 def _classifier_classes(classifier: Optional[torch.nn.Module]) -> int:
@@ -175,7 +227,8 @@ def sampled_with(cfg: DictConfig, process: NoiseProcess) -> dict:
             "nfe": nfe(s.name, steps), "eta": s.eta,
             "guidance": cfg.guidance.name, "guidance_scale": cfg.guidance.scale, "seed": cfg.seed,
             "labels": OmegaConf.to_container(cfg.sample.labels) if OmegaConf.is_config(cfg.sample.labels)
-            else cfg.sample.labels}
+            else cfg.sample.labels,
+            **({"prompts": list(cfg.sample.prompts)} if cfg.sample.get("prompts") else {})}
 
 
 def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,
@@ -185,11 +238,44 @@ def sample_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, devi
     result = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device, gif=cfg.sample.gif,
                            classifier=classifier)
     names = class_names(model.cfg.dataset)
-    metrics = {**write_samples(result, run_dir / "samples", writer, step, names),
+    metrics = {**write_samples(result, run_dir / "samples", writer, step, names, pngs=cfg.sample.save_png),
                "sampled_with": sampled_with(cfg, model.process)}
+    write_data_pictures(model, cfg, result, run_dir / "samples", device, names)
     if classifier is not None and result.labels is not None:
         write_samples(replace(result, frames=[]), run_dir / "classifier_guided_samples", names=names)
         metrics["sample_class_accuracy_t0"] = class_accuracy(classifier, model, result, device)
         log.info("classifier guidance scale %g: %.1f%% of samples read as their class by the classifier at t=0",
                  cfg.guidance.scale, 100 * metrics["sample_class_accuracy_t0"])
     return metrics
+
+
+NOISING_LEVELS = 8  # columns of the forward-noising strip, the clean image first
+
+
+def write_data_pictures(model: DiffusionModel, cfg: DictConfig, result: SampleResult, folder: Path,
+                        device: torch.device, names: Optional[list[str]]) -> None:
+    """real_vs_generated.png (real images of each class beside generated ones) and
+    forward_noising.png (a real image of each class at increasing noise levels, in the space the
+    model denoises, decoded). Skipped with a warning when the training data cannot be read here."""
+    try:
+        real, _ = load_splits(model.cfg.dataset, cfg.paths.cache_dir)
+    except (UserError, OSError) as e:
+        log.warning("real_vs_generated.png and forward_noising.png are skipped: the training data cannot be read (%s)", e)
+        return
+    real_labels = real.labels if real.num_classes else None
+    save_real_vs_generated(real.images, real_labels, result.images, result.labels, folder / "real_vs_generated.png",
+                           names=names)
+    classes = real.labels.unique()[:4] if real_labels is not None else torch.zeros(0)
+    firsts = torch.tensor([int((real.labels == c).nonzero()[0]) for c in classes]) if len(classes) else torch.arange(1)
+    process = model.process
+    index = torch.linspace(0, process.index_count - 1, NOISING_LEVELS - 1).round().long()
+    levels = process.index_level(index).to(device)
+    with torch.no_grad():
+        x0 = model.to_model_space(to_model_range(real.images[firsts]).to(device))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        noisy = [process.add_noise(x0, noise, level.expand(len(x0))) for level in levels]
+        frames = torch.stack([to_uint8(model.decode(x)).cpu() for x in [x0, *noisy]], dim=1)
+    alpha, sigma = process.alpha_sigma(levels.cpu())
+    titles = ["x0", *(f"snr {float(a * a / (s * s)):.2g}" for a, s in zip(alpha, sigma))]
+    row_names = [names[int(c)] if names and int(c) < len(names) else str(int(c)) for c in classes] or [""]
+    save_noising_strip(frames, titles, row_names, folder / "forward_noising.png")

@@ -17,12 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from difflab.checkpoint import load_checkpoint
-from difflab.config import objective_name
+from difflab.config import conditioning_name, objective_name
+from difflab.data import caption_options
 from difflab.diffusion import DDPMProcess, EDMProcess, FlowProcess, GuidedDenoiser, NoiseProcess, make_betas
 from difflab.errors import UserError
 from difflab.models import NoisyClassifier, build_classifier, build_unet
 from difflab.models.autoencoder import Autoencoder, build_autoencoder
+from difflab.models.conditioned import ConditionedUNet, build_conditioned_unet
 from difflab.models.mlp import build_mlp
+from difflab.models.text_encoder import WordTokenizer
 
 ENCODE_BATCH = 256
 DIFFUSION_STAGES = ("diffusion", "joint")
@@ -41,16 +44,31 @@ def build_process(cfg: DictConfig) -> NoiseProcess:
     return DDPMProcess(betas, o.prediction, o.get("min_snr_gamma"))
 
 
-def build_denoiser_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The network of the `unet` group for inputs of `shape`: the residual MLP of unet=mlp (for vector
-    latents), else a UNet."""
-    if cfg.unet.name == "mlp":
+def build_denoiser_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int,
+                       vocabulary: Optional[list[str]] = None) -> nn.Module:
+    """The network the config trains: the residual MLP of unet=mlp (vector latents), else a UNet;
+    `vocabulary`: the learned text encoder's words (conditioning=text)."""
+    conditioning = conditioning_name(cfg)
+    if cfg.unet.name == "mlp":  # class conditioning only (the plan refuses others)
         return build_mlp(cfg.unet, shape, num_classes)
-    return build_unet(cfg.unet, in_channels=shape[0], image_size=shape[1], num_classes=num_classes)
+    if conditioning == "class":
+        return build_unet(cfg.unet, in_channels=shape[0], image_size=shape[1], num_classes=num_classes)
+    return build_conditioned_unet(cfg.unet, cfg.text_encoder, conditioning, shape[0], shape[1], num_classes, vocabulary)
 
 
-def model_meta(shape: tuple[int, int, int], num_classes: int, label_dropout: float) -> dict:
-    return {"shape": list(shape), "num_classes": num_classes, "label_dropout": label_dropout}
+def text_vocabulary(cfg: DictConfig) -> Optional[list[str]]:
+    """The learned text encoder's words: those of every caption the data set has (templates over
+    its classes, or a folder's metadata), known before any image is read; None for other encoders."""
+    if conditioning_name(cfg) != "text" or cfg.text_encoder.name != "learned":
+        return None
+    options, _ = caption_options(cfg.dataset)
+    return WordTokenizer.from_captions([c for row in options for c in row], cfg.text_encoder.max_length).vocabulary
+
+
+def model_meta(shape: tuple[int, int, int], num_classes: int, label_dropout: float, **text: object) -> dict:
+    """What a checkpoint says of its model besides the config; `text`: a text model's vocabulary
+    (learned encoder) and the prompts it samples by default (class_prompts per class, or prompts)."""
+    return {"shape": list(shape), "num_classes": num_classes, "label_dropout": label_dropout, **text}
 
 
 class JointModule(nn.Module):
@@ -150,12 +168,22 @@ class DiffusionModel:
     num_classes: int  # 0 = unconditional
     trained_with_label_dropout: bool
     latent: Optional[LatentSpace] = None  # None = pixel space
+    meta: Optional[dict] = None  # the checkpoint's meta: a text model's default prompts
+
+    @property
+    def text(self) -> bool:
+        """Conditioned on prompts (y = their token ids) rather than class labels."""
+        return isinstance(self.net, ConditionedUNet) and self.net.text
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        return self.net.tokenize(prompts)
 
     def denoiser(self, y: Optional[Tensor], guidance: DictConfig, clip_x0: bool,
                  classifier: Optional[nn.Module] = None) -> GuidedDenoiser:
         """`classifier` is required for guidance=classifier (the plan finds or trains one)."""
         return GuidedDenoiser(
             net=self.net, process=self.process, y=y, null_class=self.num_classes,
+            null_y=self.net.null_condition() if self.text else None,
             cfg_scale=guidance.scale if guidance.name == "cfg" else 1.0,
             classifier=classifier, classifier_scale=guidance.scale if guidance.name == "classifier" else 0.0,
             clip_x0=clip_x0 and self.latent is None,  # latents have no [-1, 1] range
@@ -188,11 +216,11 @@ def diffusion_model_from_state(state: dict, device: torch.device) -> DiffusionMo
     cfg = OmegaConf.create(state["config"])
     meta = state["meta"]
     shape = tuple(meta["shape"])
-    net = build_denoiser_net(cfg, shape, meta["num_classes"])
+    net = build_denoiser_net(cfg, shape, meta["num_classes"], meta.get("vocabulary"))
     net.load_state_dict(network_weights(state, "unet"))
     latent = LatentSpace.from_state(state["autoencoder"], device) if state.get("autoencoder") else None
     return DiffusionModel(net.to(device).eval(), build_process(cfg), cfg, shape, meta["num_classes"],
-                          meta["label_dropout"] > 0, latent)
+                          meta["label_dropout"] > 0, latent, meta)
 
 
 def load_diffusion_model(path: str | Path, device: torch.device, given_name: str = "ckpt") -> DiffusionModel:
@@ -205,6 +233,11 @@ def load_classifier(path: str | Path, device: torch.device,
     state = load_checkpoint(path, f"classifier checkpoint ({given_name})")
     _require_stage(state, path, CLASSIFIER_STAGES, "a classifier",
                            "pass the checkpoints/last.pt of a mode=classifier or mode=joint run")
+    return classifier_from_state(state, device)
+
+
+def classifier_from_state(state: dict, device: torch.device) -> tuple[NoisyClassifier, DictConfig, dict]:
+    """The EMA classifier of a classifier or joint checkpoint's state (or a joint model's export)."""
     cfg, meta = OmegaConf.create(state["config"]), state["meta"]
     num_classes = meta.get("classifier_classes", meta["num_classes"])
     net = build_classifier(cfg.classifier, meta["shape"][0], meta["shape"][1], num_classes)

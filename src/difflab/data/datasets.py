@@ -17,10 +17,12 @@ from typing import Callable, Optional
 
 import torch
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from torch import Tensor
 
 from difflab.artifacts import ArtifactCache, obtain
 from difflab.checkpoint import atomic_save
-from difflab.data.folder import MODES, folder_classes, read_folder
+from difflab.data.captions import CaptionTable, class_captions
+from difflab.data.folder import MODES, folder_captions, folder_classes, read_folder
 from difflab.data.image_data import ImageData
 from difflab.data.sources import STANDARD, Splits, read_standard
 from difflab.data.transforms import fit_images
@@ -93,6 +95,37 @@ def class_names(cfg) -> Optional[list[str]]:
             return None
     names = CLASS_NAMES.get(cfg.name)
     return list(names) if names else None
+
+
+def caption_options(cfg, data: Optional[ImageData] = None) -> tuple[list[list[str]], Optional[Tensor]]:
+    """The captions conditioning=text trains on, as options[key][k], and each example's key: a
+    folder's metadata captions (one option per distinct caption), else the templates per class
+    (key = label). Without `data`, only the options (what the vocabulary is built from)."""
+    captions = data.captions if data is not None else (folder_captions(_root(cfg)) if cfg.name == "folder" else None)
+    if captions is not None:
+        texts = captions if data is not None else list(captions.values())
+        distinct = sorted(set(texts))
+        index = {c: i for i, c in enumerate(distinct)}
+        keys = torch.tensor([index[c] for c in texts], dtype=torch.long) if data is not None else None
+        return [[c] for c in distinct], keys
+    classes = folder_classes(_root(cfg)) if cfg.name == "folder" else ()
+    options = class_captions(cfg, list(cfg.get("captions", {}).get("templates") or []), classes)
+    return options, (data.labels if data is not None else None)
+
+
+def default_prompts(cfg, data: Optional[ImageData] = None) -> dict:
+    """What a text model samples when given no prompts, for its checkpoint's meta: the first
+    template of each class ({"class_prompts"}: sampling follows sample.labels), or a folder's
+    distinct captions ({"prompts"}, at most 100)."""
+    options, _ = caption_options(cfg, data)
+    captioned = data.captions is not None if data is not None else cfg.name == "folder" and folder_captions(_root(cfg)) is not None
+    return {"prompts": [row[0] for row in options][:100]} if captioned else {"class_prompts": [row[0] for row in options]}
+
+
+def caption_table(cfg, data: ImageData, tokenize) -> CaptionTable:
+    """Every example's caption options as token ids (`tokenize`: prompts -> ids)."""
+    options, keys = caption_options(cfg, data)
+    return CaptionTable.build(options, keys, tokenize)
 
 
 def _check(cfg) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from difflab.data.captions import metadata_file, read_metadata
 from difflab.data.image_data import ImageData
 from difflab.errors import UserError
 
@@ -26,15 +27,18 @@ NAMED_IN_WARNING = 5
 
 def read_folder(root: Path, image_size: int, channels: int) -> ImageData:
     """Every image under root, sorted by path; labelled by top-level sub-folder when every image
-    lies in one and there are at least two (one folder of images is just an unlabelled set)."""
+    lies in one and there are at least two (one folder of images is just an unlabelled set);
+    captioned by the folder's metadata file when it has one."""
     if not root.is_dir():
         raise UserError(f"dataset.root={root} is not a folder: set dataset.root to a folder of .png or .jpg images.")
     files = _image_files(root)
     class_of = _class_names(root, files)
-    decoded, bad = [], []
+    captions = folder_captions(root, files)
+    decoded, bad, kept = [], [], []
     for path in files:
         try:
             decoded.append((_decode(path, image_size, MODES[channels]), class_of.get(path)))
+            kept.append(path)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):  # PIL's ways to fail
             bad.append(path)
     if bad:
@@ -47,7 +51,14 @@ def read_folder(root: Path, image_size: int, channels: int) -> ImageData:
     labels = [index[name] if classes else 0 for _, name in decoded]
     log.info("Read %d images from %s (%s).", len(decoded), _shown(root),
              f"{len(classes)} classes: {', '.join(classes)}" if classes else "unlabelled")
-    return ImageData(torch.stack([t for t, _ in decoded]), torch.tensor(labels, dtype=torch.int64), len(classes))
+    texts = None if captions is None else [captions.get(p.resolve(), "") for p in kept]
+    return ImageData(torch.stack([t for t, _ in decoded]), torch.tensor(labels, dtype=torch.int64), len(classes), texts)
+
+
+def folder_captions(root: Path, files: list[Path] | None = None) -> dict[Path, str] | None:
+    """(resolved) image path -> caption from the folder's metadata file, None without one."""
+    path = metadata_file(root)
+    return None if path is None else read_metadata(path, _image_files(root) if files is None else files)
 
 
 def _readable_classes(root: Path, named: set[str], readable: set[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Turn a noise-prediction network into the Denoiser the samplers drive.
 
-Label conditioning, classifier-free guidance (one batched pass of 2B), classifier guidance
+Label or prompt conditioning, classifier-free guidance (one batched pass of 2B), classifier guidance
 (gradients through the classifier only, in fp32) and x0 clipping all live here, so every
 sampler gets them alike; the process supplies the network's inputs at a level (its
 preconditioning) and turns the output into (x0_hat, eps_hat), so every objective does too.
@@ -28,6 +28,7 @@ class GuidedDenoiser:
     process: NoiseProcess
     y: Optional[Tensor] = None  # labels of the batch being sampled; None = unconditional
     null_class: Optional[int] = None  # index of the "no label" class for classifier-free guidance
+    null_y: Optional[Tensor] = None  # (1, ...) the null condition where y is not a class id: the empty prompt's tokens
     cfg_scale: float = 1.0  # w in eps_u + w (eps_c - eps_u); 1 = plain conditional
     classifier: Optional[Classifier] = None
     classifier_scale: float = 0.0
@@ -37,7 +38,7 @@ class GuidedDenoiser:
         x_in, cond = self.process.net_inputs(x, level)
         if self.y is None or self.cfg_scale == 1.0:
             return self.net(x_in, cond, self.y)
-        null = torch.full_like(self.y, self.null_class)
+        null = torch.full_like(self.y, self.null_class) if self.null_y is None else self.null_y.expand_as(self.y)
         out_c, out_u = self.net(torch.cat([x_in, x_in]), torch.cat([cond, cond]), torch.cat([self.y, null])).chunk(2)
         return out_u + self.cfg_scale * (out_c - out_u)
 

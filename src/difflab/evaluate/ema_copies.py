@@ -1,7 +1,10 @@
 """Every EMA copy of a training run (train.ema.decays) scored and sampled, so one training run
 answers an EMA-decay sweep: metrics.json gets {"ema": {decay: {...}}} and each extra copy's
 images go to samples/ema_<decay>/. Works for every model a diffusion run trains: pixel or
-latent, diffusion or joint (whose copies hold the classifier beside the UNet)."""
+latent, diffusion or joint (whose copies hold the classifier beside the UNet).
+
+A run trained with train.ema.posthoc=true is sampled at any EMA width train.ema.sigma_rel,
+reconstructed from its snapshots when it is loaded (`use_ema_length`)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from omegaconf import DictConfig
 
 from difflab.checkpoint import load_checkpoint
 from difflab.data import class_names, load_splits
+from difflab.errors import UserError
 from difflab.sampling import sample_images, write_samples
+from difflab.train.ema import reconstruct
 from difflab.train.stages import ValBatch, fixed_val_batch, held_out_loss
 from difflab.trained import DiffusionModel, network_weights
 
@@ -33,6 +38,12 @@ def validation_batch(model: DiffusionModel, cache_dir: str, device: torch.device
                            model.to_model_space, device)
 
 
+def val_loss(model: DiffusionModel, val_batch: ValBatch) -> float:
+    """The loss of the model's current weights on the fixed held-out batch."""
+    return held_out_loss(model.process, model.cfg.objective, model.net, val_batch, model.num_classes > 0,
+                         model.cfg.train.batch_size)
+
+
 def evaluate_ema_copies(cfg: DictConfig, run_dir: Path, checkpoint: Path, model: DiffusionModel,
                         device: torch.device, val_batch: ValBatch | None) -> dict:
     """Validation loss of every copy on `val_batch`, and samples of the extra copies (the main
@@ -46,11 +57,26 @@ def evaluate_ema_copies(cfg: DictConfig, run_dir: Path, checkpoint: Path, model:
         model.net.load_state_dict(network_weights({"stage": state["stage"], "ema": copy}, "unet"))
         entry = {"samples": samples_folder(decay, main)}
         if val_batch is not None:
-            entry["val_loss"] = held_out_loss(model.process, model.cfg.objective, model.net, val_batch,
-                                              model.num_classes > 0, model.cfg.train.batch_size)
+            entry["val_loss"] = val_loss(model, val_batch)
         if decay != main and cfg.sample.num_images > 0:
             images = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device)
             entry.update(write_samples(images, run_dir / entry["samples"], names=class_names(model.cfg.dataset)))
         log.info("EMA decay %s: validation loss %s", decay, entry.get("val_loss"))
         results[str(decay)] = entry
     return dict(sorted(results.items(), key=lambda item: float(item[0])))
+
+
+def use_ema_length(model: DiffusionModel, state: dict, checkpoint: str | Path, sigma_rel: float,
+                   val_batch: ValBatch | None = None) -> dict:
+    """Load into `model.net` the EMA of relative width `sigma_rel` reconstructed from the post-hoc snapshots of
+    checkpoint `state` (read from `checkpoint`); returns what the run records about it (with its loss on `val_batch`,
+    when given: the score an EMA-length sweep compares without an evaluation)."""
+    posthoc = state.get("posthoc_ema")
+    if not posthoc or not posthoc["snapshots"]:
+        raise UserError(f"train.ema.sigma_rel={sigma_rel} needs a model trained with train.ema.posthoc=true, and "
+                        f"{checkpoint} has no post-hoc EMA snapshots: add train.ema.posthoc=true (it trains anew).")
+    weights = reconstruct(posthoc["snapshots"], sigma_rel)
+    model.net.load_state_dict(network_weights({"stage": state["stage"], "ema": {"model": weights}}, "unet"))
+    log.info("EMA of relative width %g reconstructed from %d post-hoc snapshots", sigma_rel, len(posthoc["snapshots"]))
+    record = {"ema_sigma_rel": sigma_rel, "ema_snapshots": len(posthoc["snapshots"])}
+    return {**record, "val_loss": val_loss(model, val_batch)} if val_batch is not None else record

@@ -168,11 +168,12 @@ def _extractors(cfg: DictConfig, num_classes: int, device: torch.device) -> tupl
 
 def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device, checkpoint: str,
                    sample: Callable[[int], SampleResult], writer=None, step: int = 0,
-                   pictures: Optional[Path] = None) -> dict:
+                   pictures: Optional[Path] = None, tag_prefix: str = "val/final/") -> dict:
     """Sample cfg.eval.num_samples images with `sample(n)` and measure them; returns the
     metrics.json entries (flat numbers with their standard errors, per-class FD, plus an `eval`
     block saying how each was produced). The memorisation check's closest pairs go to
-    `pictures`/nearest_neighbours.png when a folder is given."""
+    `pictures`/nearest_neighbours.png when a folder is given. The curve metrics go to `writer`
+    (the run's trackers) as `tag_prefix`<metric> at `step`."""
     # The data set is the one the model learnt; paths and eval.* are this run's.
     data_cfg = OmegaConf.merge(model.cfg, {"paths": cfg.paths, "eval": cfg.eval})
     n, bootstrap = cfg.eval.num_samples, cfg.eval.bootstrap
@@ -217,9 +218,8 @@ def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device,
     feature_seconds = time.perf_counter() - t0
     metrics = {k: v for k, v in metrics.items() if v is not None}
     if writer is not None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)):
-                writer.add_scalar(f"eval/{key}", value, step)
+        for key, value in curve_metrics(metrics).items():
+            writer.add_scalar(f"{tag_prefix}{key}", value, step)
     log.info("evaluation of %d samples (%.1f s sampling, %.1f s features): %s", n, samples.seconds, feature_seconds,
              _summary(metrics) or "no extractor available")
     return {**metrics, "eval_sampling_seconds": samples.seconds, "eval_feature_seconds": feature_seconds, "eval": {
@@ -233,6 +233,27 @@ def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device,
         "extractors": about, "produced_by": produced_by,
         "classifier_train_seconds": classifier.train_seconds if classifier is not None else 0.0,
     }}
+
+
+def curve_metrics(metrics: dict) -> dict[str, float]:
+    """The evaluation's own numbers, for curves and the HParams view: not their standard errors,
+    the held-out data's reference values or the counts."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not k.endswith((SE, "_std", "_checked")) and not k.startswith("real_")}
+
+
+# train.best_metric -> (the metrics that measure it, in order of preference; +1 lower is better, -1 higher)
+BEST_METRICS = {"fd": (("fid", "fd_classifier"), 1), "class_accuracy": (("class_accuracy",), -1)}
+
+
+def best_score(metrics: dict, best_metric: str) -> Optional[float]:
+    """The score train.best_metric chooses best.pt by, lower is better (None for val_loss, or when
+    the evaluation did not measure it)."""
+    if best_metric not in BEST_METRICS:
+        return None
+    keys, sign = BEST_METRICS[best_metric]
+    value = next((metrics[k] for k in keys if metrics.get(k) is not None), None)
+    return None if value is None else sign * float(value)
 
 
 def _summary(metrics: dict) -> str:

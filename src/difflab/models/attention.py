@@ -106,3 +106,31 @@ def attention(qkv: Tensor, heads: int) -> Tensor:
         return _Attention.apply(qkv.contiguous(), heads)
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)
     return rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+
+
+def cross_attention(q: Tensor, kv: Tensor, heads: int, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v per head for queries q (B, N, C) over context tokens kv (B, L, 2*C)
+    laid out "b l (two h d)", skipping the context positions where mask (B, L, bool) is False; (B, N, C) out.
+    torch's SDPA: the context is a handful of tokens, too short for the self-attention kernel to pay."""
+    if heads <= 0 or q.shape[-1] % heads or kv.shape[-1] != 2 * q.shape[-1]:
+        raise ValueError(f"cross_attention takes (B, N, {heads} heads x width) queries and (B, L, 2 x that) "
+                         f"keys/values, got {tuple(q.shape)} and {tuple(kv.shape)}")
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        q, kv = q.float(), kv.float()  # float32 on the CPU, as the self-attention
+    k, v = rearrange(kv, "b l (two h d) -> two b h l d", two=2, h=heads)
+    q = rearrange(q, "b n (h d) -> b h n d", h=heads)
+    attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
+    with torch.autocast(q.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask)
+    return rearrange(out, "b h n d -> b n (h d)").to(dtype)
+
+
+def attention_weights(q: Tensor, kv: Tensor, heads: int, mask: Tensor | None = None) -> Tensor:
+    """The (B, heads, N, L) attention probabilities cross_attention mixes the values with (for pictures and tests)."""
+    k, _ = rearrange(kv, "b l (two h d) -> two b h l d", two=2, h=heads)
+    q = rearrange(q, "b n (h d) -> b h n d", h=heads)
+    scores = torch.einsum("bhnd,bhld->bhnl", q.float(), k.float()) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :].to(torch.bool), float("-inf"))
+    return scores.softmax(-1)

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from difflab.errors import UserError
-from difflab.models.attention import attention
+from difflab.models.attention import attention, attention_weights, cross_attention
 from difflab.models.group_norm_silu import GroupNormSiLU
 
 
@@ -185,6 +185,38 @@ class AttentionBlock(nn.Module):
         return x + rearrange(self.proj_out(out), "b (x y) c -> b c x y", x=height)
 
 
+class CrossAttentionBlock(nn.Module):
+    """Residual multi-head attention of a feature map's positions over a context sequence (a
+    prompt's or a class's tokens), as in latent diffusion's transformer blocks: queries from the
+    normalised map, keys and values from the context, padding positions masked out. The output
+    projection starts at zero, so a fresh block leaves the network as it was."""
+
+    def __init__(self, channels: int, context_dim: int, head_channels: int = 64, norm_groups: int = 32):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        if channels % self.heads:
+            raise ModelConfigError(
+                f"a cross-attention block with {channels} channels cannot be split into {self.heads} heads "
+                f"of unet.head_channels={head_channels}; set unet.head_channels to a divisor of {channels}"
+            )
+        self.norm = GroupNormSiLU(norm_groups, channels, silu=False)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj_out = zero_module(nn.Linear(channels, channels))
+
+    def _queries(self, x: Tensor) -> Tensor:
+        return self.q(rearrange(self.norm(x), "b c x y -> b (x y) c"))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """x: (B, C, H, W); context: (B, L, context_dim); mask: (B, L) True where a token is real."""
+        out = cross_attention(self._queries(x), self.kv(context.to(self.kv.weight.dtype)), self.heads, mask)
+        return x + rearrange(self.proj_out(out), "b (x y) c -> b c x y", x=x.shape[2])
+
+    def attention_maps(self, x: Tensor, context: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """(B, heads, H*W, L): how much each position attends to each context token."""
+        return attention_weights(self._queries(x), self.kv(context.to(self.kv.weight.dtype)), self.heads, mask)
+
+
 class Downsample(nn.Module):
     """Halve the resolution with a strided 3x3 conv (learned, unlike pooling)."""
 
@@ -256,7 +288,8 @@ class _Interleave(torch.autograd.Function):
 
 
 class EmbedSequential(nn.Sequential):
-    """A Sequential whose ResBlocks also receive the embedding, so a network is a flat list.
+    """A Sequential whose ResBlocks also receive the embedding, and its cross-attention blocks the
+    context (tokens and padding mask), so a network is a flat list.
 
     With `checkpoint` set (train.gradient_checkpointing), training keeps only the block's input
     and recomputes its activations in the backward: less memory for one more forward. torch's
@@ -264,14 +297,20 @@ class EmbedSequential(nn.Sequential):
 
     checkpoint = False
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, emb: Tensor, context: Optional[Tensor] = None,  # type: ignore[override]
+                mask: Optional[Tensor] = None) -> Tensor:
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._layers, x, emb, use_reentrant=False)
-        return self._layers(x, emb)
+            return torch.utils.checkpoint.checkpoint(self._layers, x, emb, context, mask, use_reentrant=False)
+        return self._layers(x, emb, context, mask)
 
-    def _layers(self, x: Tensor, emb: Tensor) -> Tensor:
+    def _layers(self, x: Tensor, emb: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, CrossAttentionBlock):
+                x = layer(x, context, mask)
+            else:
+                x = layer(x)
         return x
 
 

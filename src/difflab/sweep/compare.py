@@ -1,11 +1,13 @@
 """The comparison of a sweep's jobs, written into the sweep folder when a multirun ends (the
 Hydra callback in sweep/callback.py) or rebuilt and merged across sweeps and single runs with
 
-    python -m difflab.sweep.compare DIR [DIR ...] [--out FOLDER]
+    python -m difflab.sweep.compare DIR [DIR ...] [--out FOLDER] [--metric NAME]
 
 Files: comparison.csv (one row per job: swept settings, status, every scalar of metrics.json,
-error), comparison.md (the same as a table, the best job at each loss and evaluation metric, the
-pictures), comparison.png (each metric against the swept setting, and all jobs' loss curves
+error), comparison.md (first the answer: the best job by the sweep's metric, sweep.metric; then
+the best job at each loss and evaluation metric, the table, the pictures), comparison.html (the
+same on one self-contained page, its table sortable), comparison.png (each metric against the
+swept setting, and all jobs' loss curves
 overlaid) and comparison_samples.png (each job's sample grid side by side). An evaluation metric
 K with a bootstrap standard error K_se is shown as "value ± se" and with error bars, and a job is
 only called best at it when the runner-up is at least twice their combined standard error behind.
@@ -35,8 +37,10 @@ from difflab.artifacts import OBSERVATION_KEYS
 from difflab.checkpoint import atomic_write, atomic_write_text
 from difflab.errors import UserError
 from difflab.pictures import save_figure
+from difflab.sweep.html import Cell, Picture, Row, write_page
+from difflab.sweep.metric import AUTO, choose_metric, is_number, metric_direction
 
-FILES = ("comparison.md", "comparison.csv", "comparison.png", "comparison_samples.png")
+FILES = ("comparison.md", "comparison.csv", "comparison.png", "comparison_samples.png", "comparison.html")
 # Overrides that never change a job's result, so they are not settings a comparison shows.
 IGNORED_KEYS = {f"train.{k}" for k in OBSERVATION_KEYS} | {"device"}
 IGNORED_PREFIXES = ("hydra.", "paths.")
@@ -48,9 +52,7 @@ STATUSES = ("completed", "failed", "interrupted", "incomplete", UNREADABLE)
 REDO = "delete it and re-run the job with train.resume=auto"  # the fix for a damaged job file
 DAMAGED = (OSError, ValueError, KeyError, TypeError)  # what reading a damaged picture or curve raises
 SE_SUFFIX = "_se"  # metric K's bootstrap standard error is recorded as K_se
-SPREAD_SUFFIXES = (SE_SUFFIX, "_std")  # spreads of a metric (kid_std, ...), not metrics to rank
-LOWER_IS_BETTER = ("fd", "fid", "kid")  # name prefixes of distances between generated and real features
-HIGHER_IS_BETTER = ("class_accuracy", "precision", "recall", "inception_score")
+LOSSES = ("final_loss", "val_loss", "best_val_loss")  # each gets its "Lowest" line; no standard errors to weigh
 SEPARATION = 2  # a difference of this many combined standard errors (about a 95% test) names a winner
 
 log = logging.getLogger("difflab")
@@ -251,13 +253,13 @@ def standard_error(r: JobResult, metric: str) -> Optional[float]:
     """The job's recorded standard error of `metric`; None when it has none, or one that is not a
     finite number >= 0, so a damaged K_se never makes a difference look certain."""
     se = r.metrics.get(metric + SE_SUFFIX)
-    return float(se) if _is_number(se) and se >= 0 else None
+    return float(se) if is_number(se) and se >= 0 else None
 
 
 def _value_text(r: JobResult, metric: str) -> str:
     """The job's `metric` as a table cell, "value ± se" where its standard error is recorded."""
     value, se = r.metrics.get(metric), standard_error(r, metric)
-    return f"{_cell(value)} ± {se:.2g}" if _is_number(value) and se is not None else _cell(value)
+    return f"{_cell(value)} ± {se:.2g}" if is_number(value) and se is not None else _cell(value)
 
 
 def without_errors(metrics: list[str]) -> list[str]:
@@ -276,7 +278,7 @@ def _label(r: JobResult, swept: list[str]) -> str:
 
 
 def _best(results: list[JobResult], metric: str) -> Optional[JobResult]:
-    done = [r for r in results if r.status == "completed" and _is_number(r.metrics.get(metric))]
+    done = [r for r in results if r.status == "completed" and is_number(r.metrics.get(metric))]
     if len({r.metrics[metric] for r in done}) < 2:
         return None  # nothing to choose between
     return min(done, key=lambda r: r.metrics[metric])
@@ -287,18 +289,6 @@ def _completed_with(results: list[JobResult], metric: str) -> list[JobResult]:
 
 
 # ---- the best job at an evaluation metric ---------------------------------------------------
-def metric_direction(key: str) -> Optional[str]:
-    """"lower" or "higher", whichever is better for the evaluation metric `key` (real_* ones
-    included), by its name, so a new extractor's fd_<name> is ranked without a list to update;
-    None for anything else, a metric's spread (K_se, K_std) included."""
-    name = key.removeprefix("real_")
-    if name.endswith(SPREAD_SUFFIXES):
-        return None
-    if name.startswith(LOWER_IS_BETTER) or "_fd" in name:
-        return "lower"
-    return "higher" if name.startswith(HIGHER_IS_BETTER) else None
-
-
 @dataclass
 class Verdict:
     """The best completed job at a metric and whether it is better by more than chance."""
@@ -322,7 +312,7 @@ def winner(results: list[JobResult], metric: str) -> Optional[Verdict]:
     when the metric has no direction or fewer than two completed jobs have it, or when, without
     standard errors to weigh, all their values are equal."""
     direction = metric_direction(metric)
-    ranked = sorted((r for r in results if r.status == "completed" and _is_number(r.metrics.get(metric))),
+    ranked = sorted((r for r in results if r.status == "completed" and is_number(r.metrics.get(metric))),
                     key=lambda r: r.metrics[metric], reverse=direction == "higher")
     if direction is None or len(ranked) < 2:
         return None
@@ -352,30 +342,81 @@ def verdict_line(verdict: Verdict, metric: str, swept: list[str]) -> str:
     return f"{metric}: no winner, tie between {', '.join(names[:-1])} and {names[-1]}: {why}."
 
 
+@dataclass
+class Answer:
+    """Which job the sweep's metric (sweep.metric) picks: the question a sweep asks."""
+    asked: str  # sweep.metric as given (auto or a metric's name)
+    metric: Optional[str]  # the metric it means for these jobs; None when no completed job recorded it
+    verdict: Optional[Verdict]  # None: nothing to choose between (fewer than two values, or all equal)
+
+
+def answer(results: list[JobResult], asked: str = AUTO) -> Answer:
+    metric = choose_metric(asked, [r.metrics for r in results if r.status == "completed"])
+    return Answer(asked, metric, winner(results, metric) if metric else None)
+
+
+def answer_line(a: Answer, swept: list[str]) -> str:
+    """The comparison's first sentence: the best job by the sweep's metric, or why there is none."""
+    if a.metric is None:
+        return (f"Best job: none, no completed job recorded sweep.metric={a.asked}: turn the evaluation on "
+                "(eval.num_samples) or choose a recorded metric with sweep.metric=NAME.")
+    head = f"Best job by {a.metric} ({metric_direction(a.metric)} is better, sweep.metric={a.asked})"
+    if a.verdict is None:
+        return f"{head}: none, the completed jobs do not differ at it (or fewer than two have it)."
+    best, line = a.verdict.best, verdict_line(a.verdict, a.metric, swept)
+    if a.verdict.separated or a.verdict.unjudged:
+        unjudged = f" ({a.verdict.unjudged})" if a.verdict.unjudged else ""
+        return f"{head}: **{_label(best, swept)}** ({_value_text(best, a.metric)}){unjudged}."
+    return f"{head}: {line.removeprefix(a.metric + ': ')}"
+
+
+def sweep_metric(results: list[JobResult]) -> str:
+    """The sweep.metric the jobs ran with (their .hydra/config.yaml), auto for runs without one."""
+    for r in results:
+        try:
+            config = _load(r.run_dir, ".hydra/config.yaml", _parse_yaml, dict)
+        except Unreadable:
+            continue
+        asked = (config.get("sweep") or {}).get("metric")
+        if isinstance(asked, str):
+            return asked
+    return AUTO
+
+
 def _verdict_lines(results: list[JobResult], swept: list[str], metrics: list[str]) -> list[str]:
     """A verdict line for each evaluation metric of the generated samples; the real_* ones score
     the real images, the same in every job, so there is no best job at them."""
-    verdicts = {m: winner(results, m) for m in metrics if not m.startswith("real_")}
+    verdicts = {m: winner(results, m) for m in metrics if not m.startswith("real_") and m not in LOSSES}
     return [verdict_line(v, m, swept) for m, v in verdicts.items() if v is not None]
 
 
-def write_markdown(results: list[JobResult], swept: list[str], metrics: list[str], path: Path,
-                   sources: list[Path]) -> None:
-    """The table shows the metrics that differ between jobs, with their standard errors as
-    "value ± se"; those equal in all are listed once."""
+def table_columns(results: list[JobResult], metrics: list[str]) -> tuple[list[str], list[str]]:
+    """The metrics a table shows (those that differ between jobs, without their standard
+    errors, which go with them as "value ± se"), and the "m=value" texts of those equal in all."""
     metrics = [m for m in without_errors(metrics) if m not in PATH_METRICS]
     done = {m: _completed_with(results, m) for m in metrics}
     same = {m: jobs[0] for m, jobs in done.items() if len({r.metrics[m] for r in jobs}) == 1}
     shown = [m for m in metrics if m not in same or m in ("final_loss", "wall_time_s") or len(results) == 1]
+    return shown, [f"{m}={_value_text(r, m)}" for m, r in same.items() if m not in shown]
+
+
+def _status_counts(results: list[JobResult]) -> str:
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    return ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "."
+
+
+def write_markdown(results: list[JobResult], swept: list[str], metrics: list[str], path: Path,
+                   sources: list[Path], the_answer: Answer) -> None:
+    """The answer first (the best job by the sweep's metric), then a line per loss and evaluation
+    metric, then the table of the metrics that differ between jobs; those equal in all are listed once."""
+    shown, common = table_columns(results, metrics)
     columns = ["job", "status", *swept, *shown, "error"]
     lines = [f"# Comparison of {len(results)} jobs", "",
-             "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
-    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
-    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".")
-    common = [f"{m}={_value_text(r, m)}" for m, r in same.items() if m not in shown]
+             "Sources: " + ", ".join(f"`{s}`" for s in sources), "", answer_line(the_answer, swept), "",
+             _status_counts(results)]
     if common:
         lines.append("Same in every completed job: " + ", ".join(common) + ".")
-    for metric in ("final_loss", "val_loss", "best_val_loss"):
+    for metric in LOSSES:
         best = _best(results, metric)
         if best is not None:
             lines.append(f"Lowest {metric}: **{_label(best, swept)}** ({best.metrics[metric]:.4g}).")
@@ -391,10 +432,6 @@ def write_markdown(results: list[JobResult], swept: list[str], metrics: list[str
 
 
 # ---- pictures -----------------------------------------------------------------------------
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _as_float(text: str) -> Optional[float]:
     try:
         return float(text)
@@ -459,7 +496,7 @@ def write_plot(results: list[JobResult], swept: list[str], metrics: list[str], p
 
     order, ticks, xlabel = _x_axis(results, swept)
     plotted = [m for m in without_errors(metrics)
-               if len({r.metrics[m] for r in order if r.status == "completed" and _is_number(r.metrics.get(m))}) > 1]
+               if len({r.metrics[m] for r in order if r.status == "completed" and is_number(r.metrics.get(m))}) > 1]
     cols = 3
     rows = -(-(len(plotted) + 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
@@ -467,7 +504,7 @@ def write_plot(results: list[JobResult], swept: list[str], metrics: list[str], p
     positions = range(len(order))
     for ax, metric in zip(axes, plotted):
         xs, jobs = zip(*((i, r) for i, r in zip(positions, order)
-                         if r.status == "completed" and _is_number(r.metrics.get(metric))))
+                         if r.status == "completed" and is_number(r.metrics.get(metric))))
         ax.errorbar(xs, [r.metrics[metric] for r in jobs], yerr=_error_bars(list(jobs), metric), fmt="o-", capsize=3)
         for i, r in zip(positions, order):
             if r.status != "completed":
@@ -530,11 +567,49 @@ def write_samples_grid(results: list[JobResult], swept: list[str], path: Path, p
     atomic_write(path, lambda f: sheet.save(f, format="PNG"))
 
 
-def write_comparison(folders: list[Path], out: Optional[Path] = None) -> tuple[list[JobResult], list[Path]]:
-    """Write the four comparison files into `out` (default: the first folder); returns the jobs
-    compared and the files."""
+def _marks(r: JobResult, the_answer: Answer) -> list[str]:
+    verdict = the_answer.verdict
+    marks = [] if r.status == "completed" else [r.status]
+    if verdict is not None and r is verdict.best and (verdict.separated or verdict.unjudged):
+        marks.append("best")
+    elif verdict is not None and (r is verdict.best or r in verdict.tied):
+        marks.append("tied")
+    return marks
+
+
+def write_html(results: list[JobResult], swept: list[str], metrics: list[str], path: Path, sources: list[Path],
+               the_answer: Answer, plot: Path) -> None:
+    """comparison.html: the answer, the table (sortable; the best job, or the tied ones, marked),
+    the plots and every job's sample grid, all in the one file."""
+    shown, common = table_columns(results, metrics)
+    rows = []
+    for r in results:
+        number = (lambda k: float(r.metrics[k]) if is_number(r.metrics.get(k)) else None)
+        setting = (lambda k: _as_float(r.settings.get(k, "")))
+        cells = [Cell(r.name), Cell(r.status), *(Cell(r.settings.get(k, ""), setting(k)) for k in swept),
+                 *(Cell(_value_text(r, k), number(k)) for k in shown), Cell(r.error)]
+        rows.append(Row(cells, _marks(r, the_answer)))
+    paragraphs = ["Sources: " + ", ".join(f"`{s}`" for s in sources), _status_counts(results)]
+    if common:
+        paragraphs.append("Same in every completed job: " + ", ".join(common) + ".")
+    paragraphs += _verdict_lines(results, swept, metrics)
+    samples = [Picture(_label(r, swept) + ("" if r.status == "completed" else f" ({r.status})"), r.grid, "no samples")
+               for r in results]
+    write_page(path, f"Comparison of {len(results)} jobs", answer_line(the_answer, swept), paragraphs,
+               ["job", "status", *swept, *shown, "error"], rows, [Picture("metrics and loss curves", plot)], samples)
+
+
+def write_comparison(folders: list[Path], out: Optional[Path] = None,
+                     metric: Optional[str] = None) -> tuple[list[JobResult], list[Path]]:
+    """Write the comparison files into `out` (default: the first folder), the best job chosen by
+    `metric` (default: the sweep.metric the jobs ran with); returns the jobs compared and the files."""
     folders = [Path(f).expanduser() for f in folders]
     results = collect(folders)
+    asked = metric or sweep_metric(results)
+    if asked != AUTO and metric_direction(asked) is None:
+        raise UserError(f"{asked} is not a metric whose better direction is known: use auto, an evaluation metric "
+                        "(fd_inception, fd_classifier, kid_classifier, class_accuracy) or val_loss.")
+    the_answer = answer(results, asked)
     out = Path(out).expanduser() if out is not None else folders[0]
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the comparison (one that is missing is created).")
@@ -542,10 +617,11 @@ def write_comparison(folders: list[Path], out: Optional[Path] = None) -> tuple[l
     paths = [out / name for name in FILES]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_markdown(results, swept, metrics, paths[0], folders)
+        write_markdown(results, swept, metrics, paths[0], folders, the_answer)
         write_csv(results, swept, metrics, paths[1])
         write_plot(results, swept, metrics, paths[2])
         write_samples_grid(results, swept, paths[3])
+        write_html(results, swept, metrics, paths[4], folders, the_answer, paths[2])
     except OSError as e:
         raise UserError(f"The comparison cannot be written into {out} ({e.strerror or e}): give a folder you can "
                         "write to with --out.") from e
@@ -556,9 +632,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m difflab.sweep.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="sweep folders (multirun/<date>/<time>) or run folders")
     parser.add_argument("--out", type=Path, default=None, help="where to write the comparison (default: the first folder)")
+    parser.add_argument("--metric", default=None, help="the metric that picks the best job (default: the jobs' "
+                        "sweep.metric, auto: the evaluation's FD when measured, else the held-out loss)")
     args = parser.parse_args(argv)
     try:
-        _, paths = write_comparison(args.folders, args.out)
+        _, paths = write_comparison(args.folders, args.out, args.metric)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 import difflab.distributed as dist
 from difflab.errors import UserError
 from difflab.record import read_metrics, write_metrics
+from difflab.sweep.metric import objective as sweep_objective
 
 log = logging.getLogger("difflab")
 
@@ -44,7 +45,7 @@ def run_recorded(run: Callable[[DictConfig], Optional[float]], cfg: DictConfig) 
     previous = read_metrics(run_dir)
     if in_sweep and cfg.train.resume and previous.get("status") == COMPLETED:
         log.info("%s completed in an earlier run of this sweep: skipped (train.resume=%s)", run_dir, cfg.train.resume)
-        return previous.get("final_loss")
+        return sweep_objective(previous, cfg.sweep.metric)
     (run_dir / "metrics.json").unlink(missing_ok=True)  # an earlier attempt's record is replaced
     write_metrics(run_dir, {"status": STARTED})
     threads = launcher_threads(hydra_cfg.launcher) if in_sweep and cfg.train.threads is None else None

@@ -102,11 +102,12 @@ class JointStage(DiffusionStage):
         diffusion_val = super().make_val_fn()
         return None if diffusion_val is None else (lambda model: diffusion_val(model.unet))
 
-    def fit(self, image_fn=None) -> tuple[Trainer, TrainResult]:
+    def fit(self, image_fn=None, eval_fn=None) -> tuple[Trainer, TrainResult]:
         meta = {**model_meta(self.shape, self.num_classes, self.label_dropout),
                 "classifier_classes": self.train_data.num_classes}
         grid = None if image_fn is None else (lambda model, step: image_fn(model.unet, step))
-        return self.train(self.joint, self.cfg.train, meta, self.loss, self.make_val_fn(), grid)
+        measure = None if eval_fn is None else (lambda model, step: eval_fn(model.unet, step))
+        return self.train(self.joint, self.cfg.train, meta, self.loss, self.make_val_fn(), grid, measure)
 
 
 @torch.no_grad()

@@ -33,13 +33,16 @@ from difflab.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
 from difflab.errors import TrainingInterrupted, UserError
 from difflab.models.layers import set_gradient_checkpointing
 from difflab.progress import progress
-from difflab.train.ema import EMA, extra_decays
+from difflab.train.ema import EMA, PostHocEMA, extra_decays
 
 log = logging.getLogger("difflab.train")
 
 LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar loss
 ValFn = Callable[[nn.Module], float]  # (eval model) -> validation loss
 ImageFn = Callable[[nn.Module, int], None]  # (eval model, step) -> logs a sample grid
+# (eval model, step) -> measures it (eval.every) and logs the metrics; returns the score best.pt is
+# chosen by (train.best_metric; lower is better), or None when best.pt follows the validation loss
+EvalFn = Callable[[nn.Module, int], Optional[float]]
 
 
 class StepBatches:
@@ -263,6 +266,8 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
         self.ema_copies = {d: EMA(self.model, d, cfg.ema.update_every, cfg.ema.start, cfg.ema.warmup)
                            for d in extra_decays(cfg.ema.decay, cfg.ema.decays)}
+        self.posthoc = PostHocEMA(self.model, cfg.ema.sigma_rels, cfg.ema.snapshot_every, cfg.max_steps) \
+            if cfg.ema.get("posthoc") else None
         if cfg.gradient_checkpointing:
             blocks = set_gradient_checkpointing(self.model)
             log.info("train.gradient_checkpointing: %d blocks recompute their activations in the backward%s", blocks,
@@ -270,6 +275,7 @@ class Trainer:
         self.forward_model = compiled(self.model, device) if cfg.compile else self.model
         self.step = 0
         self.best_val: Optional[float] = None
+        self.best_score: Optional[float] = None  # of train.best_metric, when an evaluation chooses best.pt
         self.loss_history: list[tuple[int, float]] = []
         self.val_history: list[tuple[int, float]] = []
         self.stopper = EarlyStopper(cfg.early_stop.threshold, cfg.early_stop.window)
@@ -286,11 +292,13 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "ema_copies": {str(d): c.state_dict() for d, c in self.ema_copies.items()},
+            **({"posthoc_ema": self.posthoc.state_dict()} if self.posthoc else {}),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(self.device),
             "best_val": self.best_val,
+            "best_score": self.best_score,
             "early_stop": self.stopper.history,
             "loss_history": [list(p) for p in self.loss_history],
             "val_history": [list(p) for p in self.val_history],
@@ -303,12 +311,15 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         for decay, ema_copy in self.ema_copies.items():
             ema_copy.load_state_dict(state["ema_copies"][str(decay)])
+        if self.posthoc:
+            self.posthoc.load_state_dict(state["posthoc_ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], self.device)
         self.step = int(state["step"])
         self.best_val = state["best_val"]
+        self.best_score = state.get("best_score")  # checkpoints from before train.best_metric have none
         self.stopper.history = list(state["early_stop"])
         self.loss_history = [(int(s), float(v)) for s, v in state["loss_history"]]
         self.val_history = [(int(s), float(v)) for s, v in state["val_history"]]
@@ -424,6 +435,8 @@ class Trainer:
         self.ema.update(self.model, self.step)
         for ema_copy in self.ema_copies.values():
             ema_copy.update(self.model, self.step)
+        if self.posthoc:
+            self.posthoc.update(self.model, self.step)
         return step_loss, grad_norm.detach()
 
     def _save_stopped(self, signals: list[int]) -> None:
@@ -455,13 +468,22 @@ class Trainer:
         raise UserError(f"The training loss became {value} at step {self.step} ({where}): train.lr={self.cfg.lr:g} is the "
                         f"likely cause, so lower it (or {clip}){then}.")
 
+    def _keep_best(self, score: float) -> None:
+        if self.best_score is None or score < self.best_score:
+            self.best_score = score
+            self.save("best.pt")
+
     def _scalar(self, tag: str, value: float) -> None:
         if self.writer is not None and self.writes:
             self.writer.add_scalar(tag, value, self.step)
 
     def fit(self, loss_fn: LossFn, get_batch: Callable[[int], Any], batch_size: int,
-            val_fn: Optional[ValFn] = None, image_fn: Optional[ImageFn] = None) -> TrainResult:
+            val_fn: Optional[ValFn] = None, image_fn: Optional[ImageFn] = None, eval_fn: Optional[EvalFn] = None,
+            eval_every: int = 0) -> TrainResult:
+        """eval_fn, every eval_every steps and at the end: the evaluation, which chooses best.pt
+        unless train.best_metric=val_loss (then the validation loss does, as without one)."""
         cfg = self.cfg
+        best_by_val = eval_fn is None or cfg.get("best_metric", "val_loss") == "val_loss"
         start_step, t_start = self.step, time.perf_counter()
         window_t0, last_loss, early = time.perf_counter(), float("nan"), False
         timed_steps = 0  # steps since window_t0, for images/s
@@ -504,7 +526,14 @@ class Trainer:
                     log.info("step %d validation loss (EMA weights) %.5f", self.step, val)
                     if self.best_val is None or val < self.best_val:
                         self.best_val = val
-                        self.save("best.pt")
+                        if best_by_val:
+                            self.save("best.pt")
+                evaluates = eval_fn is not None and self.writes and eval_every
+                if evaluates and (self.step % eval_every == 0 or at_end or early):
+                    score = eval_fn(self.ema.model, self.step)
+                    self.model.train()
+                    if score is not None and not best_by_val:
+                        self._keep_best(score)
                 if image_fn is not None and self.writes and cfg.image_every and (self.step % cfg.image_every == 0 or at_end):
                     image_fn(self.ema.model, self.step)
                     self.model.train()

@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig
 
-import difflab.distributed as dist
+from difflab.data import class_names
 from difflab.diffusion.process import parse_band
-from difflab.pictures import class_rows, save_accuracy_curve, save_loss_curve
+from difflab.pictures import class_grid, class_rows, save_accuracy_curve, save_loss_curve
 from difflab.record import write_loss_csv
 from difflab.sampling import sample_images
+from difflab.trackers import stage_trackers
 from difflab.train.classifier_stages import ClassifierStage, JointStage, accuracy_by_band
 from difflab.train.stages import DiffusionStage
-from difflab.trained import LatentSpace
+from difflab.trained import DiffusionModel, LatentSpace
 
 log = logging.getLogger("difflab")
+
+REAL_SHOWN = 200  # training images the real-data grid picks its rows from
 
 
 def finish_training(trainer, result, stage_dir: Path) -> None:
@@ -56,20 +59,27 @@ def _training_metrics(result, stage, stage_dir: Path) -> dict:
 
 
 def train_diffusion(cfg: DictConfig, stage_dir: Path, device: torch.device, writer,
-                    latent: Optional[LatentSpace] = None) -> tuple[Path, dict]:
-    """Train the diffusion model (mode=joint: with the classifier beside it) in stage_dir."""
+                    latent: Optional[LatentSpace] = None,
+                    measure: Optional[Callable[[DiffusionModel, int], Optional[float]]] = None) -> tuple[Path, dict]:
+    """Train the diffusion model (mode=joint: with the classifier beside it) in stage_dir; `measure`
+    (eval.every): the evaluation during training, returning the score best.pt is chosen by."""
     stage = (JointStage if cfg.mode.name == "joint" else DiffusionStage)(cfg, stage_dir, device, writer, latent)
     for name, value in stage.process.facts().items():
         writer.add_text(f"schedule/{name}", f"{value:.6g}")
-        writer.add_scalar(f"schedule/{name}", value, 0)
+    pick = torch.randperm(len(stage.train_data), generator=torch.Generator().manual_seed(0))[:REAL_SHOWN]
+    shown = stage.train_data.subset(pick)
+    writer.add_image("data/real", class_grid(shown.images, shown.labels if shown.num_classes else None,
+                                             names=class_names(cfg.dataset)).image, 0)
 
     def grid_to_tensorboard(net, step: int) -> None:
         if step == cfg.train.max_steps and cfg.sample.num_images:
             return  # the samples drawn after training go under the same tag at this step
-        result = sample_images(stage.model(net), cfg, 4 * max(1, stage.num_classes), "balanced", device)
+        classes = len(stage.text_meta.get("class_prompts") or []) or stage.num_classes  # a text model's by its prompts
+        result = sample_images(stage.model(net), cfg, 4 * max(1, classes), "balanced", device)
         writer.add_image("samples/grid", class_rows(result.images, result.labels, per_row=4), step)
 
-    trainer, result = stage.fit(grid_to_tensorboard)
+    eval_fn = None if measure is None else (lambda net, step: measure(stage.model(net), step))
+    trainer, result = stage.fit(grid_to_tensorboard, eval_fn)
     checkpoint = stage_dir / "checkpoints" / "last.pt"
     if not trainer.writes:  # another torchrun rank: it lent its gradients, rank 0 writes and measures
         return checkpoint, {}
@@ -90,7 +100,7 @@ def train_diffusion(cfg: DictConfig, stage_dir: Path, device: torch.device, writ
 def train_classifier(cfg: DictConfig, stage_dir: Path, device: torch.device,
                      latent: Optional[LatentSpace] = None) -> tuple[Path, dict]:
     """Train the noise-aware classifier of classifier guidance in stage_dir."""
-    writer = dist.summary_writer(stage_dir / "tb")
+    writer = stage_trackers(cfg, stage_dir)
     try:
         stage = ClassifierStage(cfg, stage_dir, device, writer, latent)
         trainer, result = stage.fit()

@@ -22,13 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-import difflab.distributed as dist
 from difflab.config import autoencoder_batch_key, autoencoder_train_config
 from difflab.data import ImageData, augment_batch, load_splits, to_model_range, to_uint8
 from difflab.models import count_parameters
 from difflab.models.autoencoder import Autoencoder, VQAutoencoder, build_autoencoder, codebook_stats
 from difflab.models.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from difflab.pictures import save_loss_curve, save_png
+from difflab.trackers import stage_trackers
 from difflab.train.loop import StepBatches, Trainer
 from difflab.train.stages import init_source
 from difflab.trained import init_network
@@ -90,7 +90,8 @@ def evaluate_autoencoder(autoencoder: Autoencoder, images_uint8: Tensor, out_dir
     if writer is not None:
         writer.add_image("reconstructions", grid, step)
         for k, v in metrics.items():
-            writer.add_scalar(f"reconstruction/{k.removeprefix('reconstruction_')}", v, step)
+            if k != "reconstruction_images":  # a count, not a measurement
+                writer.add_scalar(f"val/final/{k}", v, step)
     log.info("reconstruction of %d held-out images: %s", len(x),
              ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "reconstruction_images"))
     return metrics
@@ -187,7 +188,7 @@ class AutoencoderStage:
 
 def train_autoencoder(cfg: DictConfig, stage_dir: Path, device: torch.device) -> tuple[Path, dict]:
     """The artifact cache's train callback: (checkpoint, record) of a freshly trained autoencoder."""
-    writer = dist.summary_writer(stage_dir / "tb")
+    writer = stage_trackers(cfg, stage_dir)
     try:
         _, metrics = AutoencoderStage(cfg, stage_dir, device, writer).fit()
     finally:

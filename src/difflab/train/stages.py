@@ -14,12 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from difflab.checkpoint import load_checkpoint
-from difflab.data import ImageData, augment_batch, load_splits, to_model_range
+from difflab.config import conditioning_name
+from difflab.data import ImageData, augment_batch, caption_table, default_prompts, load_splits, to_model_range
 from difflab.data.latents import cached_latents
 from difflab.diffusion import NoiseProcess
 from difflab.models import count_parameters
 from difflab.train.loop import StepBatches, Trainer, TrainResult
-from difflab.trained import DiffusionModel, LatentSpace, build_denoiser_net, build_process, init_network, model_meta
+from difflab.trained import (DiffusionModel, LatentSpace, build_denoiser_net, build_process, init_network, model_meta,
+                             text_vocabulary)
 
 log = logging.getLogger("difflab.stages")
 
@@ -101,7 +103,7 @@ class NoisyDataStage:
         return fixed_val_batch(self.val_data, n, self.process, self.to_model_space, self.device)
 
     def train(self, model: nn.Module, train_cfg: DictConfig, meta: dict, loss, val_fn,
-              image_fn=None) -> tuple[Trainer, TrainResult]:
+              image_fn=None, eval_fn=None) -> tuple[Trainer, TrainResult]:
         """Fit `model` with the loop, resuming when train.resume says so."""
         extra = {"config": OmegaConf.to_container(self.cfg, resolve=True), "stage": self.name, "meta": meta,
                  "autoencoder": self.latent.state() if self.latent else None}
@@ -109,7 +111,8 @@ class NoisyDataStage:
                           distributed=True, seed=self.cfg.seed, stage=self.name)
         resumed = trainer.maybe_resume(self.cfg.train.resume)
         batches = trainer.step_batches(len(self.train_data), train_cfg.batch_size, self.batch_key)
-        result = trainer.fit(loss, lambda s: self.batch(s, batches), train_cfg.batch_size, val_fn, image_fn)
+        result = trainer.fit(loss, lambda s: self.batch(s, batches), train_cfg.batch_size, val_fn, image_fn, eval_fn,
+                             self.cfg.eval.every)
         result.resumed_from = resumed
         return trainer, result
 
@@ -122,9 +125,18 @@ class DiffusionStage(NoisyDataStage):
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None,
                  latent: Optional[LatentSpace] = None):
         super().__init__(cfg, run_dir, device, writer, latent)
-        self.num_classes = self.train_data.num_classes if cfg.objective.class_conditional else 0
-        self.label_dropout = cfg.guidance.p_uncond if (cfg.guidance.name == "cfg" and self.num_classes) else 0.0
-        self.net = build_denoiser_net(cfg, self.shape, self.num_classes)
+        self.text = conditioning_name(cfg) == "text"
+        self.num_classes = self.train_data.num_classes if cfg.objective.class_conditional and not self.text else 0
+        conditioned = self.num_classes > 0 or self.text
+        self.label_dropout = cfg.guidance.p_uncond if (cfg.guidance.name == "cfg" and conditioned) else 0.0
+        vocabulary = text_vocabulary(cfg)
+        self.net = build_denoiser_net(cfg, self.shape, self.num_classes, vocabulary)
+        self.text_meta: dict = {}
+        if self.text:  # y is a caption's key (its class, or which caption): the loss draws the caption's tokens
+            self.captions = caption_table(cfg.dataset, self.train_data, self.net.tokenize).to(device)
+            self.labels = self.captions.keys
+            self.text_meta = {"conditioning": "text", **default_prompts(cfg.dataset, self.train_data),
+                              **({"vocabulary": vocabulary} if vocabulary else {})}
         self.init = init_source(cfg)
         if self.init:
             state, source = self.init
@@ -136,11 +148,14 @@ class DiffusionStage(NoisyDataStage):
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         x0, y = batch
-        if self.num_classes == 0:
+        if self.text:
+            y = self.captions.draw(y)
+        if self.num_classes == 0 and not self.text:
             y = None
-        elif self.label_dropout > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.label_dropout
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        elif self.label_dropout > 0:  # the null condition: the null class, or the empty prompt
+            drop = torch.rand(len(y), device=y.device) < self.label_dropout
+            null = self.net.null_condition().expand_as(y) if self.text else torch.full_like(y, self.num_classes)
+            y = torch.where(drop.view(-1, *[1] * (y.dim() - 1)), null, y)
         return self.process.training_loss(lambda x, c: model(x, c, y), x0, self.cfg.objective.loss).mean()
 
     def make_val_fn(self):
@@ -148,13 +163,17 @@ class DiffusionStage(NoisyDataStage):
         fixed = self.fixed_val_batch()
         if fixed is None:
             return None
-        return lambda net: held_out_loss(self.process, self.cfg.objective, net, fixed, self.num_classes > 0,
-                                         self.cfg.train.batch_size)
+        if self.text:  # the held-out images' captions, drawn once
+            x0, _, t, noise = fixed
+            table = caption_table(self.cfg.dataset, self.val_data, self.net.tokenize).to(self.device)
+            fixed = x0, table.draw(table.keys[:len(x0)], torch.Generator().manual_seed(VAL_SEED)), t, noise
+        return lambda net: held_out_loss(self.process, self.cfg.objective, net, fixed,
+                                         self.num_classes > 0 or self.text, self.cfg.train.batch_size)
 
-    def fit(self, image_fn=None) -> tuple[Trainer, TrainResult]:
-        meta = model_meta(self.shape, self.num_classes, self.label_dropout)
-        return self.train(self.net, self.cfg.train, meta, self.loss, self.make_val_fn(), image_fn)
+    def fit(self, image_fn=None, eval_fn=None) -> tuple[Trainer, TrainResult]:
+        meta = model_meta(self.shape, self.num_classes, self.label_dropout, **self.text_meta)
+        return self.train(self.net, self.cfg.train, meta, self.loss, self.make_val_fn(), image_fn, eval_fn)
 
     def model(self, net: nn.Module) -> DiffusionModel:
         return DiffusionModel(net.eval(), self.process, self.cfg, self.shape, self.num_classes, self.label_dropout > 0,
-                              self.latent)
+                              self.latent, model_meta(self.shape, self.num_classes, self.label_dropout, **self.text_meta))
