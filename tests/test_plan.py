@@ -46,7 +46,7 @@ def diffusion_ckpt(tmp_path_factory, shapes_dir):
     (["sample.labels={a:1}"], "sample.labels={'a': 1} is not understood"),
     (["guidance=classifier", "guidance.scale=nan"], "guidance.scale=nan is not a finite number"),
     (["train.lr=inf"], "train.lr=inf is not a finite number"),
-    (["+experiment=typo"], "`experiment` is not a setting of difflab"),
+    (["+experimnt=typo"], "`experimnt` is not a setting of difflab"),
     (["train.init_from=/nonexistent/last.pt"], "does not exist"),
     (["train.resume=/nonexistent/last.pt"], "train.resume=/nonexistent/last.pt does not exist"),
     (["mode=evaluate", "ckpt=/nonexistent/last.pt", "eval.num_samples=8"], "does not exist"),

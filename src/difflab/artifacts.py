@@ -123,6 +123,9 @@ def autoencoder_settings(cfg: DictConfig, init_key: Optional[str] = None) -> dic
     settings it is trained with and the seed."""
     autoencoder = OmegaConf.to_container(cfg.autoencoder, resolve=True)
     autoencoder.pop("train")  # enters through the merged train block below
+    if autoencoder.get("latent") == "spatial":  # a map latent: the key autoencoders trained before vector latents had
+        autoencoder.pop("latent")
+        autoencoder.pop("latent_dim")
     return _with_init({"dataset": dataset_settings(cfg), "autoencoder": autoencoder,
                        "train": train_settings(autoencoder_train_config(cfg)), "seed": cfg.seed}, init_key)
 

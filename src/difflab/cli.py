@@ -161,10 +161,11 @@ def composition_error(e: Exception) -> str:
 
     text = "\n".join(str(c) for c in (e, e.__cause__) if c is not None)
     missing = re.search(r"Could not (?:find|load) '(\w+)/([^']+)'", text)
-    if missing and (Path(CONF_DIR) / missing.group(1)).is_dir():
+    if missing and (Path(CONF_DIR) / missing.group(1)).is_dir():  # an option (or preset) that no file names
         group, option = missing.groups()
         options = sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
-        return f"{group}={option} is not an option: choose one of {', '.join(options)}."
+        plus = "+" if group == "experiment" else ""  # presets are added to the defaults, not chosen among them
+        return f"{plus}{group}={option} is not an option: choose one of {', '.join(options)}."
     wrong = re.search(r"Could not override '([^']+)'", text)
     if not wrong:
         return text.splitlines()[0]

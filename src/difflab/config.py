@@ -76,7 +76,9 @@ class AutoencoderConfig:
     num_res_blocks: int = 1
     attention: bool = True  # an attention block in the middle, at the latent resolution
     norm_groups: int = 8
-    latent_channels: int = 2  # vq: the codebook vectors' dimension
+    latent_channels: int = 2  # vq: the codebook vectors' dimension; latent=vector: the channels of the map it is read from
+    latent: str = "spatial"  # spatial (a C x h x w map) | vector (kl: one flat latent_dim vector, for unet=mlp)
+    latent_dim: int = 128  # latent=vector: the vector's length
     kl_weight: float = 1e-6  # kl
     codebook_size: int = 256  # vq
     commitment: float = 0.25  # vq: beta
@@ -372,6 +374,7 @@ GROUP_SCHEMAS = {
 CHOICES = {
     "dataset.name": ("mnist", "fashion_mnist", "cifar10", "cifar100", "folder"),
     "autoencoder.name": ("none", "kl", "vq"),
+    "autoencoder.latent": ("spatial", "vector"),
     "schedule.name": tuple(SCHEDULES),
     "sampler.name": tuple(SAMPLERS),
     "sampler.spacing": (None, *SPACINGS),
@@ -422,7 +425,8 @@ RANGES: dict[str, Range] = {
     "dataset.image_size": POSITIVE, "dataset.channels": POSITIVE, "dataset.num_classes": AT_LEAST_0,
     "dataset.val_size": AT_LEAST_0, "dataset.augmentation.crop_padding": AT_LEAST_0,
     "autoencoder.channels": POSITIVE, "autoencoder.channel_mults": POSITIVE, "autoencoder.num_res_blocks": AT_LEAST_1,
-    "autoencoder.norm_groups": POSITIVE, "autoencoder.latent_channels": POSITIVE, "autoencoder.kl_weight": AT_LEAST_0,
+    "autoencoder.norm_groups": POSITIVE, "autoencoder.latent_channels": POSITIVE, "autoencoder.latent_dim": POSITIVE,
+    "autoencoder.kl_weight": AT_LEAST_0,
     "autoencoder.codebook_size": Range(2), "autoencoder.commitment": AT_LEAST_0, "autoencoder.codebook_ema": BELOW_1,
     "autoencoder.discriminator.channels": POSITIVE, "autoencoder.discriminator.num_layers": AT_LEAST_1,
     "autoencoder.discriminator.weight": AT_LEAST_0, "autoencoder.discriminator.start": AT_LEAST_0,

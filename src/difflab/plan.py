@@ -174,6 +174,25 @@ def _check_sampler(cfg: DictConfig, model_cfg: DictConfig) -> int:
         raise UserError(str(e)) from None
 
 
+def check_vector_latent(cfg: DictConfig) -> None:
+    """A vector latent comes from a KL-VAE and, having no map to convolve over, is denoised by the MLP."""
+    ae = cfg.autoencoder
+    if cfg.mode.name in LOADING_MODES:  # a loaded model brings its own autoencoder and network
+        return
+    if cfg.unet.name == "mlp" and conditioning_name(cfg) != "class":
+        raise UserError(f"unet=mlp embeds a class label only, but conditioning={conditioning_name(cfg)} needs the UNet's "
+                        "cross-attention: use conditioning=class, or a UNet (e.g. unet=small).")
+    if ae.latent != "vector":
+        return
+    if ae.name != "kl":
+        made = "makes no latent" if ae.name == "none" else "quantises a map of codes"
+        raise UserError(f"autoencoder.latent=vector is a KL-VAE's flat latent, but autoencoder={ae.name} {made}: add "
+                        "autoencoder=kl, or leave autoencoder.latent=spatial.")
+    if cfg.mode.name in DIFFUSION_MODES and cfg.unet.name != "mlp":
+        raise UserError(f"unet={cfg.unet.name} convolves over a feature map, but autoencoder.latent=vector makes a "
+                        f"{ae.latent_dim}-number vector with none: add unet=mlp.")
+
+
 def _load_kind(path: str, setting: str, kinds: tuple[str, ...], what: str, fix: str) -> dict:
     state = load_checkpoint(path, f"checkpoint given by {setting}")
     if state.get("stage") not in kinds:
@@ -491,6 +510,7 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
     check_cache_dir(cfg)
     validate_batch_splits(cfg, world_size)
     check_trackers(cfg)
+    check_vector_latent(cfg)
     builder = PlanBuilder(cfg, run_dir)
     mode = cfg.mode.name
     if mode == "evaluate" and cfg.eval.num_samples <= 0:

@@ -25,6 +25,7 @@ from difflab.errors import UserError
 from difflab.models import NoisyClassifier, build_classifier, build_unet
 from difflab.models.autoencoder import Autoencoder, build_autoencoder
 from difflab.models.conditioned import ConditionedUNet, build_conditioned_unet
+from difflab.models.mlp import build_mlp
 from difflab.models.text_encoder import WordTokenizer
 
 ENCODE_BATCH = 256
@@ -46,8 +47,11 @@ def build_process(cfg: DictConfig) -> NoiseProcess:
 
 def build_denoiser_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int,
                        vocabulary: Optional[list[str]] = None) -> nn.Module:
-    """The network the config trains; `vocabulary`: the learned text encoder's words (conditioning=text)."""
+    """The network the config trains: the residual MLP of unet=mlp (vector latents), else a UNet;
+    `vocabulary`: the learned text encoder's words (conditioning=text)."""
     conditioning = conditioning_name(cfg)
+    if cfg.unet.name == "mlp":  # class conditioning only (the plan refuses others)
+        return build_mlp(cfg.unet, shape, num_classes)
     if conditioning == "class":
         return build_unet(cfg.unet, in_channels=shape[0], image_size=shape[1], num_classes=num_classes)
     return build_conditioned_unet(cfg.unet, cfg.text_encoder, conditioning, shape[0], shape[1], num_classes, vocabulary)

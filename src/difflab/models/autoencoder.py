@@ -9,10 +9,15 @@ decoder's output cropped back, as in the UNet.
 `encode` gives what the diffusion model learns (the KL posterior's mean; the VQ's
 pre-quantisation vectors) and `decode` maps such a latent back to an image (the VQ quantises
 first), so a diffusion model never needs to know which autoencoder it works in.
+
+A KL-VAE's latent may also be one flat vector (`latent=vector`): linear layers map the
+encoder's last feature map to the posterior's moments and the vector back to the decoder's
+first map. It travels as a D x 1 x 1 latent, so it is cached, scaled and diffused like a map.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -103,9 +108,14 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(latent_channels, image_channels, *arch)
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
+    def map_shape(self) -> tuple[int, int, int]:
+        """The feature map between the encoder and the decoder."""
         side = (self.image_size + self.pad) // self.factor
         return self.latent_channels, side, side
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.map_shape
 
     def _encoder_features(self, x: Tensor) -> Tensor:
         return self.encoder(F.pad(x, (0, self.pad, 0, self.pad)) if self.pad else x)
@@ -152,6 +162,32 @@ class KLAutoencoder(Autoencoder):
     def forward(self, x: Tensor) -> AutoencoderOutput:
         q = self.posterior(x)
         return AutoencoderOutput(self.decode(q.sample()), self.kl_weight * q.kl().mean() / self.pixels)
+
+
+class VectorKLAutoencoder(KLAutoencoder):
+    """A KL-VAE with a latent_dim-vector latent; latent_channels are the channels of the feature
+    map the vector is read from and decoded to."""
+
+    def __init__(self, image_channels: int, image_size: int, latent_channels: int, latent_dim: int, kl_weight: float,
+                 **arch):
+        super().__init__(image_channels, image_size, latent_channels, kl_weight, **arch)
+        self.latent_dim = latent_dim
+        features = math.prod(self.map_shape)
+        self.to_moments = nn.Linear(2 * features, 2 * latent_dim)
+        self.from_latent = nn.Linear(latent_dim, features)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.latent_dim, 1, 1
+
+    def posterior(self, x: Tensor) -> DiagonalGaussian:
+        moments = self.to_moments(rearrange(self._encoder_features(x), "b c h w -> b (c h w)"))
+        return DiagonalGaussian(rearrange(moments, "b d -> b d 1 1"))
+
+    def decode(self, z: Tensor) -> Tensor:
+        c, h, w = self.map_shape
+        return self._decode_pixels(rearrange(self.from_latent(rearrange(z, "b d 1 1 -> b d")),
+                                             "b (c h w) -> b c h w", c=c, h=h, w=w))
 
 
 def vq_loss(z: Tensor, z_q: Tensor, commitment: float, learn_codebook: bool) -> Tensor:
@@ -248,9 +284,15 @@ def codebook_stats(indices: Tensor, size: int) -> dict:
 
 
 def build_autoencoder(cfg, image_channels: int, image_size: int) -> Autoencoder:
-    """A KL or VQ autoencoder from an `autoencoder` config group node."""
+    """A KL (spatial or vector latent) or VQ autoencoder from an `autoencoder` config group node."""
     arch = dict(channels=cfg.channels, channel_mults=list(cfg.channel_mults), num_res_blocks=cfg.num_res_blocks,
                 attention=cfg.attention, norm_groups=cfg.norm_groups)
+    vector = cfg.get("latent", "spatial") == "vector"  # checkpoints from before vector latents have no `latent`
+    if vector and cfg.name != "kl":
+        raise ModelConfigError(f"autoencoder.latent=vector is a KL-VAE's latent, not autoencoder={cfg.name}'s: "
+                               "use autoencoder=kl")
+    if vector:
+        return VectorKLAutoencoder(image_channels, image_size, cfg.latent_channels, cfg.latent_dim, cfg.kl_weight, **arch)
     if cfg.name == "kl":
         return KLAutoencoder(image_channels, image_size, cfg.latent_channels, cfg.kl_weight, **arch)
     if cfg.name == "vq":

@@ -2,7 +2,8 @@
 
 It is the encoder half of the UNet (same blocks, same timestep embedding) followed by
 GroupNorm -> SiLU -> global average pool -> linear, so it reads noisy inputs at any t the
-way the denoiser does. In latent diffusion it sees the (scaled) latents.
+way the denoiser does. In latent diffusion it sees the (scaled) latents; a vector latent
+(D x 1 x 1, nothing to convolve over) gets the MLP denoiser's trunk instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.models.layers import TimestepEmbedding, check_norm_groups, norm_silu
+from difflab.models.mlp import MLPClassifier
 from difflab.models.unet import build_down_path, network_shape
 
 
@@ -44,7 +46,10 @@ class NoisyClassifier(nn.Module):
         return self.head(h)
 
 
-def build_classifier(cfg, in_channels: int, image_size: int, num_classes: int) -> NoisyClassifier:
-    """A NoisyClassifier from the `classifier` config block (ClassifierConfig)."""
+def build_classifier(cfg, in_channels: int, image_size: int, num_classes: int) -> NoisyClassifier | MLPClassifier:
+    """A NoisyClassifier from the `classifier` config block (ClassifierConfig); for a vector latent
+    (image_size 1) an MLPClassifier of classifier.channels width and classifier.num_res_blocks blocks."""
+    if image_size == 1:
+        return MLPClassifier((in_channels, 1, 1), num_classes, cfg.channels, cfg.num_res_blocks, cfg.dropout)
     return NoisyClassifier(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
                            **network_shape(cfg))
