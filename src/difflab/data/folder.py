@@ -58,7 +58,7 @@ def read_folder(root: Path, image_size: int, channels: int) -> ImageData:
 def folder_captions(root: Path, files: list[Path] | None = None) -> dict[Path, str] | None:
     """(resolved) image path -> caption from the folder's metadata file, None without one."""
     path = metadata_file(root)
-    return None if path is None else read_metadata(path, _image_files(root) if files is None else files)
+    return None if path is None else read_metadata(path, image_files(root) if files is None else files)
 
 
 def _readable_classes(root: Path, named: set[str], readable: set[str]) -> list[str]:
