@@ -36,6 +36,20 @@ def make_shapes_folder(root: Path, per_class: int = 24, size: int = 16) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def hydra_ctx():
+    """Hydra initialised on difflab's conf/, for tests that compose configs in-process."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from difflab.cli import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        yield
+    GlobalHydra.instance().clear()
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     return make_shapes_folder(tmp_path_factory.mktemp("shapes"))

@@ -7,8 +7,7 @@ import itertools
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import OmegaConf
 
 from difflab.cli import CONF_DIR, _objective_for_ddpm_settings, _rewrite_ckpt_shorthand
@@ -21,12 +20,6 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def hydra_ctx():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        yield
-    GlobalHydra.instance().clear()
 
 
 # Options valid only beside another group's option: the partner replaces that group's choice.

@@ -16,7 +16,7 @@ from torch import nn
 from difflab.config import TrainConfig
 from difflab.models import build_unet
 from difflab.models.group_norm_silu import GroupNormSiLU
-from difflab.models.layers import AttentionBlock, ModelConfigError, PointwiseConv, Upsample
+from difflab.models.layers import AttentionBlock, PointwiseConv, Upsample
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, TINY_AE, read_metrics, run_py, tiny_overrides
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 
 from difflab.cli import CONF_DIR
 from difflab.models import count_parameters
@@ -30,12 +29,6 @@ TINY_LATENT = [*TINY_AE, "autoencoder.channel_mults=[1,2,2]", "autoencoder.norm_
                "autoencoder.discriminator.num_layers=2"]  # 70x70 patches need more than 16x16 images
 
 
-@pytest.fixture(scope="module")
-def hydra_ctx():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def _compose(name: str, *overrides: str):

@@ -417,6 +417,8 @@ class Range:
 POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
 FRACTION, BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
 BETA = Range(0, 1, low_open=True, high_open=True)
+MAX_SIGMA_REL = 0.28  # a power-function EMA (exponent gamma > 0) is narrower: sigma_rel^2 < 1/12
+EMA_WIDTH = Range(0, MAX_SIGMA_REL, low_open=True, high_open=True)
 
 # Every numeric setting's allowed values, checked at start (a null is allowed where the schema
 # has Optional). The schema fixes the types; this fixes the ranges.
@@ -448,7 +450,9 @@ RANGES: dict[str, Range] = {
     "train.lr": POSITIVE, "train.weight_decay": AT_LEAST_0, "train.betas": BELOW_1, "train.warmup_steps": AT_LEAST_0,
     "train.min_lr_ratio": FRACTION, "train.grad_clip": AT_LEAST_0, "train.threads": POSITIVE,
     "train.ema.decay": BELOW_1, "train.ema.update_every": POSITIVE, "train.ema.start": AT_LEAST_0,
-    "train.ema.decays": BELOW_1, "train.ema.snapshot_every": POSITIVE, "train.early_stop.threshold": AT_LEAST_0, "train.early_stop.window": POSITIVE,
+    "train.ema.decays": BELOW_1, "train.ema.snapshot_every": POSITIVE,
+    "train.ema.sigma_rels": EMA_WIDTH, "train.ema.sigma_rel": EMA_WIDTH,
+    "train.early_stop.threshold": AT_LEAST_0, "train.early_stop.window": POSITIVE,
     "train.log_every": POSITIVE, "train.val_every": POSITIVE, "train.val_batches": POSITIVE,
     "train.image_every": AT_LEAST_0, "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": AT_LEAST_0,
     "classifier.channels": POSITIVE, "classifier.channel_mults": POSITIVE, "classifier.num_res_blocks": AT_LEAST_1,
@@ -482,9 +486,6 @@ def check_ranges(cfg) -> None:
             raise UserError(f"{key}=[] leaves the network without levels: give at least one multiplier, e.g. [1, 2, 2].")
 
 
-MAX_SIGMA_REL = 0.28  # a power-function EMA (exponent gamma > 0) is narrower: sigma_rel^2 < 1/12
-
-
 def _check_ema_lengths(ema, mode: str) -> None:
     """Post-hoc EMA widths must be ones a power-function EMA has, and a width to sample needs
     the snapshots of a training that kept them."""
@@ -498,7 +499,7 @@ def _check_ema_lengths(ema, mode: str) -> None:
     if ema.posthoc and len(set(ema.sigma_rels)) < 2:
         raise UserError(f"train.ema.sigma_rels={list(ema.sigma_rels)} needs two different widths to reconstruct others "
                         "from: use e.g. [0.05, 0.10].")
-    if ema.sigma_rel is not None and not ema.posthoc and mode not in ("sample", "evaluate"):
+    if ema.sigma_rel is not None and not ema.posthoc and mode not in ("sample", "evaluate", "edit"):
         raise UserError(f"train.ema.sigma_rel={ema.sigma_rel} is reconstructed from post-hoc EMA snapshots: add "
                         "train.ema.posthoc=true.")
 

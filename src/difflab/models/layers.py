@@ -149,6 +149,15 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def attention_heads(channels: int, head_channels: int, what: str) -> int:
+    """channels // head_channels heads (at least 1), refused when they do not divide the channels."""
+    heads = max(1, channels // head_channels)
+    if channels % heads:
+        raise ModelConfigError(f"{what} with {channels} channels cannot be split into {heads} heads of "
+                               f"unet.head_channels={head_channels}; set unet.head_channels to a divisor of {channels}")
+    return heads
+
+
 class AttentionBlock(nn.Module):
     """Residual multi-head self-attention over all positions of a feature map.
 
@@ -158,12 +167,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, head_channels: int = 64, norm_groups: int = 32):
         super().__init__()
-        self.heads = max(1, channels // head_channels)
-        if channels % self.heads:
-            raise ModelConfigError(
-                f"an attention block with {channels} channels cannot be split into {self.heads} heads "
-                f"of unet.head_channels={head_channels}; set unet.head_channels to a divisor of {channels}"
-            )
+        self.heads = attention_heads(channels, head_channels, "an attention block")
         self.norm = GroupNormSiLU(norm_groups, channels, silu=False)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
@@ -193,12 +197,7 @@ class CrossAttentionBlock(nn.Module):
 
     def __init__(self, channels: int, context_dim: int, head_channels: int = 64, norm_groups: int = 32):
         super().__init__()
-        self.heads = max(1, channels // head_channels)
-        if channels % self.heads:
-            raise ModelConfigError(
-                f"a cross-attention block with {channels} channels cannot be split into {self.heads} heads "
-                f"of unet.head_channels={head_channels}; set unet.head_channels to a divisor of {channels}"
-            )
+        self.heads = attention_heads(channels, head_channels, "a cross-attention block")
         self.norm = GroupNormSiLU(norm_groups, channels, silu=False)
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(context_dim, 2 * channels)
