@@ -258,6 +258,35 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """mode=distill: a few-step student of a trained model (docs/compression.md)."""
+
+    method: str = "progressive"  # progressive (Salimans & Ho 2022) | consistency (Song et al. 2023)
+    steps: int = 4  # the student's sampling steps: 1, 2, 4 or 8
+    teacher_steps: int = 64  # progressive: the first round's teacher DDIM steps (steps x 2^rounds); consistency: its ODE grid
+    steps_per_round: int = 400  # training steps of each halving round (consistency: of its one round)
+    lr: float = 1e-4
+    batch_size: Optional[int] = None  # null = train.batch_size
+    ema_decay: Optional[float] = None  # null = 0.995 (progressive), 0.95 (consistency: CD's target network)
+
+
+@dataclass
+class PruneConfig:
+    """mode=prune: structured channel pruning of a trained UNet, then fine-tuning (docs/compression.md)."""
+
+    amount: float = 0.3  # share of the channels removed, in (0, 1)
+    finetune_steps: int = 500  # fine-tuning steps from the original's EMA weights (at least 1)
+    lr: float = 2e-4
+    batch_size: Optional[int] = None  # null = train.batch_size
+
+
+@dataclass
+class CompressConfig:
+    quantize: Optional[str] = None  # mode=sample / evaluate: int8 | bf16 | fp32 (CPU); null = as trained (fp32)
+    calibration_batches: int = 16  # int8: training batches, each noised at the sampler's levels, that set the scales
+
+
+@dataclass
 class CkptConfig:
     model: Optional[str] = None  # `ckpt=PATH` on the command line is short for ckpt.model=PATH
     autoencoder: Optional[str] = None
@@ -285,6 +314,9 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -311,7 +343,9 @@ CHOICES = {
     "objective.name": tuple(OBJECTIVE_SCHEMAS),
     "objective.t_sampling": T_SAMPLINGS,
     "guidance.name": ("none", "classifier", "cfg"),
-    "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate"),
+    "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate", "distill", "prune"),
+    "distill.method": ("progressive", "consistency"),
+    "compress.quantize": (None, "int8", "bf16", "fp32"),
     "objective.prediction": ("eps", "x0", "v"),
     "objective.loss": ("l2", "l1"),
     "train.lr_schedule": ("cosine", "constant"),
@@ -384,6 +418,10 @@ RANGES: dict[str, Range] = {
     "sample.gif_frames": AT_LEAST_1,
     "eval.num_samples": AT_LEAST_0, "eval.batch_size": POSITIVE, "eval.classifier_steps": POSITIVE,
     "eval.classifier_batch_size": POSITIVE, "eval.bootstrap": AT_LEAST_0, "eval.memorisation": AT_LEAST_0,
+    "distill.teacher_steps": Range(2), "distill.steps_per_round": POSITIVE, "distill.lr": POSITIVE,
+    "distill.batch_size": POSITIVE, "distill.ema_decay": BELOW_1,
+    "prune.finetune_steps": POSITIVE, "prune.lr": POSITIVE, "prune.batch_size": POSITIVE,
+    "compress.calibration_batches": POSITIVE,
 }
 NONEMPTY = ("unet.channel_mults", "autoencoder.channel_mults", "classifier.channel_mults")
 
