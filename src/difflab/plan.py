@@ -23,9 +23,13 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import difflab.distributed as dist
 from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencoder_settings, classifier_settings,
                                diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
 from difflab.checkpoint import load_checkpoint
+from difflab.compress.distill import (check_distill, distill_settings, round_steps, student_sampling_cfg,
+                                      with_student_sampler)
+from difflab.compress.prune import check_prune, prune_settings
 from difflab.config import (Config, autoencoder_train_config, classifier_train_config, level_meaning, objective_name,
                             validate, validate_batch_splits)
 from difflab.data import dataset_classes
@@ -37,12 +41,8 @@ from difflab.evaluate.feature_classifier import classifier_settings as eval_clas
 from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
 from difflab.sampling import sampler_steps
-from difflab.train.makers import train_classifier
+from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import train_autoencoder
-from difflab.compress.distill import check_distill, distill_settings, round_steps, student_sampling_cfg
-from difflab.compress.prune import check_prune, prune_settings
-import difflab.distributed as dist
-from difflab.train.makers import train_diffusion
 from difflab.trained import (CLASSIFIER_STAGES, DIFFUSION_STAGES, LatentSpace, build_denoiser_net, build_process,
                              check_autoencoder, dims, init_weights, load_classifier, load_latent_space)
 
@@ -443,6 +443,7 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
     """Check the config and list the run's steps; a UserError names the first mistake. `given`: the model of
     mode=sample when it is already loaded (the Python API's), so that its sampling is checked as the command's is."""
     check_known_keys(cfg)
+    cfg = with_student_sampler(cfg)  # a student samples as it was distilled (the runner does the same)
     check_finite(cfg)
     validate(cfg)
     check_cache_dir(cfg)

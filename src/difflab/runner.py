@@ -15,14 +15,18 @@ from torch.utils.tensorboard import SummaryWriter
 
 import difflab.distributed as dist
 from difflab.allocator import keep_freed_memory
-from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, obtain
+from difflab.artifacts import (ArtifactCache, classifier_settings, diffusion_settings, given_artifact, joint_settings,
+                               obtain)
 from difflab.checkpoint import atomic_write_json
+from difflab.compress.distill import distill_settings, student_sampling_cfg, train_student, with_student_sampler
+from difflab.compress.prune import prune_settings, train_pruned
+from difflab.compress.quantize import quantize_model
 from difflab.data import load_splits
 from difflab.errors import SamplingInterrupted, UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies, validation_batch
 from difflab.evaluate.metrics import evaluate_model
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
-                          obtain_guidance_classifier, obtain_latent_space, resumes_training)
+                          obtain_guidance_classifier, obtain_latent_space, obtain_teacher, resumes_training)
 from difflab.record import provenance, write_metrics
 from difflab.sampling import sample_and_write, sample_images
 from difflab.sweep.hparams import overrides_to_hparams, write_hparams
@@ -140,28 +144,73 @@ def run_reconstruction(cfg: DictConfig, run_dir: Path, device: torch.device) -> 
     return metrics
 
 
-def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+def load_given_model(cfg: DictConfig, device: torch.device) -> tuple[DiffusionModel, dict]:
+    """ckpt.model, quantised as compress.quantize asks, and what metrics.json says of that."""
     model = load_diffusion_model(cfg.ckpt.model, device)
+    if not cfg.compress.quantize:
+        return model, {}
+    return model, quantize_model(model, cfg, device)
+
+
+def run_sample(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    model, compressed = load_given_model(cfg, device)
     checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
     classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
-    metrics.update({"stage": "sample", "checkpoint": checkpoint})
+    metrics.update({"stage": "sample", "checkpoint": checkpoint, **compressed})
     metrics.update(sample_and_write(model, cfg, run_dir, device, classifier=classifier))
     return metrics
 
 
 def run_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    model = load_diffusion_model(cfg.ckpt.model, device)
+    model, compressed = load_given_model(cfg, device)
     checkpoint = str(Path(cfg.ckpt.model).expanduser().resolve())
     writer = _writer(run_dir)
     classifier, metrics = obtain_guidance_classifier(cfg, model.cfg, model.latent, run_dir, device)
-    metrics.update({"stage": "evaluate", "checkpoint": checkpoint,
+    metrics.update({"stage": "evaluate", "checkpoint": checkpoint, **compressed,
                     **sample_and_evaluate(cfg, run_dir, device, model, classifier, checkpoint, writer)})
     writer.close()
     return metrics
 
 
+def _derived_run(cfg: DictConfig, run_dir: Path, device: torch.device, stage: str, source_record: dict, settings: dict, make, what: str) -> dict:
+    """Make (or take from the cache) a model derived from `source` (a student, a pruned network), then sample and
+    evaluate it as the run asks."""
+    writer = _writer(run_dir)
+    artifact = obtain(ArtifactCache(cfg.paths.cache_dir), stage, settings, lambda: make(writer),
+                      reuse=cfg.train.reuse, other_code=cfg.train.reuse_other_code, what=what)
+    metrics = {**artifact.record.get("metrics", {}), **source_record, "stage": stage, "trained": artifact.trained,
+               "artifact_key": artifact.key, "checkpoint": str(artifact.path)}
+    write_metrics(run_dir, metrics)
+    model = load_diffusion_model(str(artifact.path), device, f"the {what} in the artifact cache")
+    metrics.update(sample_and_evaluate(cfg, run_dir, device, model, None, metrics["checkpoint"], writer))
+    writer.close()
+    return metrics
+
+
+def run_distill(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    """Obtain the teacher (given, cached, or trained now), distil it into a few-step student (or take the cached
+    student of these settings), then sample the student at its own step count."""
+    teacher_artifact, record = obtain_teacher(cfg, run_dir, device)
+    teacher = load_diffusion_model(str(teacher_artifact.path), device, "the teacher")
+    return _derived_run(student_sampling_cfg(cfg), run_dir, device, "distill", record,
+                        distill_settings(cfg, teacher_artifact.key),
+                        lambda writer: train_student(cfg, run_dir / "student", device, teacher, teacher_artifact.key,
+                                                     writer), f"{cfg.distill.steps}-step {cfg.distill.method} student")
+
+
+def run_prune(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    """Prune ckpt.model's UNet by prune.amount and fine-tune it (or take the cached result), then sample it."""
+    source = given_artifact(cfg.ckpt.model, "ckpt", "model")
+    model = load_diffusion_model(cfg.ckpt.model, device)
+    return _derived_run(cfg, run_dir, device, "prune", {"original_checkpoint": str(source.path)},
+                        prune_settings(cfg, source.key),
+                        lambda writer: train_pruned(cfg, run_dir / "pruned", device, model, source.key, writer),
+                        f"{cfg.prune.amount:.0%}-pruned model")
+
+
 MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "joint": run_diffusion,
-         "classifier": run_classifier, "sample": run_sample, "evaluate": run_evaluate}
+         "classifier": run_classifier, "sample": run_sample, "evaluate": run_evaluate, "distill": run_distill,
+         "prune": run_prune}
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
@@ -172,6 +221,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         overrides = list(HydraConfig.get().overrides.task)
+    cfg = with_student_sampler(cfg)
     plan = build_plan(cfg, run_dir, dist.world_size())
     log.info("plan:\n%s", plan.table())
     if dist.is_main():
