@@ -284,6 +284,7 @@ class PruneConfig:
 class CompressConfig:
     quantize: Optional[str] = None  # mode=sample / evaluate: int8 | bf16 | fp32 (CPU); null = as trained (fp32)
     calibration_batches: int = 16  # int8: training batches, each noised at the sampler's levels, that set the scales
+    compile: bool = True  # int8: torch.compile the converted graph (its int8 kernels); false runs it eagerly, slowly
 
 
 @dataclass

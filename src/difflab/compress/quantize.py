@@ -80,8 +80,9 @@ def _pt2e():
     return prepare_pt2e, convert_pt2e, x86
 
 
-def quantize_int8(net: nn.Module, batches: list[tuple], num_classes: int) -> nn.Module:
-    """`net` as a compiled int8 graph (static per-tensor activation scales from `batches`, per-channel weights)."""
+def quantize_int8(net: nn.Module, batches: list[tuple], num_classes: int, compile: bool = True) -> nn.Module:
+    """`net` as an int8 graph (static per-tensor activation scales from `batches`, per-channel weights), compiled
+    to inductor's int8 kernels (uncompiled, it runs the same arithmetic as reference ops)."""
     prepare_pt2e, convert_pt2e, x86 = _pt2e()
     example = batches[0] if num_classes else batches[0][:2]
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -92,7 +93,8 @@ def quantize_int8(net: nn.Module, batches: list[tuple], num_classes: int) -> nn.
     with torch.no_grad():
         for inputs in batches:
             prepared(*(inputs if num_classes else inputs[:2]))
-    return Int8Net(torch.compile(convert_pt2e(prepared)), num_classes)
+    converted = convert_pt2e(prepared)
+    return Int8Net(torch.compile(converted) if compile else converted, num_classes)
 
 
 def quantize_model(model: DiffusionModel, cfg: DictConfig, device: torch.device) -> dict:
@@ -106,7 +108,7 @@ def quantize_model(model: DiffusionModel, cfg: DictConfig, device: torch.device)
         if device.type != "cpu":  # the plan refuses this; a model loaded elsewhere (the API) too
             raise UserError("compress.quantize=int8 runs on the CPU's int8 kernels: use device=cpu.")
         batches = calibration_inputs(model, cfg, device)
-        model.net = quantize_int8(model.net, batches, model.num_classes)
+        model.net = quantize_int8(model.net, batches, model.num_classes, cfg.compress.compile)
         record.update({"quantize_backend": "torchao PT2E, X86InductorQuantizer (static, per-channel weights)",
                        "calibration_images": sum(len(b[0]) for b in batches)})
     record["quantize_seconds"] = time.perf_counter() - t0
