@@ -140,12 +140,13 @@ def prune_unet(net: nn.Module, amount: float, example: tuple) -> nn.Module:
     tp = _torch_pruning()
     pruned = copy.deepcopy(net).cpu().eval()
     outputs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d) and m.out_channels == example[0].shape[1]]
-    pruner = tp.pruner.MetaPruner(
-        pruned, example_inputs=tuple(t.cpu() if t is not None else None for t in example),
-        importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=amount, global_pruning=False,
-        ignored_layers=outputs[-1:], customized_pruners=_pruners(tp),
-        forward_fn=lambda model, inputs: model(*inputs))
-    pruner.step()
+    with torch.enable_grad():  # the dependency graph is traced through autograd
+        pruner = tp.pruner.MetaPruner(
+            pruned, example_inputs=tuple(t.cpu() if t is not None else None for t in example),
+            importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=amount, global_pruning=False,
+            ignored_layers=outputs[-1:], customized_pruners=_pruners(tp),
+            forward_fn=lambda model, inputs: model(*inputs))
+        pruner.step()
     regroup(pruned, net)
     return pruned
 
