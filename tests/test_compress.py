@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import read_metrics, run_py, tiny_overrides
 from omegaconf import OmegaConf
 
-from conftest import read_metrics, run_py, tiny_overrides
 from difflab.checkpoint import atomic_save
 from difflab.compress.prune import prune_unet
 from difflab.compress.quantize import Autocast, quantize_int8
@@ -101,7 +101,7 @@ def test_int8_sampling_end_to_end_is_recorded(model_ckpt, shapes_dir, cache, tmp
 @pytest.mark.parametrize("setting, words", [
     (["mode=prune", "prune.amount=1.5"], "prune.amount=1.5 must be the share of channels removed"),
     (["mode=sample", "ckpt=x.pt", "compress.quantize=int8", "device=cuda"], "compress.quantize=int8 runs on the CPU"),
-    (["mode=diffusion", "compress.quantize=bf16"], "applies to a trained model's sampling"),
+    (["mode=classifier", "compress.quantize=bf16"], "applies to a trained model"),
 ])
 def test_a_bad_compression_request_is_one_sentence(shapes_dir, cache, setting, words):
     r = run_py(*tiny_overrides(shapes_dir, cache, "flow"), *setting, "dry_run=true")

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_AE, read_metrics, run_py, tiny_overrides
+
 from difflab.diffusion.distillation import (ConsistencyProcess, consistency_coefficients, consistency_target,
                                             progressive_target, smallest_ve)
 from difflab.diffusion.flow import FlowProcess

@@ -311,13 +311,14 @@ class PlanBuilder:
         self.add(name, "given", artifact.key, None, str(artifact.path))
         return model_facts(state)
 
-    def teacher(self) -> ModelFacts:
-        """mode=distill's teacher: ckpt.model, else the diffusion model of these settings (cached or trained now)."""
+    def teacher(self, name: str = "teacher") -> ModelFacts:
+        """The model mode=distill distils (or mode=prune prunes): ckpt.model, else the diffusion model of these
+        settings (cached or trained now)."""
         if self.cfg.ckpt.model:
-            return self.given_model("teacher")
+            return self.given_model(name)
         cfg, self.cfg = self.cfg, teacher_cfg(self.cfg)
         try:
-            return self.model("teacher")
+            return self.model(name)
         finally:
             self.cfg = cfg
 
@@ -410,9 +411,9 @@ def check_quantize(cfg: DictConfig) -> None:
     q = cfg.compress.quantize
     if q is None:
         return
-    if cfg.mode.name not in LOADING_MODES:
-        raise UserError(f"compress.quantize={q} applies to a trained model's sampling: use it with mode=sample or "
-                        "mode=evaluate and ckpt=<checkpoint>.")
+    if cfg.mode.name not in (*LOADING_MODES, "diffusion"):
+        raise UserError(f"compress.quantize={q} applies to a trained model's sampling: use it with mode=sample, "
+                        "mode=evaluate or mode=diffusion.")
     on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if on_cuda and q == "int8":
         raise UserError("compress.quantize=int8 runs on the CPU's int8 kernels (x86 oneDNN), not on a GPU: add "
@@ -420,8 +421,8 @@ def check_quantize(cfg: DictConfig) -> None:
 
 
 def obtain_teacher(cfg: DictConfig, run_dir: Path, device: torch.device) -> tuple[Artifact, dict]:
-    """mode=distill's teacher (ckpt.model, the cached one of these settings, or one trained now in
-    run_dir/teacher) and what metrics.json says about it."""
+    """mode=distill's teacher, or mode=prune's original (ckpt.model, the cached diffusion model of these settings,
+    or one trained now in run_dir/teacher), and what metrics.json says about it."""
     if cfg.ckpt.model:
         artifact = given_artifact(cfg.ckpt.model, "ckpt", "teacher")
         return artifact, {"teacher_source": "given", "teacher_key": artifact.key,
@@ -469,7 +470,7 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
         builder.sampling(model)
     elif mode == "prune":
         check_prune(cfg)
-        model = builder.given_model("original")
+        model = builder.teacher("original")
         builder.derived("prune", prune_settings(cfg, builder.plan.steps[-1].key), cfg.prune.finetune_steps,
                         f"{cfg.prune.amount:.0%} of the UNet's channels, then fine-tuned")
         builder.sampling(model)

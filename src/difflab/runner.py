@@ -15,8 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import difflab.distributed as dist
 from difflab.allocator import keep_freed_memory
-from difflab.artifacts import (ArtifactCache, classifier_settings, diffusion_settings, given_artifact, joint_settings,
-                               obtain)
+from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, obtain
 from difflab.checkpoint import atomic_write_json
 from difflab.compress.distill import distill_settings, student_sampling_cfg, train_student, with_student_sampler
 from difflab.compress.prune import prune_settings, train_pruned
@@ -99,6 +98,8 @@ def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     write_metrics(run_dir, metrics)  # the training's record is kept whatever happens while sampling
     try:
         model = load_diffusion_model(str(artifact.path), device, f"the {cfg.mode.name} model in the artifact cache")
+        if cfg.compress.quantize:
+            metrics.update(quantize_model(model, cfg, device))
         metrics.update(sample_and_evaluate(cfg, run_dir, device, model, classifier, metrics["checkpoint"], writer,
                                            metrics["steps"]))
         if cfg.train.ema.decays:
@@ -199,10 +200,11 @@ def run_distill(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
 
 
 def run_prune(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
-    """Prune ckpt.model's UNet by prune.amount and fine-tune it (or take the cached result), then sample it."""
-    source = given_artifact(cfg.ckpt.model, "ckpt", "model")
-    model = load_diffusion_model(cfg.ckpt.model, device)
-    return _derived_run(cfg, run_dir, device, "prune", {"original_checkpoint": str(source.path)},
+    """Prune the UNet of ckpt.model (or of the diffusion model of these settings, cached or trained now) by
+    prune.amount and fine-tune it (or take the cached result), then sample it."""
+    source, record = obtain_teacher(cfg, run_dir, device)
+    model = load_diffusion_model(str(source.path), device, "the model to prune")
+    return _derived_run(cfg, run_dir, device, "prune", {**record, "original_checkpoint": str(source.path)},
                         prune_settings(cfg, source.key),
                         lambda writer: train_pruned(cfg, run_dir / "pruned", device, model, source.key, writer),
                         f"{cfg.prune.amount:.0%}-pruned model")
