@@ -419,8 +419,10 @@ RANGES: dict[str, Range] = {
     "sample.gif_frames": AT_LEAST_1,
     "eval.num_samples": AT_LEAST_0, "eval.batch_size": POSITIVE, "eval.classifier_steps": POSITIVE,
     "eval.classifier_batch_size": POSITIVE, "eval.bootstrap": AT_LEAST_0, "eval.memorisation": AT_LEAST_0,
-    "distill.teacher_steps": Range(2), "distill.steps_per_round": POSITIVE, "distill.lr": POSITIVE,
+    "distill.steps": AT_LEAST_1, "distill.teacher_steps": Range(2), "distill.steps_per_round": POSITIVE,
+    "distill.lr": POSITIVE,
     "distill.batch_size": POSITIVE, "distill.ema_decay": BELOW_1,
+    "prune.amount": Range(),  # (0, 1), checked with its own sentence (compress/prune.py)
     "prune.finetune_steps": POSITIVE, "prune.lr": POSITIVE, "prune.batch_size": POSITIVE,
     "compress.calibration_batches": POSITIVE,
 }
