@@ -320,6 +320,36 @@ class SweepConfig:
 
 
 @dataclass
+class DistillConfig:
+    """mode=distill: a few-step student of a trained model (docs/compression.md)."""
+
+    method: str = "progressive"  # progressive (Salimans & Ho 2022) | consistency (Song et al. 2023)
+    steps: int = 4  # the student's sampling steps: 1, 2, 4 or 8
+    teacher_steps: int = 64  # progressive: the first round's teacher DDIM steps (steps x 2^rounds); consistency: its ODE grid
+    steps_per_round: int = 400  # training steps of each halving round (consistency: of its one round)
+    lr: float = 1e-4
+    batch_size: Optional[int] = None  # null = train.batch_size
+    ema_decay: Optional[float] = None  # null = 0.995 (progressive), 0.95 (consistency: CD's target network)
+
+
+@dataclass
+class PruneConfig:
+    """mode=prune: structured channel pruning of a trained UNet, then fine-tuning (docs/compression.md)."""
+
+    amount: float = 0.3  # share of the channels removed, in (0, 1)
+    finetune_steps: int = 500  # fine-tuning steps from the original's EMA weights (at least 1)
+    lr: float = 2e-4
+    batch_size: Optional[int] = None  # null = train.batch_size
+
+
+@dataclass
+class CompressConfig:
+    quantize: Optional[str] = None  # mode=sample / evaluate: int8 | bf16 | fp32 (CPU); null = as trained (fp32)
+    calibration_batches: int = 16  # int8: training batches, each noised at the sampler's levels, that set the scales
+    compile: bool = True  # int8: torch.compile the converted graph (its int8 kernels); false runs it eagerly, slowly
+
+
+@dataclass
 class CkptConfig:
     model: Optional[str] = None  # `ckpt=PATH` on the command line is short for ckpt.model=PATH
     autoencoder: Optional[str] = None
@@ -351,6 +381,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     logger: Dict[str, Any] = field(default_factory=dict)  # the trackers chosen in the logger group, by name
     seed: int = 0
@@ -383,7 +416,10 @@ CHOICES = {
     "guidance.name": ("none", "classifier", "cfg"),
     "conditioning.name": ("class", "class_tokens", "text"),
     "text_encoder.name": ("learned", "clip"),
-    "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate", "edit"),
+    "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate", "edit", "distill",
+                  "prune"),
+    "distill.method": ("progressive", "consistency"),
+    "compress.quantize": (None, "int8", "bf16", "fp32"),
     "objective.prediction": ("eps", "x0", "v"),
     "objective.loss": ("l2", "l1"),
     "train.lr_schedule": ("cosine", "constant"),
@@ -465,6 +501,12 @@ RANGES: dict[str, Range] = {
     "eval.num_samples": AT_LEAST_0, "eval.batch_size": POSITIVE, "eval.classifier_steps": POSITIVE,
     "eval.classifier_batch_size": POSITIVE, "eval.bootstrap": AT_LEAST_0, "eval.memorisation": AT_LEAST_0,
     "eval.every": AT_LEAST_0, "eval.every_samples": Range(4),
+    "distill.steps": AT_LEAST_1, "distill.teacher_steps": Range(2), "distill.steps_per_round": POSITIVE,
+    "distill.lr": POSITIVE,
+    "distill.batch_size": POSITIVE, "distill.ema_decay": BELOW_1,
+    "prune.amount": Range(),  # (0, 1), checked with its own sentence (compress/prune.py)
+    "prune.finetune_steps": POSITIVE, "prune.lr": POSITIVE, "prune.batch_size": POSITIVE,
+    "compress.calibration_batches": POSITIVE,
 }
 NONEMPTY = ("unet.channel_mults", "autoencoder.channel_mults", "classifier.channel_mults")
 

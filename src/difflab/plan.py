@@ -26,6 +26,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencoder_settings, classifier_settings,
                                diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
 from difflab.checkpoint import load_checkpoint
+from difflab.compress.distill import (check_distill, distill_settings, round_steps, student_sampling_cfg,
+                                      with_student_sampler)
+from difflab.compress.prune import check_prune, prune_settings
 from difflab.config import (Config, autoencoder_train_config, classifier_train_config, conditioning_name, level_meaning,
                             objective_name, validate, validate_batch_splits)
 from difflab.data import dataset_classes, default_prompts
@@ -42,8 +45,8 @@ from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
 from difflab.models.text_encoder import clip_files, require_transformers
 from difflab.sampling import edit_labels, edit_nfe, read_edit_inputs, sampler_steps
-from difflab.trackers import check_trackers
-from difflab.train.makers import train_classifier
+from difflab.trackers import check_trackers, stage_trackers
+from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import train_autoencoder
 from difflab.trained import (CLASSIFIER_STAGES, LatentSpace, build_denoiser_net, build_process, check_autoencoder,
                              classifier_from_state, dims, init_weights, load_classifier, load_latent_space,
@@ -309,7 +312,7 @@ class PlanBuilder:
         source, key = _trained_source(self.cache, "classifier", settings, cfg, resumes_training(cfg, self.run_dir))
         self.add("classifier", source, key, cfg.classifier.max_steps, "noise-aware")
 
-    def model(self) -> ModelFacts:
+    def model(self, name: Optional[str] = None) -> ModelFacts:
         """The diffusion model step of a training run, or the given model of sample/evaluate."""
         cfg = self.cfg
         if cfg.mode.name in LOADING_MODES:
@@ -333,17 +336,33 @@ class PlanBuilder:
         detail = f"{cfg.unet.name} unet, {dims(_denoised_shape(cfg))}, {condition}, {objective}"
         if cfg.train.init_from:
             detail += f", from {cfg.train.init_from}"
-        self.add("joint model" if joint else "diffusion model", source, key, cfg.train.max_steps, detail)
+        self.add(name or ("joint model" if joint else "diffusion model"), source, key, cfg.train.max_steps, detail)
         return ModelFacts(cfg, num_classes, dropout, _denoised_shape(cfg), ae_key, joint, meta)
 
-    def given_model(self) -> ModelFacts:
+    def given_model(self, name: str = "diffusion model") -> ModelFacts:
         cfg = self.cfg
         if not cfg.ckpt.model:
             raise UserError(f"mode={cfg.mode.name} needs a trained model: add ckpt=<run folder>/checkpoints/last.pt.")
         state, path = read_model_state(cfg.ckpt.model)
         artifact = given_model_artifact(path)
-        self.add("diffusion model", "given", artifact.key, None, str(artifact.path))
+        self.add(name, "given", artifact.key, None, str(artifact.path))
         return model_facts(state)
+
+    def teacher(self, name: str = "teacher") -> ModelFacts:
+        """The model mode=distill distils (or mode=prune prunes): ckpt.model, else the diffusion model of these
+        settings (cached or trained now)."""
+        if self.cfg.ckpt.model:
+            return self.given_model(name)
+        cfg, self.cfg = self.cfg, teacher_cfg(self.cfg)
+        try:
+            return self.model(name)
+        finally:
+            self.cfg = cfg
+
+    def derived(self, stage: str, settings: dict, steps: int, detail: str) -> None:
+        """A model made from the one before it (a distilled student, a pruned network): cached or made now."""
+        found = self.cache.find(stage, settings, self.cfg.train.reuse_other_code) if self.cfg.train.reuse else None
+        self.add(stage, "cache" if found else "train", found.key if found else artifact_key(settings), steps, detail)
 
     def guidance(self, model: ModelFacts) -> None:
         """Guidance against the model, and the classifier of classifier guidance."""
@@ -500,11 +519,50 @@ def classifier_lookup_cfg(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
                                                          "paths": cfg.paths, "mode": {"name": "classifier"}}))
 
 
+def teacher_cfg(cfg: DictConfig) -> DictConfig:
+    """The config mode=distill's teacher trains with: what mode=diffusion with these settings trains (and caches)."""
+    return OmegaConf.merge(cfg, {"mode": {"name": "diffusion"}, "train": {"resume": None}})
+
+
+def check_quantize(cfg: DictConfig) -> None:
+    """compress.quantize is for sampling, and int8 for the CPU."""
+    q = cfg.compress.quantize
+    if q is None:
+        return
+    if cfg.mode.name not in (*LOADING_MODES, "diffusion"):
+        raise UserError(f"compress.quantize={q} applies to a trained model's sampling: use it with mode=sample, "
+                        "mode=evaluate or mode=diffusion.")
+    on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if on_cuda and q == "int8":
+        raise UserError("compress.quantize=int8 runs on the CPU's int8 kernels (x86 oneDNN), not on a GPU: add "
+                        "device=cpu, or use compress.quantize=bf16 on the GPU.")
+
+
+def obtain_teacher(cfg: DictConfig, run_dir: Path, device: torch.device) -> tuple[Artifact, dict]:
+    """mode=distill's teacher, or mode=prune's original (ckpt.model, the cached diffusion model of these settings,
+    or one trained now in run_dir/teacher), and what metrics.json says about it."""
+    if cfg.ckpt.model:
+        artifact = given_artifact(cfg.ckpt.model, "ckpt", "teacher")
+        return artifact, {"teacher_source": "given", "teacher_key": artifact.key,
+                          "teacher_checkpoint": str(artifact.path)}
+    tcfg = teacher_cfg(cfg)
+    latent, latent_record = obtain_latent_space(tcfg, run_dir, device) if cfg.autoencoder.name != "none" else (None, {})
+    writer = stage_trackers(tcfg, run_dir / "teacher")
+    artifact = obtain(ArtifactCache(cfg.paths.cache_dir), "diffusion",
+                      diffusion_settings(tcfg, latent_record.get("autoencoder_key"), init_key(tcfg)),
+                      lambda: train_diffusion(tcfg, run_dir / "teacher", device, writer, latent),
+                      reuse=cfg.train.reuse, other_code=cfg.train.reuse_other_code, what="teacher diffusion model")
+    writer.close()
+    return artifact, {**latent_record, "teacher_source": artifact.source, "teacher_key": artifact.key,
+                      "teacher_checkpoint": str(artifact.path)}
+
+
 def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
                given: Optional[ModelFacts] = None) -> Plan:
     """Check the config and list the run's steps; a UserError names the first mistake. `given`: the model of
     mode=sample when it is already loaded (the Python API's), so that its sampling is checked as the command's is."""
     check_known_keys(cfg)
+    cfg = with_student_sampler(cfg)  # a student samples as it was distilled (the runner does the same)
     check_finite(cfg)
     validate(cfg)
     check_cache_dir(cfg)
@@ -518,10 +576,26 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
                         "eval.num_samples=2000.")
     if mode not in DIFFUSION_MODES:
         builder.evaluation_during_training()  # refuses eval.every where nothing diffuses
+    check_quantize(cfg)
     if mode == "reconstruction":
         builder.autoencoder(main=True)
     elif mode == "classifier":
         builder.classifier()
+    elif mode == "distill":
+        model = builder.teacher()
+        builder.guidance(model)
+        check_distill(cfg, build_process(model.cfg).index_count)
+        builder.derived("distill", distill_settings(cfg, builder.plan.steps[-1].key), cfg.distill.steps_per_round *
+                        len(round_steps(cfg.distill)), f"{cfg.distill.method}: {cfg.distill.teacher_steps} -> " +
+                        " -> ".join(map(str, round_steps(cfg.distill))) + " steps")
+        builder.cfg = student_sampling_cfg(cfg)
+        builder.sampling(model)
+    elif mode == "prune":
+        check_prune(cfg)
+        model = builder.teacher("original")
+        builder.derived("prune", prune_settings(cfg, builder.plan.steps[-1].key), cfg.prune.finetune_steps,
+                        f"{cfg.prune.amount:.0%} of the UNet's channels, then fine-tuned")
+        builder.sampling(model)
     else:
         model = given or builder.model()
         if mode in DIFFUSION_MODES:

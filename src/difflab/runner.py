@@ -16,6 +16,9 @@ import difflab.distributed as dist
 from difflab.allocator import keep_freed_memory
 from difflab.artifacts import ArtifactCache, classifier_settings, diffusion_settings, joint_settings, obtain
 from difflab.checkpoint import atomic_write_json
+from difflab.compress.distill import distill_settings, student_sampling_cfg, train_student, with_student_sampler
+from difflab.compress.prune import prune_settings, train_pruned
+from difflab.compress.quantize import quantize_model
 from difflab.data import load_splits
 from difflab.errors import SamplingInterrupted, UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies, use_ema_length, validation_batch
@@ -23,7 +26,7 @@ from difflab.evaluate.extractors import download_inception_weights
 from difflab.evaluate.metrics import best_score, evaluate_model
 from difflab.export_format import read_model_state
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
-                          obtain_guidance_classifier, obtain_latent_space, resumes_training)
+                          obtain_guidance_classifier, obtain_latent_space, obtain_teacher, resumes_training)
 from difflab.record import provenance, write_metrics
 from difflab.sampling import edit_and_write, sample_and_write, sample_images
 from difflab.sweep.hparams import run_identity
@@ -31,7 +34,7 @@ from difflab.sweep.metric import objective
 from difflab.trackers import OPEN_RUNS, Trackers, open_trackers
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import evaluate_autoencoder, held_out_images
-from difflab.trained import DiffusionModel, diffusion_model_from_state
+from difflab.trained import DiffusionModel, diffusion_model_from_state, load_diffusion_model
 
 log = logging.getLogger("difflab")
 
@@ -107,14 +110,16 @@ def sample_and_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, mo
 def load_model(cfg: DictConfig, given: str, device: torch.device,
                given_name: str = "ckpt") -> tuple[DiffusionModel, dict, str, dict]:
     """The diffusion model `given` names (a checkpoint, its run folder or an export), with the EMA of width
-    train.ema.sigma_rel reconstructed from its post-hoc snapshots when one is asked for; its state, the file or folder
-    it came from, and what the run records about the EMA."""
+    train.ema.sigma_rel reconstructed from its post-hoc snapshots when one is asked for, quantised as compress.quantize
+    asks; its state, the file or folder it came from, and what the run records about both."""
     state, path = read_model_state(given, given_name)
-    model = diffusion_model_from_state(state, device)
-    if cfg.train.ema.sigma_rel is None:
-        return model, state, str(path), {}
-    return model, state, str(path), use_ema_length(model, state, path, cfg.train.ema.sigma_rel,
-                                                   validation_batch(model, cfg.paths.cache_dir, device))
+    model, record = diffusion_model_from_state(state, device), {}
+    if cfg.train.ema.sigma_rel is not None:
+        record = use_ema_length(model, state, path, cfg.train.ema.sigma_rel,
+                                validation_batch(model, cfg.paths.cache_dir, device))
+    if cfg.compress.quantize:
+        record.update(quantize_model(model, cfg, device))
+    return model, state, str(path), record
 
 
 def run_diffusion(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
@@ -214,9 +219,47 @@ def run_edit(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     return metrics
 
 
+def _derived_run(cfg: DictConfig, run_dir: Path, device: torch.device, stage: str, source_record: dict, settings: dict,
+                 make, what: str) -> dict:
+    """Make (or take from the cache) a model derived from `source` (a student, a pruned network), then sample and
+    evaluate it as the run asks."""
+    writer = run_trackers(cfg, run_dir)
+    artifact = obtain(ArtifactCache(cfg.paths.cache_dir), stage, settings, lambda: make(writer),
+                      reuse=cfg.train.reuse, other_code=cfg.train.reuse_other_code, what=what)
+    metrics = {**artifact.record.get("metrics", {}), **source_record, "stage": stage, "trained": artifact.trained,
+               "artifact_key": artifact.key, "checkpoint": str(artifact.path)}
+    write_metrics(run_dir, metrics)
+    model, _, _, record = load_model(cfg, str(artifact.path), device, f"the {what} in the artifact cache")
+    metrics.update(record)
+    metrics.update(sample_and_evaluate(cfg, run_dir, device, model, None, metrics["checkpoint"], writer))
+    return metrics
+
+
+def run_distill(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    """Obtain the teacher (given, cached, or trained now), distil it into a few-step student (or take the cached
+    student of these settings), then sample the student at its own step count."""
+    teacher_artifact, record = obtain_teacher(cfg, run_dir, device)
+    teacher = load_diffusion_model(str(teacher_artifact.path), device, "the teacher")
+    return _derived_run(student_sampling_cfg(cfg), run_dir, device, "distill", record,
+                        distill_settings(cfg, teacher_artifact.key),
+                        lambda writer: train_student(cfg, run_dir / "student", device, teacher, teacher_artifact.key,
+                                                     writer), f"{cfg.distill.steps}-step {cfg.distill.method} student")
+
+
+def run_prune(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
+    """Prune the UNet of ckpt.model (or of the diffusion model of these settings, cached or trained now) by
+    prune.amount and fine-tune it (or take the cached result), then sample it."""
+    source, record = obtain_teacher(cfg, run_dir, device)
+    model = load_diffusion_model(str(source.path), device, "the model to prune")
+    return _derived_run(cfg, run_dir, device, "prune", {**record, "original_checkpoint": str(source.path)},
+                        prune_settings(cfg, source.key),
+                        lambda writer: train_pruned(cfg, run_dir / "pruned", device, model, source.key, writer),
+                        f"{cfg.prune.amount:.0%}-pruned model")
+
+
 MODES = {"reconstruction": run_reconstruction, "diffusion": run_diffusion, "joint": run_diffusion,
-         "classifier": run_classifier, "sample": run_sample, "evaluate": run_evaluate,
-         "edit": run_edit}
+         "classifier": run_classifier, "sample": run_sample, "evaluate": run_evaluate, "edit": run_edit,
+         "distill": run_distill, "prune": run_prune}
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
@@ -226,6 +269,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+    cfg = with_student_sampler(cfg)
     plan = build_plan(cfg, run_dir, dist.world_size())
     log.info("plan:\n%s", plan.table())
     if dist.is_main():

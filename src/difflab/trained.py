@@ -21,12 +21,14 @@ from difflab.checkpoint import load_checkpoint
 from difflab.config import conditioning_name, objective_name
 from difflab.data import caption_options
 from difflab.diffusion import DDPMProcess, EDMProcess, FlowProcess, GuidedDenoiser, NoiseProcess, make_betas
+from difflab.diffusion.distillation import ConsistencyProcess, smallest_ve
 from difflab.errors import UserError
 from difflab.models import NoisyClassifier, build_classifier, build_unet
 from difflab.models.autoencoder import Autoencoder, build_autoencoder
 from difflab.models.conditioned import ConditionedUNet, build_conditioned_unet
 from difflab.models.mlp import build_mlp
 from difflab.models.text_encoder import WordTokenizer
+from difflab.models.widths import resize_to
 
 ENCODE_BATCH = 256
 DIFFUSION_STAGES = ("diffusion", "joint")
@@ -43,6 +45,14 @@ def build_process(cfg: DictConfig) -> NoiseProcess:
     s = cfg.schedule
     betas = make_betas(s.name, s.T, s.beta_start, s.beta_end, s.cosine_s, s.dns_offset, s.zero_terminal_snr)
     return DDPMProcess(betas, o.prediction, o.get("min_snr_gamma"))
+
+
+def checkpoint_process(state: dict) -> NoiseProcess:
+    """The process a checkpoint's network output means: its objective's, or a consistency student's f on it."""
+    process = build_process(OmegaConf.create(state["config"]))
+    if state.get("distilled", {}).get("method") == "consistency":
+        return ConsistencyProcess(process, smallest_ve(process))
+    return process
 
 
 def build_denoiser_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes: int,
@@ -224,9 +234,12 @@ def diffusion_model_from_state(state: dict, device: torch.device) -> DiffusionMo
     meta = state["meta"]
     shape = tuple(meta["shape"])
     net = build_denoiser_net(cfg, shape, meta["num_classes"], meta.get("vocabulary"))
-    net.load_state_dict(network_weights(state, "unet"))
+    weights = network_weights(state, "unet")
+    if state.get("pruned"):  # a structurally pruned network: its own widths
+        resize_to(net, state["pruned"]["widths"], weights)
+    net.load_state_dict(weights)
     latent = LatentSpace.from_state(state["autoencoder"], device) if state.get("autoencoder") else None
-    return DiffusionModel(net.to(device).eval(), build_process(cfg), cfg, shape, meta["num_classes"],
+    return DiffusionModel(net.to(device).eval(), checkpoint_process(state), cfg, shape, meta["num_classes"],
                           meta["label_dropout"] > 0, latent, meta)
 
 

@@ -188,9 +188,23 @@ def unipc(denoiser: Denoiser, grid: Grid, x: Tensor, on_step: OnStep | None = No
     return x
 
 
+def consistency(denoiser: Denoiser, grid: Grid, x: Tensor, generator: torch.Generator | None = None,
+                on_step: OnStep | None = None, **_) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): the consistency function's x0 at
+    each level, noised afresh to the next; one step is a single evaluation from pure noise."""
+    for i in range(len(grid)):
+        x0, _ = denoiser(x, grid.level(i, x))
+        a_s, s_s = grid.alphas[i + 1], grid.sigmas[i + 1]
+        x = a_s * x0 + s_s * _noise(x, generator) if s_s > 0 else x0
+        if on_step:
+            on_step(i, x, x0)
+    return x
+
+
 # The registry of sampler.name: a new sampler is its function here plus its conf/sampler/ YAML.
 # euler is ddim: DDIM's deterministic step is Euler's in x / alpha and sigma / alpha.
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "euler": ddim, "heun": heun, "dpmpp_2m": dpmpp_2m, "unipc": unipc}
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "euler": ddim, "heun": heun, "dpmpp_2m": dpmpp_2m, "unipc": unipc,
+            "consistency": consistency}
 
 
 def nfe(name: str, steps: int) -> int:

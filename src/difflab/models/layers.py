@@ -173,7 +173,8 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(nn.Linear(channels, channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, height, width = x.shape
+        b, _, height, width = x.shape
+        c = self.proj_out.in_features  # the heads' width: the map's too, unless a pruning narrowed the map alone
         channels_last = is_channels_last(x)
         if channels_last:
             # The projections as 1x1 convolutions of the map (oneDNN), which on channels_last

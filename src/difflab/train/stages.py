@@ -73,6 +73,7 @@ class NoisyDataStage:
 
     name = ""
     batch_key = "train.batch_size"  # the setting of the stage's batch size
+    checkpoint_extra: dict = {}  # more entries of its checkpoints (a pruned network's widths)
 
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, writer=None,
                  latent: Optional[LatentSpace] = None):
@@ -106,7 +107,7 @@ class NoisyDataStage:
               image_fn=None, eval_fn=None) -> tuple[Trainer, TrainResult]:
         """Fit `model` with the loop, resuming when train.resume says so."""
         extra = {"config": OmegaConf.to_container(self.cfg, resolve=True), "stage": self.name, "meta": meta,
-                 "autoencoder": self.latent.state() if self.latent else None}
+                 "autoencoder": self.latent.state() if self.latent else None, **self.checkpoint_extra}
         trainer = Trainer(model, train_cfg, self.run_dir / "checkpoints", self.device, self.writer, extra,
                           distributed=True, seed=self.cfg.seed, stage=self.name)
         resumed = trainer.maybe_resume(self.cfg.train.resume)

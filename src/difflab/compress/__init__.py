@@ -1,0 +1,1 @@
+"""Few-step and compressed inference: distillation, quantisation, pruning (docs/compression.md)."""

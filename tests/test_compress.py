@@ -1,0 +1,108 @@
+"""Quantised and pruned networks: close to the original on fixed inputs, checkpoints that load with
+weights_only=True, mode=prune and compress.quantize end to end, and their one-sentence refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import read_metrics, run_py, tiny_overrides
+from omegaconf import OmegaConf
+
+from difflab.checkpoint import atomic_save
+from difflab.compress.prune import prune_unet
+from difflab.compress.quantize import Autocast, quantize_int8
+from difflab.models import build_unet, count_parameters
+from difflab.models.widths import network_widths, resize_to
+
+UNET = OmegaConf.create({"channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
+                         "head_channels": 16, "dropout": 0.0, "norm_groups": 8})
+
+
+def _net_and_inputs(n: int = 8):
+    torch.manual_seed(0)
+    net = build_unet(UNET, 1, 16, 2).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    inputs = (torch.randn(n, 1, 16, 16), torch.rand(n) * 1000, torch.randint(0, 3, (n,)))
+    return net, inputs
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def test_bf16_and_int8_stay_within_tolerance_of_fp32():
+    net, inputs = _net_and_inputs()
+    with torch.no_grad():
+        ref = net(*inputs)
+        bf16 = _relative_error(Autocast(net, torch.bfloat16)(*inputs), ref)
+        calibration = [(torch.randn(8, 1, 16, 16), torch.rand(8) * 1000, torch.randint(0, 3, (8,))) for _ in range(4)]
+        int8 = _relative_error(quantize_int8(net, calibration + [inputs], 2, compile=False)(*inputs), ref)
+    assert bf16 < 0.02, bf16  # tolerance: 2% relative L2 error for bf16, 5% for int8
+    assert int8 < 0.05, int8
+
+
+def test_pruned_network_is_narrower_and_rebuilds_exactly_from_a_weights_only_checkpoint(tmp_path):
+    net, inputs = _net_and_inputs()
+    pruned = prune_unet(net, 0.3, inputs)
+    assert count_parameters(pruned) < 0.7 * count_parameters(net)
+    with torch.no_grad():
+        out, ref = pruned(*inputs), net(*inputs)
+    assert out.shape == ref.shape
+    atomic_save({"widths": network_widths(pruned), "weights": pruned.state_dict()}, tmp_path / "p.pt")
+    state = torch.load(tmp_path / "p.pt", weights_only=True)
+    rebuilt = resize_to(build_unet(UNET, 1, 16, 2), state["widths"], state["weights"])
+    rebuilt.load_state_dict(state["weights"])
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(*inputs), out)
+
+
+def test_pruning_a_small_share_keeps_the_output_close():
+    net, inputs = _net_and_inputs()
+    with torch.no_grad():
+        ref = net(*inputs)
+        errors = [_relative_error(prune_unet(net, a, inputs)(*inputs), ref) for a in (0.1, 0.5)]
+    assert errors[0] < errors[1] and errors[0] < 1.0, errors  # tolerance: the 10% prune within 100% relative error
+
+
+@pytest.fixture(scope="module")
+def model_ckpt(shapes_dir, cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("model")
+    r = run_py(*tiny_overrides(shapes_dir, cache, "flow"), "train.threads=1", f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return read_metrics(run)["checkpoint"]
+
+
+@pytest.mark.slow
+def test_prune_end_to_end_gives_a_normal_checkpoint_that_samples(model_ckpt, shapes_dir, cache, tmp_path):
+    base = [*tiny_overrides(shapes_dir, cache, "flow"), "train.threads=1"]
+    r = run_py(*base, "mode=prune", f"ckpt={model_ckpt}", "prune.amount=0.5", "prune.finetune_steps=3",
+               f"hydra.run.dir={tmp_path / 'prune'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = read_metrics(tmp_path / "prune")
+    assert m["params"] < 0.5 * m["original_params"] and m["num_images"] == 8
+    state = torch.load(m["checkpoint"], map_location="cpu", weights_only=True)
+    assert state["stage"] == "diffusion" and state["pruned"]["widths"]
+    s = run_py(*base, "mode=sample", f"ckpt={m['checkpoint']}", "compress.quantize=bf16",
+               f"hydra.run.dir={tmp_path / 'sample'}")
+    assert s.returncode == 0, s.stderr[-3000:]
+    assert read_metrics(tmp_path / "sample")["quantize"] == "bf16"
+
+
+@pytest.mark.slow
+def test_int8_sampling_end_to_end_is_recorded(model_ckpt, shapes_dir, cache, tmp_path):
+    r = run_py(*tiny_overrides(shapes_dir, cache, "flow"), "mode=sample", f"ckpt={model_ckpt}", "compress.quantize=int8",
+               "compress.compile=false", "compress.calibration_batches=2", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = read_metrics(tmp_path)
+    assert m["quantize"] == "int8" and m["calibration_images"] == 8 and m["num_images"] == 8
+
+
+@pytest.mark.parametrize("setting, words", [
+    (["mode=prune", "prune.amount=1.5"], "prune.amount=1.5 must be the share of channels removed"),
+    (["mode=sample", "ckpt=x.pt", "compress.quantize=int8", "device=cuda"], "compress.quantize=int8 runs on the CPU"),
+    (["mode=classifier", "compress.quantize=bf16"], "applies to a trained model"),
+])
+def test_a_bad_compression_request_is_one_sentence(shapes_dir, cache, setting, words):
+    r = run_py(*tiny_overrides(shapes_dir, cache, "flow"), *setting, "dry_run=true")
+    assert r.returncode != 0 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
