@@ -2,7 +2,7 @@
 # Setup is idempotent: a stamp file records a finished install, so later calls skip it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := dev,launchers,bench,wandb,mlflow,text,optuna
+EXTRAS := dev,launchers,bench,wandb,mlflow,text,optuna,compress
 # torch/torchvision pinned to the builds on this machine's disk (a plain `torch` pulls a newer CUDA build).
 ifeq ($(shell uname -m),aarch64)
 TORCH := torch==2.9.1 torchvision==0.24.1
