@@ -91,7 +91,7 @@ def test_ema_length_sweep_trains_once(tmp_path, shapes_dir, kind):
     (["train.ema.sigma_rel=0.1"], "train.ema.sigma_rel=0.1 is reconstructed from post-hoc EMA snapshots: add "
                                   "train.ema.posthoc=true."),
     (["train.ema.posthoc=true", "train.ema.sigma_rels=[0.05]"], "needs two different widths"),
-    (["train.ema.posthoc=true", "train.ema.sigma_rel=0.5"], "outside (0, 0.28)"),
+    (["train.ema.posthoc=true", "train.ema.sigma_rel=0.5"], "train.ema.sigma_rel=0.5 must be in (0, 0.28)"),
     (["train.ema.snapshot_every=0"], "train.ema.snapshot_every=0 must be positive"),
 ])
 def test_posthoc_mistakes_are_one_sentence_before_any_work(tmp_path, shapes_dir, args, message):

@@ -241,3 +241,14 @@ def test_a_missing_package_names_its_extra(plan_of, monkeypatch):
         plan_of("logger=[tensorboard,wandb]")
     assert str(e.value) == ("logger=wandb needs the wandb package, which is not installed: pip install "
                             "'difflab[wandb]', or choose another logger.")
+
+
+def test_a_run_name_of_many_settings_stays_a_valid_folder_name():
+    """A tracker's folder is named by the run: a name too long for the file system keeps its start
+    and a hash of the whole, so two long names that differ only at the end stay apart."""
+    from difflab.sweep.hparams import MAX_NAME, bounded_name
+
+    assert bounded_name("sampler.steps=3") == "sampler.steps=3"
+    long_a, long_b = "x=1," * 100 + "seed=0", "x=1," * 100 + "seed=1"
+    assert len(bounded_name(long_a).encode()) <= MAX_NAME
+    assert bounded_name(long_a).startswith("x=1,x=1,") and bounded_name(long_a) != bounded_name(long_b)

@@ -196,8 +196,7 @@ def consistency(denoiser: Denoiser, grid: Grid, x: Tensor, generator: torch.Gene
         x0, _ = denoiser(x, grid.level(i, x))
         a_s, s_s = grid.alphas[i + 1], grid.sigmas[i + 1]
         x = a_s * x0 + s_s * _noise(x, generator) if s_s > 0 else x0
-        if on_step:
-            on_step(i, x, x0)
+        x = _after_step(on_step, i, x, x0)
     return x
 
 

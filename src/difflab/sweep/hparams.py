@@ -4,6 +4,7 @@ paths), the run's name made of its swept settings, and its sweep folder."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -96,4 +97,15 @@ def run_identity(cfg: DictConfig, run_dir: Path) -> tuple[RunName, dict]:
     named = [f"{k}={hparams[k]:g}" if isinstance(hparams.get(k), float) else f"{k}={hparams.get(k)}"
              for k in swept if k in hparams]
     name = ",".join(named).replace("/", "_") if named else run_dir.name
-    return RunName(run_dir, name, sweep_dir), hparams
+    return RunName(run_dir, bounded_name(name), sweep_dir), hparams
+
+
+MAX_NAME = 120  # characters: a tracker's folder is named by the run (file systems stop at 255 bytes)
+
+
+def bounded_name(name: str) -> str:
+    """The name, or when too long its start and a hash of the whole, so distinct runs stay distinct."""
+    if len(name.encode()) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name.encode()[:MAX_NAME - 10].decode(errors="ignore") + "~" + digest
