@@ -47,8 +47,9 @@ def main() -> None:
     from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.data import load_split, to_model_range
     from difflab.diffusion.editing import start_step
+    from difflab.edit import EditInputs, edit_images, edit_nfe
     from difflab.evaluate.feature_classifier import feature_classifier
-    from difflab.sampling import EditInputs, edit_images, edit_nfe, sample_images, sampler_steps
+    from difflab.sampling import sample_images, sampler_steps
     from difflab.trained import load_diffusion_model
 
     torch.set_num_threads(args.threads)

@@ -17,10 +17,11 @@ from difflab.data import to_model_range, to_uint8
 from difflab.data.edit_inputs import read_edit_images
 from difflab.diffusion.editing import EditTask, start_step
 from difflab.diffusion.samplers import SAMPLERS
+from difflab.edit import EditInputs, edit_images
 from difflab.errors import UserError
 from difflab.models.autoencoder import build_autoencoder
 from difflab.plan import build_plan
-from difflab.sampling import EditInputs, edit_images, generate, sample_images
+from difflab.sampling import generate, sample_images
 from difflab.sweep.compare import collect
 from difflab.trained import DiffusionModel, LatentSpace, build_denoiser_net, build_process
 

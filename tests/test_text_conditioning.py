@@ -13,10 +13,12 @@ from conftest import TINY_AE, read_metrics, run_py, tiny_overrides
 from omegaconf import OmegaConf
 from PIL import Image
 
+import difflab
 from difflab.checkpoint import atomic_save, load_checkpoint
 from difflab.data.captions import CaptionTable, class_captions, fill
 from difflab.data.folder import read_folder
 from difflab.diffusion import GuidedDenoiser
+from difflab.edit import edit_prompts
 from difflab.errors import UserError
 from difflab.models.conditioned import ClassTokens, ConditionedUNet
 from difflab.models.layers import CrossAttentionBlock
@@ -214,6 +216,39 @@ def test_text_learned_end_to_end_and_sample_prompts(shapes_dir, tmp_path, cache)
     r = run_py(*base, "mode=sample", f"ckpt={train}/checkpoints/last.pt", "guidance=classifier", f"hydra.run.dir={out}2")
     assert r.returncode != 0 and "conditioned on prompts" in r.stderr and one_sentence(r.stderr)
 
+    # the API draws what mode=sample wrote, for the same prompts and settings
+    drawn = difflab.load(train).sample(8, prompts=["a ring", "the square shape"], sampler="ddim", guidance_scale=2,
+                                       overrides=["sampler.steps=5", "sample.batch_size=4"])
+    assert drawn.prompts == samples["prompts"].tolist()
+    assert np.array_equal(drawn.images.permute(0, 2, 3, 1).numpy(), samples["images"])
+
+    # mode=edit conditioned on a prompt: every sample of the first run edited towards squares
+    edit = tmp_path / "edit"
+    r = run_py(*base, "mode=edit", f"ckpt={train}/checkpoints/last.pt", f"edit.images={train}/samples/samples.npz",
+               "edit.prompts=[the square shape]", "edit.strength=0.8", f"hydra.run.dir={edit}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    edited = np.load(edit / "edits" / "edited.npz")
+    assert edited["prompts"].tolist() == ["the square shape"] * 8 and edited["images"].shape == (8, 16, 16, 1)
+    assert read_metrics(edit)["edited_with"]["prompts"] == ["the square shape"] * 8
+    r = run_py(*base, "mode=edit", f"ckpt={train}/checkpoints/last.pt", f"edit.images={train}/samples/samples.npz",
+               "edit.prompts=[a ring,a square,a ring]", f"hydra.run.dir={edit}2")
+    assert r.returncode != 0 and "edit.prompts has 3 prompts for 8 images" in r.stderr and one_sentence(r.stderr)
+
+
+def test_edit_prompts_one_for_all_one_per_image_or_from_the_classes():
+    meta = {"class_prompts": ["a ring", "a square"]}
+    assert edit_prompts(["a ring"], None, 3, meta) == (["a ring"] * 3, None)
+    assert edit_prompts(["a", "b"], None, 2, meta)[0] == ["a", "b"]
+    prompts, labels = edit_prompts(None, [1, 0], 2, meta)
+    assert prompts == ["a square", "a ring"] and labels.tolist() == [1, 0]
+    assert edit_prompts(None, None, 2, meta, given=torch.tensor([0, 1]))[0] == ["a ring", "a square"]
+    for spec, labels, message in [(None, None, "needs one: add edit.prompts="), ([], None, "non-empty list"),
+                                  (["a", "b"], None, "2 prompts for 3 images")]:
+        with pytest.raises(UserError, match=message):
+            edit_prompts(spec, labels, 3, meta)
+    with pytest.raises(UserError, match="needs one"):  # captions of a folder: no class to name
+        edit_prompts(None, 1, 3, {"prompts": ["a cat"]})
+
 
 @pytest.mark.slow
 def test_sample_prompts_on_a_class_model_is_one_sentence(shapes_dir, tmp_path, cache):
@@ -223,6 +258,9 @@ def test_sample_prompts_on_a_class_model_is_one_sentence(shapes_dir, tmp_path, c
     r = run_py(*base, "mode=sample", f"ckpt={tmp_path / 't'}/checkpoints/last.pt", "sample.prompts=[a ring]",
                f"hydra.run.dir={tmp_path / 's'}")
     assert r.returncode != 0 and "sample.prompts" in r.stderr and one_sentence(r.stderr)
+    r = run_py(*base, "mode=edit", f"ckpt={tmp_path / 't'}/checkpoints/last.pt", "edit.prompts=[a ring]",
+               f"edit.images={tmp_path / 't'}/samples/samples.npz", f"hydra.run.dir={tmp_path / 'e'}")
+    assert r.returncode != 0 and "edit.prompts asks for prompts" in r.stderr and one_sentence(r.stderr)
 
 
 @pytest.mark.slow

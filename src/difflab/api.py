@@ -52,6 +52,7 @@ class Samples:
 
     images: Tensor  # uint8 N,C,H,W, on the CPU
     labels: Optional[Tensor]  # int64 N
+    prompts: Optional[list[str]] = None  # a text model's prompt per image
 
     def to_pil(self) -> list[Image.Image]:
         return [to_pil_image(image) for image in self.images]
@@ -121,7 +122,7 @@ class Pipeline:
 
     def sampling_config(self, n: int, labels: Labels = None, sampler: Optional[str] = None,
                         steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
-                        overrides: Sequence[str] = ()) -> DictConfig:
+                        overrides: Sequence[str] = (), prompts: Optional[Sequence[str]] = None) -> DictConfig:
         """The config `python run.py mode=sample ckpt=... sample.num_images=n seed=...` composes from these settings,
         checked as that command's plan checks it."""
         if n < 1:
@@ -131,6 +132,8 @@ class Pipeline:
         given += [f"sampler.steps={steps}"] if steps is not None else []
         given += ["guidance=cfg", f"guidance.scale={guidance_scale}"] if guidance_scale else []
         cfg = _compose([*given, *overrides])
+        if prompts is not None:  # set after composing: a prompt may hold anything an override string cannot
+            cfg.sample.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if cfg.guidance.name == "classifier":
             raise UserError("Classifier guidance needs a noise-aware classifier that difflab.load does not obtain: "
                             "sample with `python run.py mode=sample ckpt=<checkpoint> guidance=classifier`.")
@@ -138,16 +141,18 @@ class Pipeline:
         return cfg
 
     def sample(self, n: int, labels: Labels = None, sampler: Optional[str] = None, steps: Optional[int] = None,
-               guidance_scale: Optional[float] = None, seed: int = 0, overrides: Sequence[str] = ()) -> Samples:
+               guidance_scale: Optional[float] = None, seed: int = 0, overrides: Sequence[str] = (),
+               prompts: Optional[Sequence[str]] = None) -> Samples:
         """n images, as `python run.py mode=sample` draws them with the same settings.
 
         labels: None (the config's: balanced over the classes), "balanced", "uniform", a class id for all n, or a
         list repeated to n. sampler, steps: a sampler option (euler, heun, ddim, ddpm, dpmpp_2m, unipc) and its
         steps. guidance_scale > 0: classifier-free guidance, for a model trained with label dropout (guidance=cfg).
+        prompts: a text model's prompts (one string, or a list repeated to n), as sample.prompts.
         overrides: any further `mode=sample` settings, e.g. ["sample.batch_size=64", "sampler.eta=1"]."""
-        cfg = self.sampling_config(n, labels, sampler, steps, guidance_scale, seed, overrides)
+        cfg = self.sampling_config(n, labels, sampler, steps, guidance_scale, seed, overrides, prompts)
         result = sample_images(self.model, cfg, n, cfg.sample.labels, self.device)
-        return Samples(result.images, result.labels)
+        return Samples(result.images, result.labels, result.prompts)
 
     def _latent_space(self, what: str) -> LatentSpace:
         if self.model.latent is None:

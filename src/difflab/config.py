@@ -293,6 +293,7 @@ class EditConfig:
     images: Optional[str] = None  # a folder of images or a samples.npz (images N,H,W,C uint8; labels N)
     strength: float = 0.6  # the share of the sampler's steps the inputs are noised back by; 1 = from pure noise
     labels: Any = None  # one class id for all, or one per image; null = the .npz's labels (or none: unconditional)
+    prompts: Optional[List[str]] = None  # conditioning=text: one prompt for all, or one per image
     mask: Optional[str] = None  # a mask image for all inputs, or a folder of one per input (white = regenerate)
     resample: int = 1  # inpainting: times each step is taken (RePaint's resampling); 1 = none
     batch_size: int = 250

@@ -35,6 +35,7 @@ from difflab.data import dataset_classes, default_prompts
 from difflab.diffusion import nfe
 from difflab.diffusion.editing import start_step
 from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
+from difflab.edit import check_no_prompts, edit_labels, edit_nfe, edit_prompts, read_edit_inputs
 from difflab.errors import UserError
 from difflab.evaluate.extractors import DOWNLOAD as INCEPTION_DOWNLOAD
 from difflab.evaluate.extractors import find_inception_weights, inception_url
@@ -44,7 +45,7 @@ from difflab.export_format import given_model_artifact, read_model_state
 from difflab.models import build_classifier
 from difflab.models.autoencoder import build_autoencoder
 from difflab.models.text_encoder import clip_files, require_transformers
-from difflab.sampling import edit_labels, edit_nfe, read_edit_inputs, sampler_steps
+from difflab.sampling import sampler_steps
 from difflab.trackers import check_trackers, stage_trackers
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import train_autoencoder
@@ -414,8 +415,12 @@ class PlanBuilder:
         if found != wanted:
             raise UserError(f"edit.images={e.images} holds {dims(found)} images (channels x height x width) but the model "
                             f"makes {dims(wanted)} ones: give images of the model's size and channels.")
-        classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
-        edit_labels(e.labels, n, classes, inputs.file_labels)
+        if model.text:
+            edit_prompts(e.prompts, e.labels, n, model.meta, inputs.file_labels)
+        else:
+            check_no_prompts(e.prompts, model.num_classes)
+            classes = model.num_classes or (dataset_classes(model.cfg.dataset) if cfg.guidance.name == "classifier" else 0)
+            edit_labels(e.labels, n, classes, inputs.file_labels)
         taken = steps - start_step(steps, e.strength)
         what = "inpainting" + (f", each step taken {e.resample} times" if e.resample > 1 else "") if e.mask else "SDEdit"
         self.add("edit", "new", None, taken, f"{n} images, {what}, strength {e.strength:g} ({taken} of {steps} "

@@ -20,6 +20,7 @@ from difflab.compress.distill import distill_settings, student_sampling_cfg, tra
 from difflab.compress.prune import prune_settings, train_pruned
 from difflab.compress.quantize import quantize_model
 from difflab.data import load_splits
+from difflab.edit import edit_and_write
 from difflab.errors import SamplingInterrupted, UserError
 from difflab.evaluate.ema_copies import evaluate_ema_copies, use_ema_length, validation_batch
 from difflab.evaluate.extractors import download_inception_weights
@@ -28,7 +29,7 @@ from difflab.export_format import read_model_state
 from difflab.plan import (build_plan, init_key, load_artifact_latent_space, obtain_autoencoder,
                           obtain_guidance_classifier, obtain_latent_space, obtain_teacher, resumes_training)
 from difflab.record import provenance, write_metrics
-from difflab.sampling import edit_and_write, sample_and_write, sample_images
+from difflab.sampling import sample_and_write, sample_images
 from difflab.sweep.hparams import run_identity
 from difflab.sweep.metric import objective
 from difflab.trackers import OPEN_RUNS, Trackers, open_trackers

@@ -20,14 +20,13 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from difflab.data import class_names, load_splits, to_model_range, to_uint8
-from difflab.data.edit_inputs import read_edit_images, read_masks
 from difflab.diffusion import Churn, GuidedDenoiser, NoiseProcess, nfe, run_sampler, sampling_grid
 from difflab.diffusion.editing import EditTask, Inpainting, noised, start_step
 from difflab.diffusion.samplers import OnStep
 from difflab.diffusion.spacing import spacing_of
 from difflab.errors import UserError
-from difflab.pictures import (EMPTY, Grid, aligned_rows, class_grid, save_denoising, save_grid, save_noising_strip,
-                              save_png, save_real_vs_generated, save_schedule_plot)
+from difflab.pictures import (Grid, class_grid, save_denoising, save_grid, save_noising_strip, save_png,
+                              save_real_vs_generated, save_schedule_plot)
 from difflab.progress import progress
 
 if TYPE_CHECKING:
@@ -53,41 +52,6 @@ def make_labels(spec: Any, n: int, num_classes: int, generator: torch.Generator)
             raise UserError(f"sample.labels={list(spec)} must be non-empty class ids in 0..{num_classes - 1}: fix the list.")
         return labels.repeat(-(-n // len(labels)))[:n]
     raise UserError(f"sample.labels={spec!r} is not understood: use balanced, uniform or a list such as [3,3,7].")
-
-
-def _label_values(spec: Any) -> Optional[list]:
-    """edit.labels as a list of ints (one label: a list of one), None when not given."""
-    if spec is None:
-        return None
-    values = list(spec) if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec) else [spec]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise UserError(f"edit.labels={spec!r} is not understood: give one class id for all images (edit.labels=8) "
-                        "or one per image (edit.labels=[3,8]).")
-    return values
-
-
-def edit_labels(spec: Any, n: int, num_classes: int, given: Optional[Tensor] = None) -> Optional[Tensor]:
-    """The class each of n edited images is conditioned on: edit.labels (one for all, or one per
-    image), else the labels its .npz carries (`given`); None for an unconditional model. (The
-    conditions of an edit: a prompt per image would be read beside these.)"""
-    values = _label_values(spec)
-    if num_classes == 0:
-        if values is not None:
-            raise UserError(f"edit.labels={values} asks for classes, but the model is unconditional: leave edit.labels "
-                            "out, or edit with a class-conditional model.")
-        return None
-    if values is None:
-        if given is not None and len(given) == n and bool(((given >= 0) & (given < num_classes)).all()):
-            return given.clone()
-        raise UserError(f"The model is class-conditional, so each edited image needs a class: add edit.labels=<one id "
-                        f"in 0..{num_classes - 1} for all> or one per image (e.g. edit.labels=[3,8]).")
-    if len(values) not in (1, n):
-        raise UserError(f"edit.labels has {len(values)} labels for {n} images: give one label for all, or one per "
-                        "image.")
-    if min(values) < 0 or max(values) >= num_classes:
-        raise UserError(f"edit.labels={values} has a class outside 0..{num_classes - 1}, the model's classes: fix "
-                        "the list.")
-    return torch.tensor(values * (n if len(values) == 1 else 1), dtype=torch.long)
 
 
 @dataclass
@@ -258,7 +222,7 @@ def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, d
         prompts, labels = sample_prompts(model.meta, list(given) if given else None, labels_spec, n, generator)
         conditions = model.tokenize(prompts)
     else:
-        labels = make_labels(labels_spec, n, model.num_classes or _classifier_classes(classifier), generator)
+        labels = make_labels(labels_spec, n, model.num_classes or classifier_classes(classifier), generator)
         conditions, prompts = labels, None
     result = generate(
         lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0, classifier),
@@ -269,7 +233,7 @@ def sample_images(model: DiffusionModel, cfg: DictConfig, n: int, labels_spec, d
     return replace(result, labels=labels, prompts=prompts)
 
 
-def _classifier_classes(classifier: Optional[torch.nn.Module]) -> int:
+def classifier_classes(classifier: Optional[torch.nn.Module]) -> int:
     """An unconditional model guided by a classifier samples the classifier's classes."""
     return 0 if classifier is None else classifier.num_classes
 
@@ -369,76 +333,3 @@ def write_data_pictures(model: DiffusionModel, cfg: DictConfig, result: SampleRe
     titles = ["x0", *(f"snr {float(a * a / (s * s)):.2g}" for a, s in zip(alpha, sigma))]
     row_names = [names[int(c)] if names and int(c) < len(names) else str(int(c)) for c in classes] or [""]
     save_noising_strip(frames, titles, row_names, folder / "forward_noising.png")
-
-
-@dataclass
-class EditInputs:
-    """What mode=edit is given: the images (uint8 N,C,H,W), their masks (float N,1,H,W, 1 =
-    regenerate; None: edit whole images) and the labels an .npz carries."""
-
-    images: Tensor
-    masks: Optional[Tensor]
-    file_labels: Optional[Tensor]
-
-
-def read_edit_inputs(edit_cfg) -> EditInputs:
-    """edit.images and edit.mask, read and checked (one sentence for a missing or broken file)."""
-    images, file_labels = read_edit_images(edit_cfg.images)
-    masks = read_masks(edit_cfg.mask, len(images), tuple(images.shape[-2:])) if edit_cfg.mask else None
-    return EditInputs(images, masks, file_labels)
-
-
-def edit_images(model: DiffusionModel, cfg: DictConfig, inputs: EditInputs, device: torch.device,
-                classifier: Optional[torch.nn.Module] = None) -> SampleResult:
-    """SDEdit (and inpainting where there are masks) of the inputs with the run's sampler and guidance,
-    in the space the model denoises; the images come back in the inputs' order. Masked edits keep
-    the pixels outside the mask exactly as given (in latent space, past the autoencoder too)."""
-    e, n = cfg.edit, len(inputs.images)
-    labels = edit_labels(e.labels, n, model.num_classes or _classifier_classes(classifier), inputs.file_labels)
-    x_in = model.to_model_space(to_model_range(inputs.images).to(device))
-    masks = inputs.masks
-    if masks is not None and model.latent is not None:
-        masks = model.latent.mask_to_latent(masks)
-    result = generate(
-        lambda y: model.denoiser(y, cfg.guidance, cfg.sampler.clip_x0, classifier),
-        model.process, model.shape, labels, n, cfg.sampler, e.batch_size, device, cfg.seed,
-        decode=model.decode, gif_images=cfg.sample.gif_images if cfg.sample.gif else 0,
-        gif_frames=cfg.sample.gif_frames, stage="edit", edit=EditTask(x_in, e.strength, masks, e.resample),
-    )
-    if inputs.masks is not None:
-        result.images = torch.where(inputs.masks.bool(), result.images, inputs.images)
-    return result
-
-
-def edit_nfe(sampler: str, taken: int, resample: int = 1) -> int:
-    """Network evaluations per edited image: the sampler's over the steps taken, plus one per
-    resampling of each step but the last (into clean data, which is not resampled)."""
-    return nfe(sampler, taken) + (resample - 1) * max(taken - 1, 0) if taken else 0
-
-
-def edit_and_write(model: DiffusionModel, cfg: DictConfig, run_dir: Path, device: torch.device,
-                   classifier: Optional[torch.nn.Module] = None) -> dict:
-    """edits/edited.npz (the samples.npz format, in the inputs' order), edits/before_after.png (each
-    input above its edit; with masks, the masked input between them) and the denoising frames."""
-    inputs = read_edit_inputs(cfg.edit)
-    result = edit_images(model, cfg, inputs, device, classifier)
-    folder = run_dir / "edits"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_npz(result, folder / "edited.npz")
-    sets, names = [inputs.images, result.images], ["before", "after"]
-    if inputs.masks is not None:  # the regenerated region in grey
-        sets.insert(1, torch.where(inputs.masks.bool(), torch.full_like(inputs.images, EMPTY), inputs.images))
-        names.insert(1, "masked")
-    save_grid(aligned_rows(sets, names), folder / "before_after.png")
-    if result.frames:
-        save_denoising(result.frames, folder / "denoising", folder / "denoising.gif")
-    steps = sampler_steps(model.process, cfg.sampler)
-    taken = steps - start_step(steps, cfg.edit.strength)
-    log.info("edited %d images in %s (strength %g: %d of %d steps%s)", len(result.images), folder,
-             cfg.edit.strength, taken, steps, ", inpainting" if inputs.masks is not None else "")
-    e = cfg.edit
-    return {"num_images": len(result.images), "editing_seconds": result.seconds,
-            "edited_with": {**sampled_with(cfg, model.process), "labels": None if result.labels is None
-                            else result.labels.tolist(), "strength": e.strength, "steps_taken": taken,
-                            "nfe": edit_nfe(cfg.sampler.name, taken, e.resample if inputs.masks is not None else 1),
-                            "images": e.images, "mask": e.mask, "resample": e.resample}}
