@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_metrics, run_py, tiny_overrides
+from conftest import TINY_AE, read_metrics, run_py, tiny_overrides
 from omegaconf import OmegaConf
 
 from difflab import distributed as dist
@@ -227,10 +227,15 @@ def test_torchrun_trains_the_guidance_classifier_the_plan_adds(shapes_dir, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective, extra", [("edm", ["guidance=cfg", "guidance.scale=2"]), ("flow", [])])
+@pytest.mark.parametrize("objective, extra", [
+    ("edm", ["guidance=cfg", "guidance.scale=2", "conditioning=class_tokens"]),
+    ("flow", ["conditioning=text", 'dataset.captions.templates=["a {name}","the {name} shape"]', "guidance=cfg",
+              "autoencoder=kl", *TINY_AE]),
+], ids=["edm-class_tokens", "flow-text-latent"])
 def test_torchrun_trains_and_resumes_each_objective(objective, extra, shapes_dir, tmp_path):
-    """The edm and flow objectives under 2 processes: each rank draws its own half of the
-    noise levels, and a run resumed from its step-3 checkpoint ends with the same weights."""
+    """The edm and flow objectives under 2 processes, conditioned through cross-attention (class
+    tokens; text prompts on an autoencoder's latents): each rank draws its own half of the noise
+    levels and captions, and a run resumed from its step-3 checkpoint ends with the same weights."""
     tiny = [*tiny_overrides(shapes_dir, tmp_path / "cache", objective), *extra]
     whole = tmp_path / "whole"
     proc = run_py(*tiny, f"hydra.run.dir={whole}", nproc=2)
