@@ -66,6 +66,17 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes_dir) -> Path:
+    """One tiny class-conditional training run per test file, shared by the tests that read its
+    outputs (its checkpoints, samples/samples.npz); a file may define its own."""
+    base = tmp_path_factory.mktemp("run")
+    run_dir = base / "train"
+    proc = run_py(*tiny_overrides(shapes_dir, base / "cache"), f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 def tiny_overrides(data_dir: Path, cache_dir: Path, objective: str = "ddpm") -> list[str]:
     """A run that finishes in seconds on a CPU but goes through every stage of the real one
     (objective=ddpm on a 50-step schedule unless another objective is named)."""

@@ -129,16 +129,6 @@ def test_start_step_takes_the_strengths_share_of_the_steps():
 
 # ---------------------------------------------------------------- inputs and their mistakes
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, shapes_dir):
-    """A tiny class-conditional model and its samples.npz."""
-    base = tmp_path_factory.mktemp("edit")
-    run_dir = base / "trained"
-    proc = run_py(*tiny_overrides(shapes_dir, base / "cache"), f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
-
 def _edit(trained: Path, *overrides: str) -> list[str]:
     return [*tiny_overrides(Path("/nonexistent"), trained.parent / "cache"), "mode=edit",
             f"ckpt={trained / 'checkpoints' / 'last.pt'}", *overrides]

@@ -18,16 +18,6 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, shapes_dir):
-    """One tiny training run shared by the tests that read its outputs."""
-    base = tmp_path_factory.mktemp("run")
-    run_dir = base / "train"
-    proc = run_py(*tiny_overrides(shapes_dir, base / "cache"), f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
-
 def test_training_run_writes_every_file(trained):
     for rel in [".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/last.pt", "checkpoints/best.pt",
                 "checkpoints/step_00000003.pt", "checkpoints/step_00000006.pt", "samples/samples.npz",
