@@ -80,12 +80,14 @@ def test_presets_carry_their_seeds_settings(hydra_ctx):
         "cifar100", "vector", 128, "mlp")
 
 
-def test_docs_table_lists_the_presets_with_their_seeds():
+def test_the_docs_and_readme_tables_list_the_presets():
     rows = re.findall(r"^\| `([a-z0-9_]+)` \| (\d{3}) \|", TABLE.read_text(), flags=re.M)
     assert sorted(name for name, _ in rows) == PRESETS
     for name, seed in rows:
         text = (Path(CONF_DIR) / "experiment" / f"{name}.yaml").read_text()
         assert f"# Seed {seed}" in text, (name, seed)
+    readme = re.findall(r"^\| `([a-z0-9_]+)` \|", (REPO / "README.md").read_text(), flags=re.M)
+    assert sorted(readme) == PRESETS  # the README's short table too
 
 
 def test_an_unknown_preset_is_one_sentence(tmp_path):
