@@ -17,7 +17,7 @@ from difflab.diffusion.flow import T_SAMPLINGS
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.diffusion.schedules import SCHEDULES
 from difflab.diffusion.spacing import SPACINGS
-from difflab.sweep.metric import metric_direction
+from difflab.metric_names import metric_direction
 
 
 @dataclass

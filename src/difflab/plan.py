@@ -31,7 +31,7 @@ from difflab.compress.distill import (check_distill, distill_settings, round_ste
 from difflab.compress.prune import check_prune, prune_settings
 from difflab.config import (Config, autoencoder_train_config, classifier_train_config, conditioning_name, level_meaning,
                             objective_name, validate, validate_batch_splits)
-from difflab.data import dataset_classes, default_prompts
+from difflab.data import dataset_classes, default_prompts, text_vocabulary
 from difflab.diffusion import nfe
 from difflab.diffusion.editing import start_step
 from difflab.diffusion.spacing import INDEX_SPACINGS, spacing_of
@@ -50,8 +50,7 @@ from difflab.trackers import check_trackers, stage_trackers
 from difflab.train.makers import train_classifier, train_diffusion
 from difflab.train.reconstruction import train_autoencoder
 from difflab.trained import (CLASSIFIER_STAGES, LatentSpace, build_denoiser_net, build_process, check_autoencoder,
-                             classifier_from_state, dims, init_weights, load_classifier, load_latent_space,
-                             text_vocabulary)
+                             classifier_from_state, dims, init_weights, load_classifier, load_latent_space)
 
 log = logging.getLogger("difflab")
 

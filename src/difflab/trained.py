@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from difflab.checkpoint import load_checkpoint
 from difflab.config import conditioning_name, objective_name
-from difflab.data import caption_options
 from difflab.diffusion import DDPMProcess, EDMProcess, FlowProcess, GuidedDenoiser, NoiseProcess, make_betas
 from difflab.diffusion.distillation import ConsistencyProcess, smallest_ve
 from difflab.errors import UserError
@@ -27,7 +26,6 @@ from difflab.models import NoisyClassifier, build_classifier, build_unet
 from difflab.models.autoencoder import Autoencoder, build_autoencoder
 from difflab.models.conditioned import ConditionedUNet, build_conditioned_unet
 from difflab.models.mlp import build_mlp
-from difflab.models.text_encoder import WordTokenizer
 from difflab.models.widths import resize_to
 
 ENCODE_BATCH = 256
@@ -65,15 +63,6 @@ def build_denoiser_net(cfg: DictConfig, shape: tuple[int, int, int], num_classes
     if conditioning == "class":
         return build_unet(cfg.unet, in_channels=shape[0], image_size=shape[1], num_classes=num_classes)
     return build_conditioned_unet(cfg.unet, cfg.text_encoder, conditioning, shape[0], shape[1], num_classes, vocabulary)
-
-
-def text_vocabulary(cfg: DictConfig) -> Optional[list[str]]:
-    """The learned text encoder's words: those of every caption the data set has (templates over
-    its classes, or a folder's metadata), known before any image is read; None for other encoders."""
-    if conditioning_name(cfg) != "text" or cfg.text_encoder.name != "learned":
-        return None
-    options, _ = caption_options(cfg.dataset)
-    return WordTokenizer.from_captions([c for row in options for c in row], cfg.text_encoder.max_length).vocabulary
 
 
 def model_meta(shape: tuple[int, int, int], num_classes: int, label_dropout: float, **text: object) -> dict:

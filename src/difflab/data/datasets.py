@@ -21,12 +21,14 @@ from torch import Tensor
 
 from difflab.artifacts import ArtifactCache, obtain
 from difflab.checkpoint import atomic_save
+from difflab.config import conditioning_name
 from difflab.data.captions import CaptionTable, class_captions
 from difflab.data.folder import MODES, folder_captions, folder_classes, read_folder
 from difflab.data.image_data import ImageData
 from difflab.data.sources import STANDARD, Splits, read_standard
 from difflab.data.transforms import fit_images
 from difflab.errors import UserError
+from difflab.models.text_encoder import WordTokenizer
 
 log = logging.getLogger("difflab.data")
 
@@ -198,3 +200,12 @@ def _save_cache(path: Path, data: ImageData) -> None:
     except OSError as e:
         raise UserError(f"Cannot write the data cache {path} ({e.strerror}): set paths.cache_dir to a "
                         "writable folder with free space.") from None
+
+
+def text_vocabulary(cfg) -> Optional[list[str]]:
+    """The learned text encoder's words: those of every caption the data set has (templates over
+    its classes, or a folder's metadata), known before any image is read; None for other encoders."""
+    if conditioning_name(cfg) != "text" or cfg.text_encoder.name != "learned":
+        return None
+    options, _ = caption_options(cfg.dataset)
+    return WordTokenizer.from_captions([c for row in options for c in row], cfg.text_encoder.max_length).vocabulary

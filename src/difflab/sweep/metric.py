@@ -11,27 +11,12 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
+from difflab.metric_names import metric_direction
+
 AUTO = "auto"
 # `auto`'s preference, first present wins: all are lower-is-better, so an `auto` study minimises.
 AUTO_ORDER = ("fd_inception", "fd_classifier", "fd_classifier_class_mean", "kid_inception", "kid_classifier",
               "val_loss", "best_val_loss", "final_loss")
-SPREAD_SUFFIXES = ("_se", "_std")  # spreads of a metric (kid_std, ...), not metrics to rank
-LOWER_IS_BETTER = ("fd", "fid", "kid", "val_loss", "best_val_loss", "final_loss", "loss", "rec_", "mse", "lpips")
-HIGHER_IS_BETTER = ("class_accuracy", "precision", "recall", "inception_score", "psnr", "ssim")
-
-
-def metric_direction(key: str) -> Optional[str]:
-    """"lower" or "higher", whichever is better for the metric `key` (real_* ones included), by
-    its name, so a new extractor's fd_<name> is ranked without a list to update; None for
-    anything else, a metric's spread (K_se, K_std) included."""
-    name = key.removeprefix("real_")
-    if name.endswith(SPREAD_SUFFIXES):
-        return None
-    if name.startswith(LOWER_IS_BETTER) or "_fd" in name:
-        return "lower"
-    return "higher" if name.startswith(HIGHER_IS_BETTER) else None
-
-
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

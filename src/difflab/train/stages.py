@@ -15,13 +15,13 @@ from torch import Tensor, nn
 
 from difflab.checkpoint import load_checkpoint
 from difflab.config import conditioning_name
-from difflab.data import ImageData, augment_batch, caption_table, default_prompts, load_splits, to_model_range
+from difflab.data import (ImageData, augment_batch, caption_table, default_prompts, load_splits, text_vocabulary,
+                          to_model_range)
 from difflab.data.latents import cached_latents
 from difflab.diffusion import NoiseProcess
 from difflab.models import count_parameters
 from difflab.train.loop import StepBatches, Trainer, TrainResult
-from difflab.trained import (DiffusionModel, LatentSpace, build_denoiser_net, build_process, init_network, model_meta,
-                             text_vocabulary)
+from difflab.trained import DiffusionModel, LatentSpace, build_denoiser_net, build_process, init_network, model_meta
 
 log = logging.getLogger("difflab.stages")
 
