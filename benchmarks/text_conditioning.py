@@ -74,12 +74,12 @@ def main() -> None:
     else:
         trained = {"text": train("text", args.out / "text", ["conditioning=text", *common]),
                    "class": train("class", args.out / "class", common)}
-    torch.set_grad_enabled(False)
     text = load_diffusion_model(trained["text"]["checkpoint"], torch.device("cpu"))
     label = load_diffusion_model(trained["class"]["checkpoint"], torch.device("cpu"))
     cfg = OmegaConf.merge(text.cfg, {"guidance": {"name": "cfg", "scale": args.scale},
                                      "sample": {"batch_size": 250, "gif_images": 0}})
-    classifier = feature_classifier(cfg, torch.device("cpu"))
+    classifier = feature_classifier(cfg, torch.device("cpu"))  # trains it when not cached: with gradients
+    torch.set_grad_enabled(False)
     fields = class_fields(cfg.dataset)
     seen = list(cfg.dataset.captions.templates)
     start = time.perf_counter()

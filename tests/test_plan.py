@@ -30,7 +30,8 @@ def diffusion_ckpt(tmp_path_factory, shapes_dir):
     """A tiny trained diffusion model (its cache included)."""
     base = tmp_path_factory.mktemp("plan")
     run_dir = base / "trained"
-    proc = run_py(*tiny_overrides(shapes_dir, base / "cache"), "sample.num_images=0", f"hydra.run.dir={run_dir}")
+    proc = run_py(*tiny_overrides(shapes_dir, base / "cache"), "sample.num_images=0", "guidance=none",
+                  f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir / "checkpoints" / "last.pt"
 

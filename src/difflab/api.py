@@ -10,7 +10,7 @@ it, an export that loads with no pickle, and a run started as the command line s
     run = difflab.run(["dataset=fashion_mnist", "train.max_steps=500"])  # run.dir, run.metrics
 
 `sample` composes the config `python run.py mode=sample ckpt=... SETTINGS` composes (so its defaults are conf/'s,
-not the training run's: sampler=euler, 20 steps, no guidance), checks it with that command's plan and draws with the
+not the training run's: sampler=euler, 20 steps, guidance=auto), checks it with that command's plan and draws with the
 same function, so `pipe.sample(n, seed=s)` gives the images that command writes to samples/samples.npz.
 """
 
@@ -130,15 +130,15 @@ class Pipeline:
         given = ["mode=sample", f"sample.num_images={n}", f"seed={seed}", *_label_overrides(labels)]
         given += [f"sampler={sampler}"] if sampler is not None else []
         given += [f"sampler.steps={steps}"] if steps is not None else []
-        given += ["guidance=cfg", f"guidance.scale={guidance_scale}"] if guidance_scale else []
+        if guidance_scale is not None:
+            given += ["guidance=cfg", f"guidance.scale={guidance_scale}"] if guidance_scale > 0 else ["guidance=none"]
         cfg = _compose([*given, *overrides])
         if prompts is not None:  # set after composing: a prompt may hold anything an override string cannot
             cfg.sample.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if cfg.guidance.name == "classifier":
             raise UserError("Classifier guidance needs a noise-aware classifier that difflab.load does not obtain: "
                             "sample with `python run.py mode=sample ckpt=<checkpoint> guidance=classifier`.")
-        build_plan(cfg, None, given=self._facts)
-        return cfg
+        return build_plan(cfg, None, given=self._facts).config
 
     def sample(self, n: int, labels: Labels = None, sampler: Optional[str] = None, steps: Optional[int] = None,
                guidance_scale: Optional[float] = None, seed: int = 0, overrides: Sequence[str] = (),
@@ -147,7 +147,8 @@ class Pipeline:
 
         labels: None (the config's: balanced over the classes), "balanced", "uniform", a class id for all n, or a
         list repeated to n. sampler, steps: a sampler option (euler, heun, ddim, ddpm, dpmpp_2m, unipc) and its
-        steps. guidance_scale > 0: classifier-free guidance, for a model trained with label dropout (guidance=cfg).
+        steps. guidance_scale: classifier-free guidance at that scale, for a model trained with label dropout
+        (guidance=cfg); 0 samples unguided; None: guidance=auto (the model's training decides: CFG at 1.5 or none).
         prompts: a text model's prompts (one string, or a list repeated to n), as sample.prompts.
         overrides: any further `mode=sample` settings, e.g. ["sample.batch_size=64", "sampler.eta=1"]."""
         cfg = self.sampling_config(n, labels, sampler, steps, guidance_scale, seed, overrides, prompts)

@@ -146,7 +146,7 @@ class SamplerConfig:
 
 @dataclass
 class GuidanceConfig:
-    name: str = "none"  # none | classifier | cfg
+    name: str = "none"  # auto | none | classifier | cfg (auto: cfg where the model takes it, else none; plan.py)
     scale: float = 0.0
     p_uncond: float = 0.1
 
@@ -414,7 +414,7 @@ CHOICES = {
     "sampler.spacing": (None, *SPACINGS),
     "objective.name": tuple(OBJECTIVE_SCHEMAS),
     "objective.t_sampling": T_SAMPLINGS,
-    "guidance.name": ("none", "classifier", "cfg"),
+    "guidance.name": ("auto", "none", "classifier", "cfg"),
     "conditioning.name": ("class", "class_tokens", "text"),
     "text_encoder.name": ("learned", "clip"),
     "mode.name": ("reconstruction", "diffusion", "classifier", "joint", "sample", "evaluate", "edit", "distill",

@@ -73,6 +73,8 @@ class Step:
 class Plan:
     mode: str
     steps: list[Step] = field(default_factory=list)
+    config: Optional[DictConfig] = field(default=None, repr=False)  # what the run carries out: guidance=auto decided
+
 
     def to_json(self) -> dict:
         return {"mode": self.mode, "steps": [dataclasses.asdict(s) for s in self.steps]}
@@ -110,6 +112,20 @@ def model_facts(state: dict) -> ModelFacts:
     ae_key = (ae.get("key") or ae["identity"]) if ae else None
     return ModelFacts(OmegaConf.create(state["config"]), meta["num_classes"], meta["label_dropout"],
                       tuple(meta["shape"]), ae_key, state["stage"] == "joint", meta)
+
+
+def with_guidance(cfg: DictConfig, model: Optional[ModelFacts] = None) -> DictConfig:
+    """cfg with guidance=auto decided: classifier-free guidance (at its scale) for a model that takes it, one
+    trained with label dropout (`model`, a given checkpoint's facts) or, for a model still to be trained, one
+    that will be conditioned on labels or prompts (it then trains with label dropout); else none."""
+    if cfg.guidance.name != "auto":
+        return cfg
+    if model is not None:
+        takes = model.label_dropout > 0
+    else:
+        takes = cfg.mode.name in (*DIFFUSION_MODES, "distill", "prune") and (
+            conditioning_name(cfg) == "text" or (cfg.objective.class_conditional and dataset_classes(cfg.dataset) > 0))
+    return OmegaConf.merge(cfg, {"guidance": {"name": "cfg"} if takes else {"name": "none", "scale": 0.0}})
 
 
 # ---------------------------------------------------------------- checks of the config alone
@@ -279,6 +295,7 @@ class PlanBuilder:
 
     def __init__(self, cfg: DictConfig, run_dir: Optional[Path]):
         self.cfg, self.run_dir = cfg, run_dir
+        self.guidance_asked = cfg.guidance.name  # auto, before with_guidance decides it
         self.cache = ArtifactCache(cfg.paths.cache_dir)
         self.plan = Plan(cfg.mode.name)
 
@@ -447,7 +464,8 @@ class PlanBuilder:
         if cfg.sample.num_images > 0:
             self.add("sample", "new", None, steps, f"{cfg.sample.num_images} images, {cfg.sampler.name} "
                      f"({nfe(cfg.sampler.name, steps)} NFE), "
-                     f"guidance={cfg.guidance.name}" + (f" x{cfg.guidance.scale:g}" if cfg.guidance.name != "none" else ""))
+                     f"guidance={cfg.guidance.name}" + (f" x{cfg.guidance.scale:g}" if cfg.guidance.name != "none" else "") +
+                     (" (auto)" if self.guidance_asked == "auto" else ""))
         if cfg.eval.num_samples > 0 and cfg.mode.name != "sample":
             data_cfg = OmegaConf.merge(model.cfg, {"paths": cfg.paths, "eval": cfg.eval})
             if "classifier" in cfg.eval.extractors and dataset_classes(data_cfg.dataset) > 0:
@@ -575,6 +593,8 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
     check_vector_latent(cfg)
     builder = PlanBuilder(cfg, run_dir)
     mode = cfg.mode.name
+    if not (given is not None or (cfg.ckpt.model and mode in (*LOADING_MODES, "distill", "prune"))):
+        builder.cfg = cfg = with_guidance(cfg)  # from what the model will be trained with; a given one's below
     if mode == "evaluate" and cfg.eval.num_samples <= 0:
         raise UserError(f"mode=evaluate with eval.num_samples={cfg.eval.num_samples} has nothing to measure: add e.g. "
                         "eval.num_samples=2000.")
@@ -587,6 +607,7 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
         builder.classifier()
     elif mode == "distill":
         model = builder.teacher()
+        builder.cfg = cfg = with_guidance(cfg, model)
         builder.guidance(model)
         check_distill(cfg, build_process(model.cfg).index_count)
         builder.derived("distill", distill_settings(cfg, builder.plan.steps[-1].key), cfg.distill.steps_per_round *
@@ -597,11 +618,13 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
     elif mode == "prune":
         check_prune(cfg)
         model = builder.teacher("original")
+        builder.cfg = cfg = with_guidance(cfg, model)
         builder.derived("prune", prune_settings(cfg, builder.plan.steps[-1].key), cfg.prune.finetune_steps,
                         f"{cfg.prune.amount:.0%} of the UNet's channels, then fine-tuned")
         builder.sampling(model)
     else:
         model = given or builder.model()
+        builder.cfg = cfg = with_guidance(cfg, model)
         if mode in DIFFUSION_MODES:
             builder.evaluation_during_training()
         builder.guidance(model)
@@ -609,6 +632,7 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
             builder.editing(model)
         else:
             builder.sampling(model)
+    builder.plan.config = cfg
     return builder.plan
 
 

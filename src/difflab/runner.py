@@ -272,6 +272,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     cfg = with_student_sampler(cfg)
     plan = build_plan(cfg, run_dir, dist.world_size())
+    cfg = plan.config  # guidance=auto decided
     log.info("plan:\n%s", plan.table())
     if dist.is_main():
         atomic_write_json(run_dir / "plan.json", plan.to_json())
