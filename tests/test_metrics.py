@@ -5,7 +5,6 @@ the real images' feature cache, and the Inception weights lookup."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch_fidelity
