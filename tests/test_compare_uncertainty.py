@@ -109,3 +109,21 @@ def test_winner_needs_two_completed_jobs_and_every_jobs_error():
         "a", False, "standard errors recorded for only some jobs")
     separated = winner([job("a", fid=5.0, fid_se=0.1), job("b", fid=5.3, fid_se=0.1)], "fid")
     assert (separated.best.name, separated.tied, separated.separated) == ("a", [], True)  # 0.3 >= 2 * 0.141
+
+
+def test_ema_copies_of_one_training_are_weighed_by_their_paired_error(tmp_path):
+    """Copies scored on the same held-out draws: a difference far inside their combined errors is still
+    real when the paired error of the difference is small, and not when it is not."""
+    def ema_job(paired: float) -> dict:
+        copies = {"0.99": {"samples": "samples/ema_0.99", "val_loss": 0.100, "val_loss_se": 0.01},
+                  "0.999": {"samples": "samples", "val_loss": 0.104, "val_loss_se": 0.01}}
+        copies["0.99"]["val_loss_paired_se"] = {"0.999": paired}
+        copies["0.999"]["val_loss_paired_se"] = {"0.99": paired}
+        return {"ema": copies}
+
+    table, _ = compare(tmp_path / "paired", [ema_job(0.001)])
+    assert "Best job by val_loss (lower is better, sweep.metric=auto): **0 ema=0.99: train.ema.decay=0.99** " \
+           "(0.1 ± 0.01)." in table
+    table, _ = compare(tmp_path / "noisy", [ema_job(0.005)])
+    assert "no winner, tie between **0 ema=0.99: train.ema.decay=0.99** (0.1 ± 0.01) and **0 ema=0.999: " \
+           "train.ema.decay=0.999** (0.104 ± 0.01)" in table

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -186,6 +187,11 @@ def test_ema_decay_sweep_is_one_training(tmp_path, shapes_dir, kind):
     rows = read_rows(sweep_dir)
     assert [r["train.ema.decay"] for r in rows] == decays
     assert len({r["val_loss"] for r in rows}) == 4 and len({r["final_loss"] for r in rows}) == 1
+    copies = metrics["ema"]  # the copies are scored on the same draws: a difference's paired error is the smaller
+    for decay, other in zip(decays, decays[1:]):
+        paired = copies[decay]["val_loss_paired_se"][other]
+        assert 0 < paired < math.hypot(copies[decay]["val_loss_se"], copies[other]["val_loss_se"])
+        assert paired == pytest.approx(copies[other]["val_loss_paired_se"][decay])
     for decay in ("0.99", "0.999", "0.9995"):
         assert (sweep_dir / "0" / "samples" / f"ema_{decay}" / "grid.png").is_file()
     state = torch.load(sweep_dir / "0" / "checkpoints" / "last.pt", weights_only=True)

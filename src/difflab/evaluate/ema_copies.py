@@ -1,6 +1,7 @@
 """Every EMA copy of a training run (train.ema.decays) scored and sampled, so one training run
-answers an EMA-decay sweep: metrics.json gets {"ema": {decay: {...}}} and each extra copy's
-images go to samples/ema_<decay>/. Works for every model a diffusion run trains: pixel or
+answers an EMA-decay sweep: metrics.json gets {"ema": {decay: {...}}} (each copy's held-out loss
+with its standard error, and the paired errors of its differences from the others, which the
+comparison weighs) and each extra copy's images go to samples/ema_<decay>/. Works for every model a diffusion run trains: pixel or
 latent, diffusion or joint (whose copies hold the classifier beside the UNet).
 
 A run trained with train.ema.posthoc=true is sampled at any EMA width train.ema.sigma_rel,
@@ -9,17 +10,19 @@ reconstructed from its snapshots when it is loaded (`use_ema_length`)."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from difflab.checkpoint import load_checkpoint
 from difflab.data import class_names, load_splits
 from difflab.errors import UserError
 from difflab.sampling import sample_images, write_samples
 from difflab.train.ema import reconstruct
-from difflab.train.stages import ValBatch, fixed_val_batch, held_out_loss
+from difflab.train.stages import ValBatch, fixed_val_batch, held_out_loss, held_out_losses, mean_loss
 from difflab.trained import DiffusionModel, network_weights
 
 log = logging.getLogger("difflab.ema")
@@ -44,6 +47,20 @@ def val_loss(model: DiffusionModel, val_batch: ValBatch) -> float:
                          model.cfg.train.batch_size)
 
 
+def mean_se(values: Tensor) -> float | None:
+    """The standard error of the mean of `values` (None for fewer than 2)."""
+    return float(values.double().std() / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def loss_errors(losses: dict[float, Tensor]) -> dict[float, dict]:
+    """Each copy's val_loss_se, and val_loss_paired_se: the standard error of its loss minus each other copy's.
+    The copies are scored on the same images, noise levels and noise, so their losses move together and
+    the paired error of a difference is far below the two errors combined."""
+    return {d: {"val_loss_se": mean_se(per),
+                "val_loss_paired_se": {str(o): mean_se(per - other) for o, other in losses.items() if o != d}}
+            for d, per in losses.items()}
+
+
 def evaluate_ema_copies(cfg: DictConfig, run_dir: Path, checkpoint: Path, model: DiffusionModel,
                         device: torch.device, val_batch: ValBatch | None) -> dict:
     """Validation loss of every copy on `val_batch`, and samples of the extra copies (the main
@@ -52,17 +69,21 @@ def evaluate_ema_copies(cfg: DictConfig, run_dir: Path, checkpoint: Path, model:
     main = float(model.cfg.train.ema.decay)
     copies = {float(d): copy for d, copy in state.get("ema_copies", {}).items()}
     copies[main] = state["ema"]  # last, so the model ends as it came
-    results = {}
+    results, losses = {}, {}
     for decay, copy in copies.items():
         model.net.load_state_dict(network_weights({"stage": state["stage"], "ema": copy}, "unet"))
         entry = {"samples": samples_folder(decay, main)}
         if val_batch is not None:
-            entry["val_loss"] = val_loss(model, val_batch)
+            parts = held_out_losses(model.process, model.cfg.objective, model.net, val_batch, model.num_classes > 0,
+                                    model.cfg.train.batch_size)
+            entry["val_loss"], losses[decay] = mean_loss(parts), torch.cat(parts)
         if decay != main and cfg.sample.num_images > 0:
             images = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device)
             entry.update(write_samples(images, run_dir / entry["samples"], names=class_names(model.cfg.dataset)))
         log.info("EMA decay %s: validation loss %s", decay, entry.get("val_loss"))
         results[str(decay)] = entry
+    for decay, errors in loss_errors(losses).items():
+        results[str(decay)].update(errors)
     return dict(sorted(results.items(), key=lambda item: float(item[0])))
 
 

@@ -11,7 +11,8 @@ swept setting, and all jobs' loss curves
 overlaid) and comparison_samples.png (each job's sample grid side by side;
 mode=edit's before/after grid). An evaluation metric
 K with a bootstrap standard error K_se is shown as "value ± se" and with error bars, and a job is
-only called best at it when the runner-up is at least twice their combined standard error behind.
+only called best at it when the runner-up is at least twice the standard error of their difference behind
+(their combined errors; for the EMA copies of one training, scored on the same draws, the paired error).
 A job that trained several EMA copies (train.ema.decays) gives one row per decay. A job whose
 metrics.json or .hydra/overrides.yaml cannot be read is one row with status unreadable and the
 reason in its error column, so it costs the comparison only that row; a damaged picture or loss
@@ -53,6 +54,7 @@ STATUSES = ("completed", "failed", "interrupted", "incomplete", UNREADABLE)
 REDO = "delete it and re-run the job with train.resume=auto"  # the fix for a damaged job file
 DAMAGED = (OSError, ValueError, KeyError, TypeError)  # what reading a damaged picture or curve raises
 SE_SUFFIX = "_se"  # metric K's bootstrap standard error is recorded as K_se
+PAIRED_LOSS_SE = "val_loss_paired_se"  # an EMA copy's {other decay: SE of the val_loss difference} (same images)
 LOSSES = ("final_loss", "val_loss", "best_val_loss")  # each gets its "Lowest" line; no standard errors to weigh
 JOB_PICTURES = ("edits/before_after.png",)  # a job's picture where it has no samples/grid.png
 SEPARATION = 2  # a difference of this many combined standard errors (about a 95% test) names a winner
@@ -70,6 +72,7 @@ class JobResult:
     metrics: dict = field(default_factory=dict)  # scalars only
     error: str = ""
     samples_dir: Optional[Path] = None
+    paired_se: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> other job -> SE of the difference
 
     @property
     def grid(self) -> Optional[Path]:
@@ -188,8 +191,10 @@ def read_job(run_dir: Path, name: str) -> list[JobResult]:
     if not copies:
         return [base]
     shared = {k: v for k, v in base.metrics.items() if k not in MAIN_EMA_ONLY}
-    return [JobResult(f"{name} ema={decay}", run_dir, status, {**base.settings, "train.ema.decay": decay},
-                      {**shared, **_scalars(entry)}, error, run_dir / entry["samples"])
+    copy_name = lambda decay: f"{name} ema={decay}"  # noqa: E731
+    return [JobResult(copy_name(decay), run_dir, status, {**base.settings, "train.ema.decay": decay},
+                      {**shared, **_scalars(entry)}, error, run_dir / entry["samples"],
+                      {"val_loss": {copy_name(other): se for other, se in (entry.get(PAIRED_LOSS_SE) or {}).items()}})
             for decay, entry in copies.items()]
 
 
@@ -301,12 +306,20 @@ class Verdict:
     unjudged: str = ""  # why the difference cannot be weighed (standard errors missing), else ""
 
 
+def difference_se(a: JobResult, b: JobResult, metric: str) -> float:
+    """The standard error of a's `metric` minus b's: the paired one where both were measured on the same
+    draws (the EMA copies of one training), else their standard errors combined."""
+    paired = a.paired_se.get(metric, {}).get(b.name)
+    if is_number(paired) and paired >= 0:
+        return float(paired)
+    return math.hypot(standard_error(a, metric), standard_error(b, metric))
+
+
 def _tied_with(best: JobResult, other: JobResult, metric: str) -> bool:
-    """Whether the two jobs' values differ by less than SEPARATION times their combined standard
-    error (or not at all), so neither can be called the better one."""
+    """Whether the two jobs' values differ by less than SEPARATION times the standard error of their
+    difference (or not at all), so neither can be called the better one."""
     difference = abs(best.metrics[metric] - other.metrics[metric])
-    combined = math.hypot(standard_error(best, metric), standard_error(other, metric))
-    return difference == 0 or difference < SEPARATION * combined
+    return difference == 0 or difference < SEPARATION * difference_se(best, other, metric)
 
 
 def winner(results: list[JobResult], metric: str) -> Optional[Verdict]:

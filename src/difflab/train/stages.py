@@ -45,17 +45,26 @@ def fixed_val_batch(val_data: ImageData, n: int, process: NoiseProcess, to_model
 
 
 @torch.no_grad()
+def held_out_losses(process: NoiseProcess, objective: DictConfig, net: nn.Module, batch: ValBatch,
+                    conditional: bool, batch_size: int) -> list[Tensor]:
+    """The diffusion loss of `net` on each image of a fixed validation batch, a tensor per batch_size images."""
+    x0, y, t, noise = batch
+    parts = []
+    for i in range(0, len(x0), batch_size):
+        yb = y[i:i + batch_size] if conditional else None
+        parts.append(process.training_loss(lambda x, c: net(x, c, yb), x0[i:i + batch_size], objective.loss,
+                                           t[i:i + batch_size], noise[i:i + batch_size]).float().cpu())
+    return parts
+
+
+def mean_loss(parts: list[Tensor]) -> float:
+    return sum(float(p.sum()) for p in parts) / sum(len(p) for p in parts)
+
+
 def held_out_loss(process: NoiseProcess, objective: DictConfig, net: nn.Module, batch: ValBatch,
                   conditional: bool, batch_size: int) -> float:
     """The diffusion loss of `net` on a fixed validation batch, averaged over its images."""
-    x0, y, t, noise = batch
-    total = 0.0
-    for i in range(0, len(x0), batch_size):
-        yb = y[i:i + batch_size] if conditional else None
-        per = process.training_loss(lambda x, c: net(x, c, yb), x0[i:i + batch_size], objective.loss,
-                                    t[i:i + batch_size], noise[i:i + batch_size])
-        total += float(per.sum())
-    return total / len(x0)
+    return mean_loss(held_out_losses(process, objective, net, batch, conditional, batch_size))
 
 
 def init_source(cfg: DictConfig) -> Optional[tuple[dict, str]]:
