@@ -49,7 +49,8 @@ DESIGNS = {  # name -> the classifier's network settings; "multi" is feature_cla
 LADDERS = {"noise": [0.0, 0.02, 0.05, 0.1, 0.2], "blur": [0.0, 0.5, 1.0, 1.5, 2.0],
            "imbalance": [0.5, 0.6, 0.7, 0.8, 0.9], "dropped": [0, 1, 2, 3, 5]}
 STEPS = [100, 50, 20, 10, 5]
-WORSE_IS_HIGHER = {"fd": True, "kid": True, "precision": False, "recall": False, "class_accuracy": False}
+WORSE_IS_HIGHER = {"fd": True, "kid": True, "precision": False, "recall": False, "class_accuracy": False,
+                   "class_share_tv": True}
 SEPARATION_N = 2000
 POOL_SEED = 3
 
@@ -100,7 +101,7 @@ def fit_for_purpose(values: list[float], errors: list[float], worse_is_higher: b
 
 def rung_metrics(features: dict, reference: dict, layers: dict, kind: str, bootstrap: int,
                  expected: Tensor | None) -> dict:
-    """The rung's metrics under short names (fd, kid, precision, recall, class_accuracy) with their
+    """The rung's metrics under short names (fd, kid, precision, recall, class_accuracy, class_share_tv) with their
     standard errors, as metrics.json gets them."""
     from difflab.evaluate.metrics import KEYS, SE, metrics_from_features
     from difflab.evaluate.uncertainty import share_standard_error
@@ -110,6 +111,12 @@ def rung_metrics(features: dict, reference: dict, layers: dict, kind: str, boots
     names = {"fd": keys["frechet_inception_distance"], "kid": keys["kernel_inception_distance_mean"],
              "precision": keys["precision"], "recall": keys["recall"]}
     out = {short: raw[name] for short, name in names.items()} | {short + SE: raw[name + SE] for short, name in names.items()}
+    if "logits" in features:
+        from difflab.evaluate.class_shares import class_share_distance
+
+        k = features["logits"].shape[1]
+        out["class_share_tv"], out["class_share_tv_se"] = class_share_distance(
+            features["logits"].argmax(1), reference["logits"].argmax(1), k, bootstrap)
     if "logits" in features and expected is not None:
         acc = float((features["logits"].argmax(1) == expected).float().mean())
         out |= {"class_accuracy": acc, "class_accuracy_se": share_standard_error(acc, len(expected))}

@@ -17,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from difflab.cli import CONF_DIR
+from difflab.evaluate.class_shares import class_share_distance
 from difflab.evaluate.extractors import FeatureExtraction, classifier_extractor
 from difflab.evaluate.feature_classifier import feature_classifier, real_splits
 from difflab.evaluate.memorisation import memorisation
@@ -146,6 +147,25 @@ def test_memorisation_flags_a_model_that_returns_training_images(shapes_cfg, ext
         assert m["fd_classifier_se"] > 0 and m["kid_classifier_se"] > 0
         assert set(m["fd_classifier_per_class"]) == {"0", "1"}
         assert m["fd_classifier_class_mean"] == pytest.approx(sum(m["fd_classifier_per_class"].values()) / 2)
+        assert m["class_share_tv"] < 0.15 and m["class_share_tv_se"] > 0 and m["real_class_share_tv"] < 0.15
+    ones = train.labels == 1  # a model that draws one of the two shapes only: half the mix is missing
+    dropped = evaluate_model(model, cfg, CPU, "dropped", _stand_in_sampler(train.images[ones], train.labels[ones]))
+    assert dropped["class_share_tv"] > 0.4 > honest["class_share_tv"] + 4 * honest["class_share_tv_se"]
+
+
+def test_class_share_distance_counts_the_mix_and_its_error_shrinks_with_n():
+    g = torch.Generator().manual_seed(0)
+    reference = torch.arange(10).repeat(200)
+    same, floor = class_share_distance(reference, reference, 10)
+    assert same == 0.0 and 0 < floor < 0.02  # resampling the same mix still moves it a little
+    assert class_share_distance(torch.zeros(50, dtype=torch.long), reference, 10)[0] == pytest.approx(0.9)
+    shares = torch.tensor([0.12] * 5 + [0.08] * 5)  # 60% of the draws from the first five classes
+    tv, se = class_share_distance(torch.multinomial(shares, 20000, True, generator=g), reference, 10)
+    assert tv == pytest.approx(0.1, abs=0.01) and 0 < se < 0.01
+    errors = [class_share_distance(torch.multinomial(shares, n, True, generator=g), reference, 10)[1]
+              for n in (200, 2000)]
+    assert errors[1] < errors[0] / 2
+    assert class_share_distance(reference[:7], reference, 10, replicates=0)[1] is None
 
 
 def compose_eval(cfg, n: int, root: Path | None = None):

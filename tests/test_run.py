@@ -85,7 +85,7 @@ def test_sample_mode_reads_checkpoint(trained, tmp_path):
     m = read_metrics(out)
     assert m["num_images"] == 6
     assert m["sampled_with"] == {"sampler": "ddpm", "steps": 4, "spacing": "trailing", "nfe": 4, "eta": 0.0,
-                                 "guidance": "none", "guidance_scale": 0.0, "seed": 0, "labels": [1, 1, 0]}
+                                 "guidance": "cfg", "guidance_scale": 1.5, "seed": 0, "labels": [1, 1, 0]}  # auto
     about = m["provenance"]
     assert about["torch"] == torch.__version__ and about["device"] == "cpu" and len(about["code_fingerprint"]) == 16
     assert "mode=sample" in about["command"] and len(about.get("git_commit", "x" * 40)) == 40

@@ -140,14 +140,16 @@ def _train_config(steps: int, batch_size: int, progress: bool) -> DictConfig:
 
 
 @torch.no_grad()
+def predicted_classes(net: FeatureClassifier, images: Tensor, device: torch.device, batch_size: int = 1000) -> Tensor:
+    """The class the classifier reads in each uint8 image."""
+    return torch.cat([net(to_model_range(images[i:i + batch_size]).to(device))[1].argmax(1).cpu()
+                      for i in range(0, len(images), batch_size)]) if len(images) else torch.zeros(0, dtype=torch.long)
+
+
 def accuracy(net: FeatureClassifier, images: Tensor, labels: Tensor, device: torch.device,
              batch_size: int = 1000) -> float:
     """Share of uint8 images the classifier assigns to their label."""
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        logits = net(to_model_range(images[i:i + batch_size]).to(device))[1]
-        correct += int((logits.argmax(1).cpu() == labels[i:i + batch_size]).sum())
-    return correct / max(len(images), 1)
+    return int((predicted_classes(net, images, device, batch_size) == labels).sum()) / max(len(images), 1)
 
 
 def _build(meta: dict) -> FeatureClassifier:

@@ -2,7 +2,8 @@
 
 - Inception (when its weights are at hand): FID, KID, Inception Score, precision and recall;
 - the data set's evaluation classifier: the same Frechet distance and KID in its feature space,
-  and the class accuracy of class-conditional samples.
+  the class accuracy of class-conditional samples, and how far the shares of the classes it reads
+  in the samples are from the real data's (class_share_tv, evaluate/class_shares.py).
 
 Each is computed for the generated samples and, as the reference a reader needs, for a held-out
 real sample of equal size, both against the same seeded pick of real training images. difflab
@@ -31,11 +32,12 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
 from difflab.artifacts import settings_key
 from difflab.data import ImageData
+from difflab.evaluate.class_shares import class_share_distance
 from difflab.evaluate.extractors import (Extractor, FeatureExtraction, classifier_extractor, find_inception_weights,
                                          inception_extractor, metric_layers)
 from difflab.evaluate.feature_cache import cached_features
 from difflab.evaluate.feature_classifier import (LoadedClassifier, accuracy, classifier_settings, feature_classifier,
-                                                 real_splits)
+                                                 predicted_classes, real_splits)
 from difflab.evaluate.memorisation import memorisation
 from difflab.evaluate.uncertainty import (REPLICATES, fd_standard_error, frechet_distance, kid_standard_error,
                                           share_standard_error)
@@ -166,6 +168,20 @@ def _extractors(cfg: DictConfig, num_classes: int, device: torch.device) -> tupl
     return chosen, classifier, about
 
 
+def class_share_metrics(classifier: LoadedClassifier, images: Tensor, reference: Tensor, held_out: Tensor,
+                        device: torch.device, bootstrap: int) -> dict:
+    """class_share_tv: how far the classes the classifier reads in the samples are from their shares in the
+    reference (evaluate/class_shares.py), with its error; real_class_share_tv the same for held-out real images."""
+    k = classifier.num_classes
+    target = predicted_classes(classifier.net, reference, device)
+    out = {}
+    for key, given in (("class_share_tv", images), ("real_class_share_tv", held_out)):
+        if len(given) >= MIN_IMAGES:
+            out[key], out[key + SE] = class_share_distance(predicted_classes(classifier.net, given, device), target, k,
+                                                           bootstrap)
+    return out
+
+
 def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device, checkpoint: str,
                    sample: Callable[[int], SampleResult], writer=None, step: int = 0,
                    pictures: Optional[Path] = None, tag_prefix: str = "val/final/") -> dict:
@@ -208,6 +224,9 @@ def evaluate_model(model: DiffusionModel, cfg: DictConfig, device: torch.device,
                                          pictures)
             metrics.update(checked)
             produced_by.update({k: ex.kind for k in checked})
+    if classifier is not None:
+        metrics.update(class_share_metrics(classifier, samples.images, reference, held_out.images, device, bootstrap))
+        produced_by.update({k: "classifier" for k in ("class_share_tv", "real_class_share_tv")})
     if classifier is not None and samples.labels is not None:
         metrics["class_accuracy"] = accuracy(classifier.net, samples.images, samples.labels, device)
         metrics["class_accuracy_se"] = share_standard_error(metrics["class_accuracy"], len(samples.images))
