@@ -1,0 +1,59 @@
+"""How far the default model's samples move between step counts, from the same noise: whether a
+rung of metric_sensitivity.py's steps ladder is a degradation at all. Samples the cached default
+MNIST model (trained with label dropout, as guidance=auto trains it; drawn unguided here, as the
+ladder draws them) at each step count from one seed, and prints one JSON object: the mean
+absolute pixel difference of each count's samples from the finest count's, against the mean
+difference between two distinct samples. Usage:
+
+    python benchmarks/step_convergence.py [--steps 20,50,100] [--n 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from difflab.artifacts import ArtifactCache, diffusion_settings
+from difflab.cli import CONF_DIR
+from difflab.sampling import sample_images
+from difflab.trained import load_diffusion_model
+
+
+def config(*overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default="20,50,100")
+    parser.add_argument("--n", type=int, default=500)
+    args = parser.parse_args()
+    counts = sorted(int(s) for s in args.steps.split(","))
+    torch.set_grad_enabled(False)
+    trained = config("guidance=cfg")
+    entry = ArtifactCache(trained.paths.cache_dir).find("diffusion", diffusion_settings(trained), other_code=True)
+    if entry is None:
+        sys.exit("no default MNIST model in the artifact cache: run `python run.py` first")
+    model = load_diffusion_model(str(entry.path), torch.device("cpu"))
+    images = {}
+    for steps in counts:
+        cfg = config("guidance=none", f"sampler.steps={steps}", "sample.batch_size=250")
+        torch.manual_seed(0)
+        images[steps] = sample_images(model, cfg, args.n, "balanced", torch.device("cpu")).images.float() / 255
+    finest = images[counts[-1]]
+    print(json.dumps({
+        "samples": args.n, "sampler": "euler", "finest_steps": counts[-1],
+        "mean_abs_pixel_difference_from_finest": {str(s): float((images[s] - finest).abs().mean()) for s in counts[:-1]},
+        "share_of_pixels_off_by_over_0.1": {str(s): float(((images[s] - finest).abs() > 0.1).float().mean())
+                                            for s in counts[:-1]},
+        "mean_abs_pixel_difference_of_distinct_samples": float((finest - finest.roll(1, 0)).abs().mean()),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
