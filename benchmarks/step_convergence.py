@@ -48,7 +48,8 @@ def main() -> None:
     finest = images[counts[-1]]
     print(json.dumps({
         "samples": args.n, "sampler": "euler", "finest_steps": counts[-1],
-        "mean_abs_pixel_difference_from_finest": {str(s): float((images[s] - finest).abs().mean()) for s in counts[:-1]},
+        "mean_abs_pixel_difference_from_finest": {str(s): float((images[s] - finest).abs().mean())
+                                                  for s in counts[:-1]},
         "share_of_pixels_off_by_over_0.1": {str(s): float(((images[s] - finest).abs() > 0.1).float().mean())
                                             for s in counts[:-1]},
         "mean_abs_pixel_difference_of_distinct_samples": float((finest - finest.roll(1, 0)).abs().mean()),

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Optional
 
 SPREAD_SUFFIXES = ("_se", "_std")  # spreads of a metric (kid_std, ...), not metrics to rank
-LOWER_IS_BETTER = ("fd", "fid", "kid", "class_share", "val_loss", "best_val_loss", "final_loss", "loss", "rec_", "mse", "lpips")
+LOWER_IS_BETTER = ("fd", "fid", "kid", "class_share", "val_loss", "best_val_loss", "final_loss", "loss", "rec_", "mse",
+                   "lpips")
 HIGHER_IS_BETTER = ("class_accuracy", "precision", "recall", "inception_score", "psnr", "ssim")
 
 

@@ -75,7 +75,6 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     config: Optional[DictConfig] = field(default=None, repr=False)  # what the run carries out: guidance=auto decided
 
-
     def to_json(self) -> dict:
         return {"mode": self.mode, "steps": [dataclasses.asdict(s) for s in self.steps]}
 
@@ -462,10 +461,9 @@ class PlanBuilder:
             self.add("post-hoc ema", "run", None, None, f"sigma_rel={cfg.train.ema.sigma_rel}, reconstructed from the "
                      "snapshots")
         if cfg.sample.num_images > 0:
+            guided = f"guidance={cfg.guidance.name}" + (f" x{cfg.guidance.scale:g}" if cfg.guidance.name != "none" else "")
             self.add("sample", "new", None, steps, f"{cfg.sample.num_images} images, {cfg.sampler.name} "
-                     f"({nfe(cfg.sampler.name, steps)} NFE), "
-                     f"guidance={cfg.guidance.name}" + (f" x{cfg.guidance.scale:g}" if cfg.guidance.name != "none" else "") +
-                     (" (auto)" if self.guidance_asked == "auto" else ""))
+                     f"({nfe(cfg.sampler.name, steps)} NFE), {guided}" + (" (auto)" if self.guidance_asked == "auto" else ""))
         if cfg.eval.num_samples > 0 and cfg.mode.name != "sample":
             data_cfg = OmegaConf.merge(model.cfg, {"paths": cfg.paths, "eval": cfg.eval})
             if "classifier" in cfg.eval.extractors and dataset_classes(data_cfg.dataset) > 0:

@@ -1,8 +1,9 @@
 """Every EMA copy of a training run (train.ema.decays) scored and sampled, so one training run
 answers an EMA-decay sweep: metrics.json gets {"ema": {decay: {...}}} (each copy's held-out loss
 with its standard error, and the paired errors of its differences from the others, which the
-comparison weighs) and each extra copy's images go to samples/ema_<decay>/. Works for every model a diffusion run trains: pixel or
-latent, diffusion or joint (whose copies hold the classifier beside the UNet).
+comparison weighs) and each extra copy's images go to samples/ema_<decay>/. Works for every
+model a diffusion run trains: pixel or latent, diffusion or joint (whose copies hold the
+classifier beside the UNet).
 
 A run trained with train.ema.posthoc=true is sampled at any EMA width train.ema.sigma_rel,
 reconstructed from its snapshots when it is loaded (`use_ema_length`)."""
