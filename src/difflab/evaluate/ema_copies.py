@@ -11,7 +11,6 @@ reconstructed from its snapshots when it is loaded (`use_ema_length`)."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -21,9 +20,10 @@ from torch import Tensor
 from difflab.checkpoint import load_checkpoint
 from difflab.data import class_names, load_splits
 from difflab.errors import UserError
+from difflab.evaluate.uncertainty import mean_standard_error
 from difflab.sampling import sample_images, write_samples
 from difflab.train.ema import reconstruct
-from difflab.train.stages import ValBatch, fixed_val_batch, held_out_loss, held_out_losses, mean_loss
+from difflab.train.stages import ValBatch, fixed_val_batch, held_out_losses, mean_loss
 from difflab.trained import DiffusionModel, network_weights
 
 log = logging.getLogger("difflab.ema")
@@ -42,23 +42,24 @@ def validation_batch(model: DiffusionModel, cache_dir: str, device: torch.device
                            model.to_model_space, device)
 
 
+def val_losses(model: DiffusionModel, val_batch: ValBatch) -> list[Tensor]:
+    """The loss of the model's current weights on each image of the fixed held-out batch."""
+    return held_out_losses(model.process, model.cfg.objective, model.net, val_batch, model.num_classes > 0,
+                           model.cfg.train.batch_size)
+
+
 def val_loss(model: DiffusionModel, val_batch: ValBatch) -> float:
     """The loss of the model's current weights on the fixed held-out batch."""
-    return held_out_loss(model.process, model.cfg.objective, model.net, val_batch, model.num_classes > 0,
-                         model.cfg.train.batch_size)
-
-
-def mean_se(values: Tensor) -> float | None:
-    """The standard error of the mean of `values` (None for fewer than 2)."""
-    return float(values.double().std() / math.sqrt(len(values))) if len(values) > 1 else None
+    return mean_loss(val_losses(model, val_batch))
 
 
 def loss_errors(losses: dict[float, Tensor]) -> dict[float, dict]:
     """Each copy's val_loss_se, and val_loss_paired_se: the standard error of its loss minus each other copy's.
     The copies are scored on the same images, noise levels and noise, so their losses move together and
     the paired error of a difference is far below the two errors combined."""
-    return {d: {"val_loss_se": mean_se(per),
-                "val_loss_paired_se": {str(o): mean_se(per - other) for o, other in losses.items() if o != d}}
+    return {d: {"val_loss_se": mean_standard_error(per),
+                "val_loss_paired_se": {str(o): mean_standard_error(per - other) for o, other in losses.items()
+                                       if o != d}}
             for d, per in losses.items()}
 
 
@@ -75,8 +76,7 @@ def evaluate_ema_copies(cfg: DictConfig, run_dir: Path, checkpoint: Path, model:
         model.net.load_state_dict(network_weights({"stage": state["stage"], "ema": copy}, "unet"))
         entry = {"samples": samples_folder(decay, main)}
         if val_batch is not None:
-            parts = held_out_losses(model.process, model.cfg.objective, model.net, val_batch, model.num_classes > 0,
-                                    model.cfg.train.batch_size)
+            parts = val_losses(model, val_batch)
             entry["val_loss"], losses[decay] = mean_loss(parts), torch.cat(parts)
         if decay != main and cfg.sample.num_images > 0:
             images = sample_images(model, cfg, cfg.sample.num_images, cfg.sample.labels, device)

@@ -103,6 +103,11 @@ def kid_standard_error(samples: Tensor, reference: Tensor, replicates: int = REP
     return float((within - 2 * between).std())
 
 
+def mean_standard_error(values: Tensor) -> float | None:
+    """Standard error of the mean of `values` (None for fewer than 2)."""
+    return float(values.double().std() / math.sqrt(len(values))) if len(values) > 1 else None
+
+
 def share_standard_error(share: float, n: int) -> float:
     """Binomial standard error of a share of n outcomes."""
     return math.sqrt(max(share * (1 - share), 0.0) / n) if n > 0 else float("nan")

@@ -191,7 +191,10 @@ def read_job(run_dir: Path, name: str) -> list[JobResult]:
     if not copies:
         return [base]
     shared = {k: v for k, v in base.metrics.items() if k not in MAIN_EMA_ONLY}
-    copy_name = lambda decay: f"{name} ema={decay}"  # noqa: E731
+
+    def copy_name(decay: str) -> str:
+        return f"{name} ema={decay}"
+
     return [JobResult(copy_name(decay), run_dir, status, {**base.settings, "train.ema.decay": decay},
                       {**shared, **_scalars(entry)}, error, run_dir / entry["samples"],
                       {"val_loss": {copy_name(other): se for other, se in (entry.get(PAIRED_LOSS_SE) or {}).items()}})
