@@ -9,7 +9,7 @@ from conftest import read_metrics, run_py, tiny_overrides
 from omegaconf import OmegaConf
 
 from difflab.checkpoint import atomic_save
-from difflab.compress.prune import prune_unet
+from difflab.compress.prune import prune_unet, with_teacher_outputs
 from difflab.compress.quantize import Autocast, quantize_int8
 from difflab.models import build_unet, count_parameters
 from difflab.models.widths import network_widths, resize_to
@@ -63,6 +63,21 @@ def test_pruning_a_small_share_keeps_the_output_close():
         ref = net(*inputs)
         errors = [_relative_error(prune_unet(net, a, inputs)(*inputs), ref) for a in (0.1, 0.5)]
     assert errors[0] < errors[1] and errors[0] < 1.0, errors  # tolerance: the 10% prune within 100% relative error
+
+
+def test_pruned_finetuning_adds_the_originals_outputs_as_a_target():
+    net, inputs = _net_and_inputs()
+    student = prune_unet(net, 0.3, inputs).train()
+
+    def data_loss(model, batch):  # stands in for the diffusion loss: one call of the network on its inputs
+        return model(*batch).pow(2).mean()
+
+    loss = with_teacher_outputs(data_loss, net, 0.5)(student, inputs)
+    loss.backward()
+    with torch.no_grad():
+        out, target = student(*inputs), net(*inputs)
+    assert torch.allclose(loss, out.pow(2).mean() + 0.5 * (out - target).pow(2).mean())
+    assert all(p.grad is None for p in net.parameters()) and all(p.grad is not None for p in student.parameters())
 
 
 @pytest.fixture(scope="module")

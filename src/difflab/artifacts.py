@@ -46,8 +46,8 @@ OBSERVATION_KEYS = ("resume", "progress", "log_every", "val_every", "val_batches
                     "gradient_checkpointing", "init_from")
 
 # The code that determines what a trained artifact is: the networks, the diffusion math, the
-# training stages and loop, the data pipeline, and how a checkpoint becomes a model.
-CODE_PARTS = ("models", "diffusion", "train", "data", "trained.py")
+# training stages and loop, pruning, the data pipeline, and how a checkpoint becomes a model.
+CODE_PARTS = ("models", "diffusion", "train", "compress/prune.py", "data", "trained.py")
 CODE_SUFFIXES = (".py", ".cpp", ".h")
 FORMAT_VERSION = 2  # bump when a change to the code makes stored weights unusable
 LAST_USED = "last_used"  # an empty file in an entry's folder, touched whenever it is handed out

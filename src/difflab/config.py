@@ -341,6 +341,7 @@ class PruneConfig:
     finetune_steps: int = 500  # fine-tuning steps from the original's EMA weights (at least 1)
     lr: float = 2e-4
     batch_size: Optional[int] = None  # null = train.batch_size
+    teacher_weight: float = 1.0  # weight of the original network's outputs as a second target (0 = data loss alone)
 
 
 @dataclass
@@ -507,7 +508,7 @@ RANGES: dict[str, Range] = {
     "distill.batch_size": POSITIVE, "distill.ema_decay": BELOW_1,
     "prune.amount": Range(),  # (0, 1), checked with its own sentence (compress/prune.py)
     "prune.finetune_steps": POSITIVE, "prune.lr": POSITIVE, "prune.batch_size": POSITIVE,
-    "compress.calibration_batches": POSITIVE,
+    "prune.teacher_weight": AT_LEAST_0, "compress.calibration_batches": POSITIVE,
 }
 NONEMPTY = ("unet.channel_mults", "autoencoder.channel_mults", "classifier.channel_mults")
 

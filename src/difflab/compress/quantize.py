@@ -13,12 +13,14 @@ import logging
 import time
 
 import torch
+import torch._inductor.config as inductor_config
 from omegaconf import DictConfig
 from torch import nn
 
 from difflab.data import load_splits, to_model_range
 from difflab.diffusion.spacing import sampling_grid
 from difflab.errors import UserError
+from difflab.models.cpu_kernels import torch_layers
 from difflab.trained import DiffusionModel
 
 log = logging.getLogger("difflab.quantize")
@@ -46,7 +48,11 @@ class Int8Net(nn.Module):
     def forward(self, x, cond, y=None):
         if self.num_classes and y is None:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        return self.graph(x, cond, y) if self.num_classes else self.graph(x, cond)
+        # Freezing folds the weights into constants: only then does inductor replace dequantise -> conv ->
+        # quantise with oneDNN's int8 convolution (without it they run in float, slower than fp32). It must hold
+        # whenever a call compiles, e.g. for a new batch size.
+        with inductor_config.patch(freezing=True):
+            return self.graph(x, cond, y) if self.num_classes else self.graph(x, cond)
 
 
 def calibration_inputs(model: DiffusionModel, cfg: DictConfig, device: torch.device) -> list[tuple]:
@@ -87,7 +93,8 @@ def quantize_int8(net: nn.Module, batches: list[tuple], num_classes: int, compil
     example = batches[0] if num_classes else batches[0][:2]
     batch = torch.export.Dim("batch", min=1, max=4096)
     shapes = tuple({0: batch} for _ in example)
-    exported = torch.export.export(net.eval(), example, dynamic_shapes=shapes).module()
+    with torch_layers():  # inductor fuses the norms and activations between the int8 convolutions only in aten form
+        exported = torch.export.export(net.eval(), example, dynamic_shapes=shapes).module()
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():

@@ -23,8 +23,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Collection, Optional
+from typing import Any, Callable, Collection, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -45,8 +46,23 @@ _tried = False
 OPERATORS = torch.library.Library("difflab", "DEF")  # the torch.ops.difflab namespace
 
 
+_held_off = 0  # torch_layers() depth
+
+
 def kernels_enabled() -> bool:
-    return os.environ.get("DIFFLAB_FUSED_KERNELS", "1") != "0"
+    return not _held_off and os.environ.get("DIFFLAB_FUSED_KERNELS", "1") != "0"
+
+
+@contextmanager
+def torch_layers() -> Iterator[None]:
+    """The layers run their torch fallbacks within: for a graph that another compiler lowers (the int8
+    export), which can fuse and quantise aten operators and cannot see into ours."""
+    global _held_off
+    _held_off += 1
+    try:
+        yield
+    finally:
+        _held_off -= 1
 
 
 def _cpu_signature() -> str:
