@@ -30,8 +30,9 @@ def measure(variant: str, args, folder: Path) -> dict:
     run_dir = folder / variant
     cmd = [sys.executable, str(REPO / "run.py"), f"+compression={variant}", f"hydra.run.dir={run_dir}",
            f"eval.num_samples={args.samples}", "eval.extractors=[classifier]", "sample.num_images=100",
-           f"distill.steps_per_round={args.steps_per_round}", f"prune.finetune_steps={args.finetune_steps}",
            "train.progress=false", *args.extra]
+    cmd += [f"distill.steps_per_round={args.steps_per_round}"] if args.steps_per_round else []
+    cmd += [f"prune.finetune_steps={args.finetune_steps}"] if args.finetune_steps else []
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
@@ -49,8 +50,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--steps-per-round", type=int, default=400)
-    p.add_argument("--finetune-steps", type=int, default=500)
+    p.add_argument("--steps-per-round", type=int, default=None, help="distill.steps_per_round (default: the config's)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="prune.finetune_steps (default: the config's)")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run, e.g. train.max_steps=300")
     p.add_argument("--out", type=Path, default=None, help="where the run folders go (default: a temporary folder)")
     args = p.parse_args()

@@ -145,6 +145,25 @@ def test_consistency_distillation_of_a_guided_latent_teacher_trained_first(shape
     assert state["distilled"]["guidance_scale"] == 2 and state["autoencoder"] is not None
 
 
+def test_a_null_distill_setting_takes_its_methods_default_and_names_the_same_student_as_spelled_out(
+        teacher, shapes_dir, cache):
+    base = [*tiny_overrides(shapes_dir, cache, FLOW), "mode=distill", f"ckpt={teacher}", "distill.steps=4",
+            "dry_run=true"]
+    plans = {}
+    for name, extra in {"progressive": [], "spelled_out": ["distill.teacher_steps=16", "distill.lr=5e-4"],
+                        "consistency": ["distill.method=consistency"]}.items():
+        r = run_py(*base, *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        plans[name] = r.stdout
+    assert "progressive: 16 -> 8 -> 4 steps" in plans["progressive"]
+    assert "consistency: 64 -> 4 steps" in plans["consistency"]
+
+    def student_key(plan: str) -> str:
+        return next(line.split()[2] for line in plan.splitlines() if line.startswith("distill "))
+
+    assert student_key(plans["progressive"]) == student_key(plans["spelled_out"]) != student_key(plans["consistency"])
+
+
 @pytest.mark.parametrize("setting, words", [("distill.steps=3", "distill.steps=3 is not a student step count"),
                                             ("distill.teacher_steps=12", "does not halve down")])
 def test_a_bad_distill_setting_is_one_sentence(shapes_dir, cache, setting, words):

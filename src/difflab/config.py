@@ -326,11 +326,14 @@ class DistillConfig:
 
     method: str = "progressive"  # progressive (Salimans & Ho 2022) | consistency (Song et al. 2023)
     steps: int = 4  # the student's sampling steps: 1, 2, 4 or 8
-    teacher_steps: int = 64  # progressive: the first round's teacher DDIM steps (steps x 2^rounds); consistency: its ODE grid
-    steps_per_round: int = 400  # training steps of each halving round (consistency: of its one round)
-    lr: float = 1e-4
+    # teacher_steps, lr and ema_decay: null = the method's (compress/distill.py): progressive 16, 5e-4, 0.995;
+    # consistency 64, 1e-4, 0.95. teacher_steps: progressive, the first round's teacher DDIM steps (steps x 2^rounds);
+    # consistency, its ODE grid.
+    teacher_steps: Optional[int] = None
+    steps_per_round: int = 800  # training steps of each halving round (consistency: of its one round)
+    lr: Optional[float] = None
     batch_size: Optional[int] = None  # null = train.batch_size
-    ema_decay: Optional[float] = None  # null = 0.995 (progressive), 0.95 (consistency: CD's target network)
+    ema_decay: Optional[float] = None  # consistency's is CD's target network
 
 
 @dataclass

@@ -27,7 +27,7 @@ from difflab.artifacts import (Artifact, ArtifactCache, artifact_key, autoencode
                                diffusion_settings, file_digest, given_artifact, joint_settings, obtain)
 from difflab.checkpoint import load_checkpoint
 from difflab.compress.distill import (check_distill, distill_settings, round_steps, student_sampling_cfg,
-                                      with_student_sampler)
+                                      with_method_defaults, with_student_sampler)
 from difflab.compress.prune import check_prune, prune_settings
 from difflab.config import (Config, autoencoder_train_config, classifier_train_config, conditioning_name, level_meaning,
                             objective_name, validate, validate_batch_splits)
@@ -605,7 +605,7 @@ def build_plan(cfg: DictConfig, run_dir: Optional[Path], world_size: int = 1,
         builder.classifier()
     elif mode == "distill":
         model = builder.teacher()
-        builder.cfg = cfg = with_guidance(cfg, model)
+        builder.cfg = cfg = with_method_defaults(with_guidance(cfg, model))
         builder.guidance(model)
         check_distill(cfg, build_process(model.cfg).index_count)
         builder.derived("distill", distill_settings(cfg, builder.plan.steps[-1].key), cfg.distill.steps_per_round *
