@@ -341,7 +341,7 @@ class PruneConfig:
     """mode=prune: structured channel pruning of a trained UNet, then fine-tuning (docs/compression.md)."""
 
     amount: float = 0.3  # share of the channels removed, in (0, 1)
-    finetune_steps: int = 500  # fine-tuning steps from the original's EMA weights (at least 1)
+    finetune_steps: int = 1000  # fine-tuning steps from the original's EMA weights (at least 1)
     lr: float = 2e-4
     batch_size: Optional[int] = None  # null = train.batch_size
     teacher_weight: float = 1.0  # weight of the original network's outputs as a second target (0 = data loss alone)

@@ -188,8 +188,8 @@ def train_pruned(cfg: DictConfig, run_dir: Path, device: torch.device, model: Di
 
 def with_teacher_outputs(data_loss, teacher: nn.Module, weight: float):
     """`data_loss` plus `weight` times the mean squared difference between the pruned network's outputs and the
-    original's on the same inputs (knowledge distillation). The original's outputs are a target without the data
-    loss's irreducible variance, so the narrower network recovers the original's samples in far fewer steps."""
+    original's on the same inputs (knowledge distillation): the original's outputs are a target without the data
+    loss's irreducible variance, and what the pruned network should return to is the original, not the data."""
 
     def loss(model: nn.Module, batch) -> torch.Tensor:
         seen = []
