@@ -79,14 +79,14 @@ def test_one_progressive_round_matches_two_teacher_steps_better_than_the_teacher
     from hydra import compose, initialize_config_dir
 
     from difflab.cli import CONF_DIR
-    from difflab.compress.distill import DistillStage
+    from difflab.compress.distill import DistillStage, with_method_defaults
     from difflab.train.loop import StepBatches
     from difflab.trained import load_diffusion_model
 
     overrides = _distill(shapes_dir, cache, "distill.steps=1", "distill.teacher_steps=2", "distill.steps_per_round=40",
                          "distill.lr=2e-3", "distill.batch_size=8")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        cfg = with_method_defaults(compose(config_name="config", overrides=overrides))  # as the plan resolves it
     model = load_diffusion_model(teacher, torch.device("cpu"))
     torch.manual_seed(0)
     torch.nn.init.normal_(model.net.out[-1].weight, std=0.05)  # a teacher whose two steps differ from one

@@ -52,7 +52,8 @@ def student_sampler(method: str, steps: int) -> dict:
 
 
 def with_method_defaults(cfg: DictConfig) -> DictConfig:
-    """cfg with each null distill setting at its method's default (METHOD_DEFAULTS)."""
+    """cfg with each null distill setting at its method's default (METHOD_DEFAULTS). The plan resolves them once,
+    before the student's key is made, so a default spelled out names the same student as one left null."""
     d = cfg.distill
     unset = {k: v for k, v in METHOD_DEFAULTS[d.method].items() if d[k] is None}
     return OmegaConf.merge(cfg, {"distill": unset}) if unset else cfg
@@ -86,7 +87,6 @@ def check_distill(cfg: DictConfig, index_count: int) -> None:
 
 def distill_settings(cfg: DictConfig, teacher_key: str) -> dict:
     """Everything that determines a student: its teacher (by key), the distillation, the guidance baked in."""
-    cfg = with_method_defaults(cfg)  # a default spelled out names the same student as one left null
     return {"teacher": teacher_key, "distill": OmegaConf.to_container(cfg.distill, resolve=True),
             "guidance_scale": cfg.guidance.scale if cfg.guidance.name == "cfg" else None,
             "clip_x0": cfg.sampler.clip_x0, "train": train_settings(student_train_config(cfg)), "seed": cfg.seed,
@@ -137,7 +137,6 @@ class DistillStage(NoisyDataStage):
 
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, teacher: DiffusionModel,
                  teacher_key: str, writer=None):
-        cfg = with_method_defaults(cfg)
         data_cfg = OmegaConf.merge(teacher.cfg, {"paths": cfg.paths, "seed": cfg.seed,
                                                  "train": student_train_config(cfg)})
         super().__init__(data_cfg, run_dir, device, writer, teacher.latent)
