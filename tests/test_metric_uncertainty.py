@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, make_shapes_folder, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from difflab.cli import CONF_DIR
@@ -151,6 +152,30 @@ def test_memorisation_flags_a_model_that_returns_training_images(shapes_cfg, ext
     ones = train.labels == 1  # a model that draws one of the two shapes only: half the mix is missing
     dropped = evaluate_model(model, cfg, CPU, "dropped", _stand_in_sampler(train.images[ones], train.labels[ones]))
     assert dropped["class_share_tv"] > 0.4 > honest["class_share_tv"] + 4 * honest["class_share_tv_se"]
+
+
+def test_memorisation_checks_samples_from_the_whole_draw_not_its_first_classes(shapes_cfg, extractor, tmp_path):
+    """A balanced draw comes in class order: with eval.memorisation below eval.num_samples, the check must not
+    read the first class alone. Here class 0's samples copy training images and class 1's are new."""
+    train, _ = real_splits(shapes_cfg, 100)
+    fresh = real_splits(compose_eval(shapes_cfg, 100, root=make_shapes_folder(tmp_path / "unseen", per_class=50)), 0)[0]
+    copies, new = train.images[train.labels == 0][:50], add_noise(fresh.images[fresh.labels == 1][:50], 0.02)
+    images, labels = torch.cat([copies, new]), torch.tensor([0] * 50 + [1] * 50)
+    cfg = OmegaConf.merge(compose_eval(shapes_cfg, 100), {"eval": {"memorisation": 30}})
+    half = evaluate_model(SimpleNamespace(cfg=shapes_cfg), cfg, CPU, "half-copier",
+                          lambda n: SampleResult(images[:n], labels[:n], 1.0, []))
+    only_copies = memorisation_share(copies, shapes_cfg)
+    assert half["memorisation_checked"] == 30
+    # shapes repeat across the splits, so copies are not all "close"; half the checked samples are copies
+    share = half["memorisation_share_close"]
+    assert 0.25 * only_copies < share < 0.75 * only_copies, (share, only_copies)
+
+
+def memorisation_share(images: torch.Tensor, shapes_cfg) -> float:
+    cfg = compose_eval(shapes_cfg, len(images))
+    labels = torch.zeros(len(images), dtype=torch.long)
+    return evaluate_model(SimpleNamespace(cfg=shapes_cfg), cfg, CPU, "copies",
+                          lambda n: SampleResult(images[:n], labels[:n], 1.0, []))["memorisation_share_close"]
 
 
 def test_class_share_distance_counts_the_mix_and_its_error_shrinks_with_n():

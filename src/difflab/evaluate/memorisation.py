@@ -24,6 +24,12 @@ QUANTILE = 0.05
 Z = 3.0
 
 
+def spread(total: int, count: int) -> Tensor:
+    """`count` <= `total` distinct indices evenly across 0..total-1: a balanced draw comes in class order (as a
+    folder's images do), so its first `count` would hold its first classes only."""
+    return torch.linspace(0, total - 1, count).round().long()
+
+
 @dataclass
 class NearestTraining:
     distance: Tensor  # per sample, to its nearest training image

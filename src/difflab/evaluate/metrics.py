@@ -38,7 +38,7 @@ from difflab.evaluate.extractors import (Extractor, FeatureExtraction, classifie
 from difflab.evaluate.feature_cache import cached_features
 from difflab.evaluate.feature_classifier import (LoadedClassifier, accuracy, classifier_settings, feature_classifier,
                                                  predicted_classes, real_splits)
-from difflab.evaluate.memorisation import memorisation
+from difflab.evaluate.memorisation import memorisation, spread
 from difflab.evaluate.uncertainty import (REPLICATES, fd_standard_error, frechet_distance, kid_standard_error,
                                           share_standard_error)
 from difflab.pictures import save_pairs
@@ -286,15 +286,16 @@ def _summary(metrics: dict) -> str:
 def memorisation_check(generated: Measured, real: Measured, train: ImageData, extractor: Extractor,
                        device: torch.device, eval_cfg: DictConfig, cache_root: Path, tag: str,
                        samples: SampleResult, pictures: Optional[Path]) -> dict:
-    """The memorisation entries of metrics.json for up to eval.memorisation samples, against every
-    training image (their features cached once per data set); the 16 closest pairs pictured."""
+    """The memorisation entries of metrics.json for up to eval.memorisation samples, spread over the whole draw,
+    against every training image (their features cached once per data set); the 16 closest pairs pictured."""
     count = min(eval_cfg.memorisation, len(generated.features), len(real.features))
     extract = FeatureExtraction(extractor, [metric_layers(extractor, ["fid"])["fid"]], device, eval_cfg.batch_size)
     train_features = cached_features(train.images, extract, cache_root, f"{tag}-train-all")[extract.layers[0]]
-    check = memorisation(generated.features[:count], real.features[:count], train_features)
+    checked, held_out = spread(len(generated.features), count), spread(len(real.features), count)
+    check = memorisation(generated.features[checked], real.features[held_out], train_features)
     if pictures is not None:
         pairs = check.closest(min(16, count))
-        save_pairs(samples.images[[s for s, _ in pairs]], train.images[[t for _, t in pairs]],
+        save_pairs(samples.images[checked[[s for s, _ in pairs]]], train.images[[t for _, t in pairs]],
                    pictures / "nearest_neighbours.png")
     log.info("memorisation: %.1f%% of %d samples are as close to a training image as the closest %.1f%% of held-out "
              "images are%s", 100 * check.share_close, count, 100 * check.expected,
