@@ -11,6 +11,9 @@ with Inception when its weights are at hand. Usage:
 
 A case is sampler:steps:num_samples[:spacing] (steps "all" = every one of the schedule's T steps;
 no spacing = the objective's usual). Each row records its network evaluations per sample (nfe).
+The model and its guidance are the ones `python run.py` trains and samples (guidance=auto decided
+as the plan decides it); `--overrides compress.quantize=bf16` samples at that precision, as
+mode=evaluate does.
 """
 
 from __future__ import annotations
@@ -55,8 +58,10 @@ def main() -> None:
 
     from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.cli import CONF_DIR
+    from difflab.compress.quantize import quantize_model
     from difflab.diffusion import nfe
     from difflab.evaluate.metrics import evaluate_model
+    from difflab.plan import with_guidance
     from difflab.sampling import sample_images, sampler_steps
     from difflab.trained import load_diffusion_model
 
@@ -66,20 +71,21 @@ def main() -> None:
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         for case in cases:
             sampler, steps, n, *spacing = case.split(":")
-            cfg = compose(config_name="config", overrides=[
+            cfg = with_guidance(compose(config_name="config", overrides=[  # guidance=auto decided as the plan does
                 f"sampler={sampler}", f"sampler.steps={'null' if steps == 'all' else steps}",
-                f"eval.num_samples={n}", *(f"sampler.spacing={sp}" for sp in spacing), *args.overrides.split()])
+                f"eval.num_samples={n}", *(f"sampler.spacing={sp}" for sp in spacing), *args.overrides.split()]))
             entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg))
             if entry is None:
                 sys.exit(f"no trained model for these settings in {cfg.paths.cache_dir}/artifacts: run `python run.py` first")
             model = load_diffusion_model(str(entry.path), device)
+            quantized = quantize_model(model, cfg, device) if cfg.compress.quantize else {}
             t0 = time.perf_counter()
             metrics = evaluate_model(model, cfg, device, str(entry.path),
                                      lambda k: sample_images(model, cfg, k, "balanced", device))
             about = metrics.pop("eval")
             taken = sampler_steps(model.process, cfg.sampler)
             row = {"sampler": sampler, "steps": steps, "spacing": cfg.sampler.spacing, "nfe": nfe(sampler, taken),
-                   "num_samples": int(n), **metrics,
+                   "num_samples": int(n), "guidance": cfg.guidance.name, **quantized, **metrics,
                    "wall_s": time.perf_counter() - t0, "extractors": about["extractors"]}
             print(json.dumps(row), file=sys.stderr, flush=True)  # progress, one case per line
             results.append(row)
