@@ -40,25 +40,21 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from cached_model import cached_model
     from hydra import compose, initialize_config_dir
 
-    from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.cli import CONF_DIR
     from difflab.data import load_split
     from difflab.evaluate.metrics import evaluate_model
     from difflab.plan import with_guidance
     from difflab.sampling import sample_images
-    from difflab.trained import load_diffusion_model
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         cfg = with_guidance(compose(config_name="config", overrides=[  # guidance=auto decided as the plan does
             f"eval.num_samples={args.num_samples}", "eval.memorisation=0", *args.overrides.split()]))
-    entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg))
-    if entry is None:
-        sys.exit(f"no trained model for these settings in {cfg.paths.cache_dir}/artifacts: run `python run.py` first")
-    model = load_diffusion_model(str(entry.path), device)
+    model, path = cached_model(cfg, device)
     t0 = time.perf_counter()
     drawn = sample_images(model, cfg, args.num_samples, "balanced", device)
     sampling_s = time.perf_counter() - t0
@@ -67,11 +63,11 @@ def main() -> None:
     for threshold in (int(t) for t in args.thresholds.split(",")):
         images = drawn.images.clone()
         images[images <= threshold] = 0
-        metrics = evaluate_model(model, cfg, device, str(entry.path),
+        metrics = evaluate_model(model, cfg, device, path,
                                  lambda k, images=images: replace(drawn, images=images[:k]))
         rows[str(threshold)] = {k: metrics[k] for k in KEPT if k in metrics}
         print(json.dumps({"threshold": threshold, **rows[str(threshold)]}), file=sys.stderr, flush=True)
-    print(json.dumps({"model": str(entry.path), "num_samples": args.num_samples, "sampler": cfg.sampler.name,
+    print(json.dumps({"model": path, "num_samples": args.num_samples, "sampler": cfg.sampler.name,
                       "steps": cfg.sampler.steps, "guidance": cfg.guidance.name, "sampling_s": sampling_s,
                       "pixel_shares": {"samples": pixel_shares(drawn.images), "real_test": pixel_shares(real)},
                       "by_threshold": rows}, indent=2))

@@ -25,27 +25,23 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from cached_model import cached_model
     from hydra import compose, initialize_config_dir
 
-    from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.cli import CONF_DIR
     from difflab.data import load_split
     from difflab.evaluate.metrics import evaluate_model
     from difflab.sampling import SampleResult
-    from difflab.trained import load_diffusion_model
 
     torch.set_num_threads(args.threads)
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         cfg = compose(config_name="config", overrides=[f"eval.num_samples={args.num_samples}"])
-    entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg))
-    if entry is None:
-        sys.exit("no trained default model in the artifact cache: run `python run.py` first")
-    model = load_diffusion_model(str(entry.path), torch.device("cpu"))
+    model, path = cached_model(cfg, torch.device("cpu"))
     test = load_split(cfg.dataset, "test", cfg.paths.cache_dir)
     stand_in = SampleResult(test.images[-args.num_samples:], test.labels[-args.num_samples:], 0.0, [])
     for run in (1, 2):
         t0 = time.perf_counter()
-        m = evaluate_model(model, cfg, torch.device("cpu"), str(entry.path), lambda n: stand_in)
+        m = evaluate_model(model, cfg, torch.device("cpu"), path, lambda n: stand_in)
         print(json.dumps({"run": run, "num_samples": args.num_samples, "eval_feature_seconds": m["eval_feature_seconds"],
                           "total_s": time.perf_counter() - t0, "extractors": m["eval"]["extractors"]}), flush=True)
 

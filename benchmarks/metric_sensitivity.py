@@ -139,15 +139,14 @@ def main() -> None:
                         help="torch-fidelity's Inception weights file: adds Inception FID's ladders as design 'inception'")
     args = parser.parse_args()
 
+    from cached_model import cached_model
     from hydra import compose, initialize_config_dir
 
-    from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.cli import CONF_DIR
     from difflab.evaluate.extractors import FeatureExtraction, classifier_extractor, inception_extractor, metric_layers
     from difflab.evaluate.feature_classifier import feature_classifier, real_splits
     from difflab.evaluate.metrics import REFERENCE_SEED
     from difflab.sampling import sample_images
-    from difflab.trained import load_diffusion_model
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -178,10 +177,7 @@ def main() -> None:
         stored = torch.load(saved, weights_only=True)
         rungs["steps"] = [(steps, stored[str(steps)]["images"], stored[str(steps)]["labels"]) for steps in STEPS]
     elif args.steps_model:
-        entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg), other_code=True)
-        if entry is None:
-            sys.exit(f"no trained model for these settings in {cfg.paths.cache_dir}/artifacts: run `python run.py` first")
-        model = load_diffusion_model(str(entry.path), device)
+        model, _ = cached_model(cfg, device, other_code=True)
         rungs["steps"] = []
         for steps in STEPS:
             with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):

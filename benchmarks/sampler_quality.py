@@ -54,16 +54,15 @@ def main() -> None:
                  for s in args.samplers.split(",") for sp in args.spacings.split(",")]
 
     import torch
+    from cached_model import cached_model
     from hydra import compose, initialize_config_dir
 
-    from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.cli import CONF_DIR
     from difflab.compress.quantize import quantize_model
     from difflab.diffusion import nfe
     from difflab.evaluate.metrics import evaluate_model
     from difflab.plan import with_guidance
     from difflab.sampling import sample_images, sampler_steps
-    from difflab.trained import load_diffusion_model
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -74,13 +73,10 @@ def main() -> None:
             cfg = with_guidance(compose(config_name="config", overrides=[  # guidance=auto decided as the plan does
                 f"sampler={sampler}", f"sampler.steps={'null' if steps == 'all' else steps}",
                 f"eval.num_samples={n}", *(f"sampler.spacing={sp}" for sp in spacing), *args.overrides.split()]))
-            entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg))
-            if entry is None:
-                sys.exit(f"no trained model for these settings in {cfg.paths.cache_dir}/artifacts: run `python run.py` first")
-            model = load_diffusion_model(str(entry.path), device)
+            model, path = cached_model(cfg, device)
             quantized = quantize_model(model, cfg, device) if cfg.compress.quantize else {}
             t0 = time.perf_counter()
-            metrics = evaluate_model(model, cfg, device, str(entry.path),
+            metrics = evaluate_model(model, cfg, device, path,
                                      lambda k: sample_images(model, cfg, k, "balanced", device))
             about = metrics.pop("eval")
             taken = sampler_steps(model.process, cfg.sampler)
@@ -89,7 +85,7 @@ def main() -> None:
                    "wall_s": time.perf_counter() - t0, "extractors": about["extractors"]}
             print(json.dumps(row), file=sys.stderr, flush=True)  # progress, one case per line
             results.append(row)
-    print(json.dumps({"model": str(entry.path), "threads": args.threads, "device": "cpu", "results": results}, indent=2))
+    print(json.dumps({"model": path, "threads": args.threads, "device": "cpu", "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
+from cached_model import cached_model
 from hydra import compose, initialize_config_dir
 
-from difflab.artifacts import ArtifactCache, diffusion_settings
 from difflab.cli import CONF_DIR
 from difflab.sampling import sample_images
-from difflab.trained import load_diffusion_model
 
 
 def config(*overrides: str):
@@ -36,10 +34,7 @@ def main() -> None:
     counts = sorted(int(s) for s in args.steps.split(","))
     torch.set_grad_enabled(False)
     trained = config("guidance=cfg")
-    entry = ArtifactCache(trained.paths.cache_dir).find("diffusion", diffusion_settings(trained), other_code=True)
-    if entry is None:
-        sys.exit("no default MNIST model in the artifact cache: run `python run.py` first")
-    model = load_diffusion_model(str(entry.path), torch.device("cpu"))
+    model, _ = cached_model(trained, torch.device("cpu"), other_code=True)
     images = {}
     for steps in counts:
         cfg = config("guidance=none", f"sampler.steps={steps}", "sample.batch_size=250")

@@ -75,7 +75,8 @@ def test_prediction_conversions_roundtrip(prediction):
     x0_hat, eps_hat = p.to_x0_eps(p.target(x0, noise, t), x_t, t)
     # exact but for x_t's float32 rounding, which recovering x0 divides by sqrt(alpha_bar) (2000x at cosine's
     # last step) and eps by sqrt(1 - alpha_bar)
-    alpha, sigma = (p.alphas_bar[t].sqrt().view(-1, 1, 1, 1), (1 - p.alphas_bar[t]).sqrt().view(-1, 1, 1, 1))
+    alpha = p.alphas_bar[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - p.alphas_bar[t]).sqrt().view(-1, 1, 1, 1)
     assert float(((x0_hat - x0).abs() * alpha).max()) < 2e-6
     assert float(((eps_hat - noise).abs() * sigma).max()) < 2e-6
 

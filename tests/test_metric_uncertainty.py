@@ -126,6 +126,11 @@ def _stand_in_sampler(images: torch.Tensor, labels: torch.Tensor):
     return lambda n: SampleResult(images[order[:n]], labels[order[:n]], 1.0, [])
 
 
+def _in_order_sampler(images: torch.Tensor, labels: torch.Tensor):
+    """Returns the images in the order given, as a balanced draw comes in class order."""
+    return lambda n: SampleResult(images[:n], labels[:n], 1.0, [])
+
+
 def test_memorisation_flags_a_model_that_returns_training_images(shapes_cfg, extractor, tmp_path):
     train, held_out = real_splits(shapes_cfg, 100)
     model = SimpleNamespace(cfg=shapes_cfg)
@@ -162,8 +167,7 @@ def test_memorisation_checks_samples_from_the_whole_draw_not_its_first_classes(s
     copies, new = train.images[train.labels == 0][:50], add_noise(fresh.images[fresh.labels == 1][:50], 0.02)
     images, labels = torch.cat([copies, new]), torch.tensor([0] * 50 + [1] * 50)
     cfg = OmegaConf.merge(compose_eval(shapes_cfg, 100), {"eval": {"memorisation": 30}})
-    half = evaluate_model(SimpleNamespace(cfg=shapes_cfg), cfg, CPU, "half-copier",
-                          lambda n: SampleResult(images[:n], labels[:n], 1.0, []))
+    half = evaluate_model(SimpleNamespace(cfg=shapes_cfg), cfg, CPU, "half-copier", _in_order_sampler(images, labels))
     only_copies = memorisation_share(copies, shapes_cfg)
     assert half["memorisation_checked"] == 30
     # shapes repeat across the splits, so copies are not all "close"; half the checked samples are copies
@@ -174,8 +178,8 @@ def test_memorisation_checks_samples_from_the_whole_draw_not_its_first_classes(s
 def memorisation_share(images: torch.Tensor, shapes_cfg) -> float:
     cfg = compose_eval(shapes_cfg, len(images))
     labels = torch.zeros(len(images), dtype=torch.long)
-    return evaluate_model(SimpleNamespace(cfg=shapes_cfg), cfg, CPU, "copies",
-                          lambda n: SampleResult(images[:n], labels[:n], 1.0, []))["memorisation_share_close"]
+    sampler = _in_order_sampler(images, labels)
+    return evaluate_model(SimpleNamespace(cfg=shapes_cfg), cfg, CPU, "copies", sampler)["memorisation_share_close"]
 
 
 def test_class_share_distance_counts_the_mix_and_its_error_shrinks_with_n():
