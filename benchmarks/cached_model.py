@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 
 
-def cached_model(cfg, device, other_code: bool = False):
-    """(model, its checkpoint path); exits with the command that trains it when the cache has none.
-    With other_code, a model made by an earlier version of the code with the same settings will do."""
+def cached_model(cfg, device):
+    """(model, its checkpoint path); exits with the command that trains it when the cache has none. A model made
+    with the same settings by another version of the code will do: these benchmarks measure what is done with a
+    trained model, and retraining it after every change would make their rows incomparable."""
     from difflab.artifacts import ArtifactCache, diffusion_settings
     from difflab.trained import load_diffusion_model
 
-    entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg), other_code=other_code)
+    entry = ArtifactCache(cfg.paths.cache_dir).find("diffusion", diffusion_settings(cfg), other_code=True)
     if entry is None:
         sys.exit(f"no trained model for these settings in {cfg.paths.cache_dir}/artifacts: run `python run.py` first")
     return load_diffusion_model(str(entry.path), device), str(entry.path)

@@ -48,7 +48,7 @@ def main() -> None:
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         cfg = with_guidance(compose(config_name="config", overrides=["compress.quantize=int8",
                                                                      *args.overrides.split()]))
-    model, path = cached_model(cfg, device, other_code=True)
+    model, path = cached_model(cfg, device)
     net = model.net
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *model.shape, generator=gen)

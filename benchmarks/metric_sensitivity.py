@@ -177,7 +177,7 @@ def main() -> None:
         stored = torch.load(saved, weights_only=True)
         rungs["steps"] = [(steps, stored[str(steps)]["images"], stored[str(steps)]["labels"]) for steps in STEPS]
     elif args.steps_model:
-        model, _ = cached_model(cfg, device, other_code=True)
+        model, _ = cached_model(cfg, device)
         rungs["steps"] = []
         for steps in STEPS:
             with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):

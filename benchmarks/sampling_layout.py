@@ -44,7 +44,7 @@ def main() -> None:
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         cfg = with_guidance(compose(config_name="config", overrides=[f"sampler.steps={args.steps}",
                                                                      *args.overrides.split()]))
-    model, path = cached_model(cfg, device, other_code=True)
+    model, path = cached_model(cfg, device)
     nhwc = model.net
     nchw = copy.deepcopy(nhwc).to(memory_format=torch.contiguous_format)
     nets = {"fp32_nchw": nchw, "fp32_channels_last": nhwc,

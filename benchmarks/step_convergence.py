@@ -34,7 +34,7 @@ def main() -> None:
     counts = sorted(int(s) for s in args.steps.split(","))
     torch.set_grad_enabled(False)
     trained = config("guidance=cfg")
-    model, _ = cached_model(trained, torch.device("cpu"), other_code=True)
+    model, _ = cached_model(trained, torch.device("cpu"))
     images = {}
     for steps in counts:
         cfg = config("guidance=none", f"sampler.steps={steps}", "sample.batch_size=250")

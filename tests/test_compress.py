@@ -42,6 +42,28 @@ def test_bf16_and_int8_stay_within_tolerance_of_fp32():
     assert int8 < 0.05, int8
 
 
+def test_int8_quantises_every_convolution():
+    """The 1x1 skips, the attention's projections and Upsample's phase convolutions too, not only nn.Conv2d modules:
+    each convolution of the converted graph reads a dequantised int8 activation."""
+    net, inputs = _net_and_inputs()
+    converted = quantize_int8(net, [inputs], 2, compile=False).graph
+    convs = [n for n in converted.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.conv2d.default]
+    float_inputs = [n.name for n in convs if "dequantize" not in str(n.args[0].target)]
+    assert len(convs) > 10 and not float_inputs, float_inputs
+
+
+def test_compiled_int8_runs_at_each_batch_size_it_meets():
+    """Sampling meets several batch sizes (the sample grid's, the evaluation's, a remainder): each compiles once and
+    agrees with the uncompiled graph."""
+    net, inputs = _net_and_inputs(6)
+    calibration = [tuple(t[:4] for t in inputs)]
+    compiled, reference = (quantize_int8(net, calibration, 2, compile=c) for c in (True, False))
+    with torch.no_grad():
+        for n in (4, 6, 4):
+            batch = tuple(t[:n] for t in inputs)
+            assert _relative_error(compiled(*batch), reference(*batch)) < 0.02
+
+
 def test_pruned_network_is_narrower_and_rebuilds_exactly_from_a_weights_only_checkpoint(tmp_path):
     net, inputs = _net_and_inputs()
     pruned = prune_unet(net, 0.3, inputs)
