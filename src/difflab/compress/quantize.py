@@ -99,7 +99,7 @@ def quantize_int8(net: nn.Module, batches: list[tuple], num_classes: int, compil
     """`net` as an int8 graph (static per-tensor activation scales from `batches`, per-channel weights), compiled
     to inductor's int8 kernels (uncompiled, it runs the same arithmetic as reference ops). The fused norm and
     attention kernels stay opaque operators in float: on the default UNet that is 1.3x faster than inductor's own
-    GroupNorm kernels, which it would fuse with the quantisation (benchmarks/results/compression_mnist.json)."""
+    GroupNorm kernels, which it would fuse with the quantisation (results/compression_forward_mnist.json)."""
     prepare_pt2e, convert_pt2e, x86 = _pt2e()
     example = batches[0] if num_classes else batches[0][:2]
     batch = torch.export.Dim("batch", min=1, max=4096)
