@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEPT = ("fd_classifier", "kid_classifier", "class_accuracy", "real_fd_classifier", "real_class_accuracy",
-        "final_loss", "best_val_loss", "train_wall_time_s", "sampled_with", "num_params")
+KEPT = ("fd_classifier", "fd_classifier_se", "kid_classifier", "class_accuracy", "class_accuracy_se",
+        "real_fd_classifier", "real_class_accuracy", "final_loss", "best_val_loss", "train_wall_time_s", "sampled_with", "num_params")
 
 
 def main() -> None:
