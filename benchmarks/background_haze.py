@@ -40,20 +40,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from cached_model import cached_model
-    from hydra import compose, initialize_config_dir
+    from cached_model import cached_model, run_config
 
-    from difflab.cli import CONF_DIR
     from difflab.data import load_split
     from difflab.evaluate.metrics import evaluate_model
-    from difflab.plan import with_guidance
     from difflab.sampling import sample_images
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        cfg = with_guidance(compose(config_name="config", overrides=[  # guidance=auto decided as the plan does
-            f"eval.num_samples={args.num_samples}", "eval.memorisation=0", *args.overrides.split()]))
+    cfg = run_config(f"eval.num_samples={args.num_samples}", "eval.memorisation=0", *args.overrides.split())
     model, path = cached_model(cfg, device)
     t0 = time.perf_counter()
     drawn = sample_images(model, cfg, args.num_samples, "balanced", device)

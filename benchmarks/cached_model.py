@@ -1,8 +1,20 @@
-"""The trained diffusion model that `python run.py` with a benchmark's settings left in the artifact cache."""
+"""The run config and the trained diffusion model a benchmark measures: `python run.py`'s, with the benchmark's
+settings, the model taken from the artifact cache."""
 
 from __future__ import annotations
 
 import sys
+
+
+def run_config(*overrides: str):
+    """The config `python run.py OVERRIDES` runs with, guidance=auto decided as the plan decides it."""
+    from hydra import compose, initialize_config_dir
+
+    from difflab.cli import CONF_DIR
+    from difflab.plan import with_guidance
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        return with_guidance(compose(config_name="config", overrides=list(overrides)))
 
 
 def cached_model(cfg, device):

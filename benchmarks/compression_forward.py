@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,23 +30,19 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from cached_model import cached_model
-    from hydra import compose, initialize_config_dir
+    from cached_model import cached_model, run_config
+    from interleaved import interleaved
 
     from difflab.allocator import keep_freed_memory
-    from difflab.cli import CONF_DIR
     from difflab.compress.prune import prune_unet
     from difflab.compress.quantize import Autocast, calibration_inputs, quantize_int8
     from difflab.models import count_parameters
-    from difflab.plan import with_guidance
 
     keep_freed_memory()  # as run.py does
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     device = torch.device("cpu")
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        cfg = with_guidance(compose(config_name="config", overrides=["compress.quantize=int8",
-                                                                     *args.overrides.split()]))
+    cfg = run_config("compress.quantize=int8", *args.overrides.split())
     model, path = cached_model(cfg, device)
     net = model.net
     gen = torch.Generator().manual_seed(0)
@@ -66,13 +61,7 @@ def main() -> None:
         params[f"pruned{round(100 * amount)}"] = count_parameters(pruned)
     reference = net(*inputs).float()
     error = {k: float((n(*inputs).float() - reference).norm() / reference.norm()) for k, n in nets.items()}
-    seconds = {k: [] for k in nets}
-    for _ in range(args.rounds):
-        for name, n in nets.items():
-            t0 = time.perf_counter()
-            n(*inputs)
-            seconds[name].append(time.perf_counter() - t0)
-    median = {k: statistics.median(v) for k, v in seconds.items()}
+    median = interleaved({name: lambda n=n: n(*inputs) for name, n in nets.items()}, args.rounds)
     print(json.dumps({
         "model": path, "batch": args.batch, "rounds": args.rounds, "threads": args.threads,
         "params": {"original": count_parameters(net), **params}, "int8_prepare_calibrate_compile_s": quantize_s,

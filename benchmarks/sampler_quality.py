@@ -54,37 +54,32 @@ def main() -> None:
                  for s in args.samplers.split(",") for sp in args.spacings.split(",")]
 
     import torch
-    from cached_model import cached_model
-    from hydra import compose, initialize_config_dir
+    from cached_model import cached_model, run_config
 
-    from difflab.cli import CONF_DIR
     from difflab.compress.quantize import quantize_model
     from difflab.diffusion import nfe
     from difflab.evaluate.metrics import evaluate_model
-    from difflab.plan import with_guidance
     from difflab.sampling import sample_images, sampler_steps
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     results = []
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        for case in cases:
-            sampler, steps, n, *spacing = case.split(":")
-            cfg = with_guidance(compose(config_name="config", overrides=[  # guidance=auto decided as the plan does
-                f"sampler={sampler}", f"sampler.steps={'null' if steps == 'all' else steps}",
-                f"eval.num_samples={n}", *(f"sampler.spacing={sp}" for sp in spacing), *args.overrides.split()]))
-            model, path = cached_model(cfg, device)
-            quantized = quantize_model(model, cfg, device) if cfg.compress.quantize else {}
-            t0 = time.perf_counter()
-            metrics = evaluate_model(model, cfg, device, path,
-                                     lambda k: sample_images(model, cfg, k, "balanced", device))
-            about = metrics.pop("eval")
-            taken = sampler_steps(model.process, cfg.sampler)
-            row = {"sampler": sampler, "steps": steps, "spacing": cfg.sampler.spacing, "nfe": nfe(sampler, taken),
-                   "num_samples": int(n), "guidance": cfg.guidance.name, **quantized, **metrics,
-                   "wall_s": time.perf_counter() - t0, "extractors": about["extractors"]}
-            print(json.dumps(row), file=sys.stderr, flush=True)  # progress, one case per line
-            results.append(row)
+    for case in cases:
+        sampler, steps, n, *spacing = case.split(":")
+        cfg = run_config(f"sampler={sampler}", f"sampler.steps={'null' if steps == 'all' else steps}",
+                         f"eval.num_samples={n}", *(f"sampler.spacing={sp}" for sp in spacing), *args.overrides.split())
+        model, path = cached_model(cfg, device)
+        quantized = quantize_model(model, cfg, device) if cfg.compress.quantize else {}
+        t0 = time.perf_counter()
+        metrics = evaluate_model(model, cfg, device, path,
+                                 lambda k: sample_images(model, cfg, k, "balanced", device))
+        about = metrics.pop("eval")
+        taken = sampler_steps(model.process, cfg.sampler)
+        row = {"sampler": sampler, "steps": steps, "spacing": cfg.sampler.spacing, "nfe": nfe(sampler, taken),
+               "num_samples": int(n), "guidance": cfg.guidance.name, **quantized, **metrics,
+               "wall_s": time.perf_counter() - t0, "extractors": about["extractors"]}
+        print(json.dumps(row), file=sys.stderr, flush=True)  # progress, one case per line
+        results.append(row)
     print(json.dumps({"model": path, "threads": args.threads, "device": "cpu", "results": results}, indent=2))
 
 

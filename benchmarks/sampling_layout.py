@@ -1,7 +1,7 @@
 """Sampling speed of the cached default model in each memory layout and precision: NCHW against channels_last
 (the layout a loaded network gets when it was trained channels_last), fp32 and bf16 autocast, interleaved
-(A B C D, A B C D, ...) so the machine's drift falls on all alike; prints one JSON object with each variant's
-median images/s and how many uint8 pixels the layouts' samples differ in. Usage:
+(A B C D, A B C D, ..., after one warm-up each) so the machine's drift falls on all alike; prints one JSON object
+with each variant's median images/s and how many uint8 pixels the layouts' samples differ in. Usage:
 
     python benchmarks/sampling_layout.py [--n 250] [--steps 20] [--rounds 3] [--threads 2] [--overrides '...']
 """
@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -29,35 +27,31 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from cached_model import cached_model
-    from hydra import compose, initialize_config_dir
+    from cached_model import cached_model, run_config
+    from interleaved import interleaved
 
     from difflab.allocator import keep_freed_memory
-    from difflab.cli import CONF_DIR
     from difflab.compress.quantize import Autocast
-    from difflab.plan import with_guidance
     from difflab.sampling import sample_images
 
     keep_freed_memory()  # as run.py does
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        cfg = with_guidance(compose(config_name="config", overrides=[f"sampler.steps={args.steps}",
-                                                                     *args.overrides.split()]))
+    cfg = run_config(f"sampler.steps={args.steps}", *args.overrides.split())
     model, path = cached_model(cfg, device)
     nhwc = model.net
     nchw = copy.deepcopy(nhwc).to(memory_format=torch.contiguous_format)
     nets = {"fp32_nchw": nchw, "fp32_channels_last": nhwc,
             "bf16_nchw": Autocast(nchw, torch.bfloat16), "bf16_channels_last": Autocast(nhwc, torch.bfloat16)}
-    seconds, images = {k: [] for k in nets}, {}
-    for _ in range(args.rounds):
-        for name, net in nets.items():
-            model.net = net
-            torch.manual_seed(0)
-            t0 = time.perf_counter()
-            images[name] = sample_images(model, cfg, args.n, "balanced", device).images
-            seconds[name].append(time.perf_counter() - t0)
-    rate = {k: args.n / statistics.median(v) for k, v in seconds.items()}
+    images = {}
+
+    def draw(name: str, net) -> None:
+        model.net = net
+        torch.manual_seed(0)
+        images[name] = sample_images(model, cfg, args.n, "balanced", device).images
+
+    seconds = interleaved({name: lambda name=name, net=net: draw(name, net) for name, net in nets.items()}, args.rounds)
+    rate = {k: args.n / s for k, s in seconds.items()}
     differ = images["fp32_nchw"] != images["fp32_channels_last"]
     print(json.dumps({
         "model": path, "samples": args.n, "sampler": cfg.sampler.name, "steps": args.steps,

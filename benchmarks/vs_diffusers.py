@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from interleaved import interleaved  # noqa: E402
 
 from difflab.allocator import keep_freed_memory  # noqa: E402
 
@@ -92,21 +92,6 @@ class Subject:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-
-
-def interleaved(subjects: list[Subject], fn: Callable[[Subject], None], rounds: int, sync) -> dict[str, float]:
-    """Median seconds of fn per subject, alternating subjects every call (after one warm-up each)."""
-    for s in subjects:
-        fn(s)
-    times: dict[str, list[float]] = {s.name: [] for s in subjects}
-    for _ in range(rounds):
-        for s in subjects:
-            sync()
-            t0 = time.perf_counter()
-            fn(s)
-            sync()
-            times[s.name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def ddim_seconds(subject: Subject, noise: torch.Tensor, steps: int, sync) -> float:
@@ -181,14 +166,14 @@ def main() -> None:
     x0 = torch.randn(TRAIN_BATCH, *SHAPE, device=device)
     for s in subjects:
         s.net.train()
-    train_s = interleaved(subjects, lambda s: s.train_step(x0, alpha_bar), args.rounds, sync)
+    train_s = interleaved({s.name: lambda s=s: s.train_step(x0, alpha_bar) for s in subjects}, args.rounds, sync)
 
     xf = torch.randn(FORWARD_BATCH, *SHAPE, device=device)
     tf = torch.randint(0, 1000, (FORWARD_BATCH,), device=device)
     for s in subjects:
         s.net.eval()
     with torch.inference_mode():
-        forward_s = interleaved(subjects, lambda s: s.eps(xf, tf), args.rounds, sync)
+        forward_s = interleaved({s.name: lambda s=s: s.eps(xf, tf) for s in subjects}, args.rounds, sync)
 
     results = {s.name: {"params": params[s.name],
                         "train_images_per_s": round(TRAIN_BATCH / train_s[s.name], 3),

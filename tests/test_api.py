@@ -3,6 +3,7 @@ trained end to end: the API draws what `python run.py mode=sample` writes, and a
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import subprocess
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_AE, run_py, tiny_overrides
+from omegaconf import OmegaConf
 
 import difflab
 from difflab.errors import UserError
+from difflab.trained import in_trained_layout
 
 pytestmark = pytest.mark.slow
 
@@ -223,12 +226,6 @@ def _nhwc_convolutions(net: torch.nn.Module) -> list[bool]:
 def test_a_loaded_network_samples_in_the_layout_it_was_trained_in(pipe):
     """Trained channels_last (the default), the loaded network's convolutions hold NHWC weights, so they write NHWC
     maps; it computes what the same network in NCHW computes, and a network trained in NCHW stays NCHW."""
-    import copy
-
-    from omegaconf import OmegaConf
-
-    from difflab.trained import in_trained_layout
-
     net = pipe.model.net
     assert _nhwc_convolutions(net) and all(_nhwc_convolutions(net))
     plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
