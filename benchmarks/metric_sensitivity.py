@@ -139,10 +139,8 @@ def main() -> None:
                         help="torch-fidelity's Inception weights file: adds Inception FID's ladders as design 'inception'")
     args = parser.parse_args()
 
-    from cached_model import cached_model
-    from hydra import compose, initialize_config_dir
+    from cached_model import cached_model, run_config
 
-    from difflab.cli import CONF_DIR
     from difflab.evaluate.extractors import FeatureExtraction, classifier_extractor, inception_extractor, metric_layers
     from difflab.evaluate.feature_classifier import feature_classifier, real_splits
     from difflab.evaluate.metrics import REFERENCE_SEED
@@ -151,8 +149,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     sizes = [int(s) for s in args.sizes.split(",")]
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        cfg = compose(config_name="config", overrides=[f"dataset={args.dataset}", *args.overrides.split()])
+    cfg = run_config(f"dataset={args.dataset}", *args.overrides.split())
     train, held_out = real_splits(cfg, 10_000)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(REFERENCE_SEED))
     reference_images, pool = train.images[perm[:max(sizes)]], perm[max(sizes):]
@@ -180,13 +177,13 @@ def main() -> None:
         model, _ = cached_model(cfg, device)
         rungs["steps"] = []
         for steps in STEPS:
-            with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-                scfg = compose(config_name="config", overrides=[f"dataset={args.dataset}", f"sampler.steps={steps}",
-                                                                *args.overrides.split()])
+            scfg = run_config(f"dataset={args.dataset}", f"sampler.steps={steps}", *args.overrides.split())
             t0 = time.perf_counter()
             result = sample_images(model, scfg, args.step_samples, "balanced", device)
             timings[f"sample_{steps}_steps_s"] = time.perf_counter() - t0
-            rungs["steps"].append((steps, result.images, result.labels))
+            order = torch.randperm(len(result.images), generator=torch.Generator().manual_seed(POOL_SEED))
+            labels = None if result.labels is None else result.labels[order]
+            rungs["steps"].append((steps, result.images[order], labels))  # so its first n are a draw of n too
             print(f"sampled {args.step_samples} at {steps} steps in {timings[f'sample_{steps}_steps_s']:.0f} s",
                   file=sys.stderr)
         if saved is not None:

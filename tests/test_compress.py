@@ -10,9 +10,11 @@ from omegaconf import OmegaConf
 
 from difflab.checkpoint import atomic_save
 from difflab.compress.prune import prune_unet, with_teacher_outputs
-from difflab.compress.quantize import Autocast, quantize_int8
+from difflab.compress.quantize import Autocast, compile_for_sampling, quantize_int8
 from difflab.models import build_unet, count_parameters
 from difflab.models.widths import network_widths, resize_to
+from difflab.runner import sampled_counts
+from difflab.trained import load_diffusion_model
 
 UNET = OmegaConf.create({"channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
                          "head_channels": 16, "dropout": 0.0, "norm_groups": 8})
@@ -133,6 +135,36 @@ def test_int8_sampling_end_to_end_is_recorded(model_ckpt, shapes_dir, cache, tmp
     assert r.returncode == 0, r.stderr[-3000:]
     m = read_metrics(tmp_path)
     assert m["quantize"] == "int8" and m["calibration_images"] == 8 and m["num_images"] == 8
+
+
+class _BatchRecorder(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.sizes = net, []
+
+    def forward(self, x, cond, y=None):
+        self.sizes.append(len(x))
+        return self.net(x, cond, y)
+
+
+@pytest.mark.parametrize("guidance, sizes", [({"name": "cfg", "scale": 1.5}, [2, 8]), ({"name": "none", "scale": 0}, [1, 4])])
+def test_int8_is_compiled_at_the_batch_sizes_sampling_will_feed_it(model_ckpt, guidance, sizes):
+    """5 images in batches of 4 feed batches of 4 and 1, each twice over under classifier-free guidance."""
+    model = load_diffusion_model(model_ckpt, torch.device("cpu"))
+    model.net = _BatchRecorder(model.net)
+    cfg = OmegaConf.create({"sample": {"batch_size": 4}, "guidance": guidance,
+                            "sampler": {"steps": 3, "spacing": "trailing", "rho": 7.0}})
+    compile_for_sampling(model, cfg, [5], torch.device("cpu"))
+    assert model.net.sizes == sizes
+
+
+def test_the_sampled_counts_follow_the_mode():
+    def counts(mode: str, num_samples: int = 300) -> list[int]:
+        return sampled_counts(OmegaConf.create({"mode": {"name": mode}, "sample": {"num_images": 100},
+                                                "eval": {"num_samples": num_samples}}))
+
+    assert counts("sample") == [100] and counts("evaluate") == [100, 300] and counts("diffusion", 0) == [100]
+    assert counts("edit") == []
 
 
 @pytest.mark.parametrize("setting, words", [

@@ -108,6 +108,15 @@ def sample_and_evaluate(cfg: DictConfig, run_dir: Path, device: torch.device, mo
     return metrics
 
 
+def sampled_counts(cfg: DictConfig) -> list[int]:
+    """How many images the run samples from a loaded model, in one call each: the samples, then the evaluation's (an
+    edit's inputs are counted only once it has read them)."""
+    if cfg.mode.name == "edit":
+        return []
+    evaluated = [cfg.eval.num_samples] if cfg.mode.name != "sample" and cfg.eval.num_samples > 0 else []
+    return [cfg.sample.num_images, *evaluated]
+
+
 def load_model(cfg: DictConfig, given: str, device: torch.device,
                given_name: str = "ckpt") -> tuple[DiffusionModel, dict, str, dict]:
     """The diffusion model `given` names (a checkpoint, its run folder or an export), with the EMA of width
@@ -119,7 +128,7 @@ def load_model(cfg: DictConfig, given: str, device: torch.device,
         record = use_ema_length(model, state, path, cfg.train.ema.sigma_rel,
                                 validation_batch(model, cfg.paths.cache_dir, device))
     if cfg.compress.quantize:
-        record.update(quantize_model(model, cfg, device))
+        record.update(quantize_model(model, cfg, device, sampled_counts(cfg)))
     return model, state, str(path), record
 
 

@@ -63,6 +63,11 @@ class SampleResult:
     prompts: Optional[list[str]] = None  # a text model's prompt per image
 
 
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """The batches `generate` draws n images in."""
+    return [slice(first, min(first + batch_size, n)) for first in range(0, n, batch_size)]
+
+
 def generate(
     make_denoiser: Callable[[Optional[Tensor]], GuidedDenoiser],
     process: NoiseProcess,
@@ -94,9 +99,8 @@ def generate(
     steps = len(taken)
     keep = set(np.linspace(0, steps - 1, min(gif_frames, steps)).round().astype(int).tolist())
     with progress(stage, n, unit="img") as bar:
-        for first in range(0, n, batch_size):
-            b = min(batch_size, n - first)
-            batch = slice(first, first + b)
+        for batch in batch_slices(n, batch_size):
+            first, b = batch.start, batch.stop - batch.start
             y = None if labels is None else labels[batch].to(device)
             noise = torch.randn((b, *shape), generator=gen, device=device)
             shown = torch.linspace(0, b - 1, min(gif_images, b)).long()  # spread over the classes

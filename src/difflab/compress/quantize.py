@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 import torch._inductor.config as inductor_config
@@ -21,6 +22,7 @@ from torch import nn
 from difflab.data import load_splits, to_model_range
 from difflab.diffusion.spacing import sampling_grid
 from difflab.errors import UserError
+from difflab.sampling import batch_slices
 from difflab.trained import DiffusionModel
 
 log = logging.getLogger("difflab.quantize")
@@ -117,17 +119,22 @@ def quantize_int8(net: nn.Module, batches: list[tuple], num_classes: int, compil
     return Int8Net(torch.compile(converted, dynamic=False) if compile else converted, num_classes)
 
 
-def compile_for_sampling(net: Int8Net, batch: tuple, guided: bool) -> None:
-    """Compile `net` at the batch size sampling feeds it (a full batch, twice over under classifier-free guidance), so
-    that the compile counts as preparation rather than sampling time. On inference tensors, as sampling's are: the
-    compiled graph is guarded on their dispatch keys, and one compiled for ordinary tensors would compile again."""
+def compile_for_sampling(model: DiffusionModel, cfg: DictConfig, counts: Sequence[int], device: torch.device) -> None:
+    """Compile the int8 network at each batch size sampling `counts` images will feed it, through the denoiser sampling
+    uses (which doubles the batch under classifier-free guidance), so the compile counts as preparation rather than
+    sampling time. On inference tensors, as sampling's are: the compiled graph is guarded on their dispatch keys."""
+    sizes = {s.stop - s.start for n in counts for s in batch_slices(n, cfg.sample.batch_size)}
+    grid = sampling_grid(model.process, cfg.sampler.steps, cfg.sampler.spacing, cfg.sampler.rho)
     with torch.inference_mode():
-        batch = tuple((torch.cat([t, t]) if guided else t.clone()) if t is not None else None for t in batch)
-        net(*batch)
+        for b in sorted(sizes):
+            x = torch.randn((b, *model.shape), device=device)
+            y = torch.zeros(b, dtype=torch.long, device=device) if model.num_classes else None
+            model.denoiser(y, cfg.guidance, clip_x0=False)(x, grid.level(0, x))
 
 
-def quantize_model(model: DiffusionModel, cfg: DictConfig, device: torch.device) -> dict:
-    """Put `model`'s network at compress.quantize's precision in place; what metrics.json records of it."""
+def quantize_model(model: DiffusionModel, cfg: DictConfig, device: torch.device, counts: Sequence[int] = ()) -> dict:
+    """Put `model`'s network at compress.quantize's precision in place, ready to sample `counts` images (a compiled
+    int8 network compiles for other batch sizes when it meets them); what metrics.json records of it."""
     q = cfg.compress.quantize
     t0 = time.perf_counter()
     record = {"quantize": q}
@@ -139,7 +146,7 @@ def quantize_model(model: DiffusionModel, cfg: DictConfig, device: torch.device)
         batches = calibration_inputs(model, cfg, device)
         model.net = quantize_int8(model.net, batches, model.num_classes, cfg.compress.compile)
         if cfg.compress.compile:
-            compile_for_sampling(model.net, batches[0], cfg.guidance.name == "cfg")
+            compile_for_sampling(model, cfg, counts, device)
         record.update({"quantize_backend": "torchao PT2E, X86InductorQuantizer (static, per-channel weights)",
                        "calibration_images": sum(len(b[0]) for b in batches)})
     record["quantize_seconds"] = time.perf_counter() - t0
