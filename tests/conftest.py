@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +112,9 @@ def plan_sources(table: str) -> dict[str, str]:
     rows = [re.split(r"\s{2,}", line.strip()) for line in table.strip().splitlines()]
     assert rows[0][:2] == ["step", "source"], table
     return {row[0]: row[1] for row in rows[1:]}
+
+
+def nhwc_convolutions(net: torch.nn.Module) -> list[bool]:
+    """For each spatial convolution of `net` over more than one channel: whether its weights are channels_last."""
+    return [c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
+            for c in net.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size != (1, 1) and c.in_channels > 1]

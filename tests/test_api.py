@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_AE, run_py, tiny_overrides
+from conftest import TINY_AE, nhwc_convolutions, run_py, tiny_overrides
 from omegaconf import OmegaConf
 
 import difflab
@@ -217,22 +217,22 @@ def test_bad_inputs_are_one_sentence(trained, pipe, latent, tmp_path, monkeypatc
         assert needle in str(e.value) and _one_sentence(str(e.value)), str(e.value)
 
 
-def _nhwc_convolutions(net: torch.nn.Module) -> list[bool]:
-    """For each spatial convolution of `net` over more than one channel: whether its weights are channels_last."""
-    return [c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
-            for c in net.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size != (1, 1) and c.in_channels > 1]
-
-
 def test_a_loaded_network_samples_in_the_layout_it_was_trained_in(pipe):
     """Trained channels_last (the default), the loaded network's convolutions hold NHWC weights, so they write NHWC
     maps; it computes what the same network in NCHW computes, and a network trained in NCHW stays NCHW."""
     net = pipe.model.net
-    assert _nhwc_convolutions(net) and all(_nhwc_convolutions(net))
+    assert nhwc_convolutions(net) and all(nhwc_convolutions(net))
     plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
-    assert not any(_nhwc_convolutions(in_trained_layout(plain, OmegaConf.create({"train": {"channels_last": False}}))))
+    assert not any(nhwc_convolutions(in_trained_layout(plain, OmegaConf.create({"train": {"channels_last": False}}))))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, *pipe.model.shape, generator=g)
     inputs = (*pipe.model.process.net_inputs(x, pipe.model.process.draw_levels(4, torch.device("cpu"))),
               torch.tensor([0, 1, 0, 1]))
     with torch.no_grad():
         torch.testing.assert_close(net(*inputs), plain(*inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_a_latent_model_decodes_on_nhwc_maps_and_encodes_on_nchw(latent):
+    """The decoder runs 1.6x faster channels_last on 2 CPU cores; the encoder, fed 1-3 channel images, does not."""
+    autoencoder = difflab.load(latent, device="cpu").model.latent.autoencoder
+    assert all(nhwc_convolutions(autoencoder.decoder)) and not any(nhwc_convolutions(autoencoder.encoder))

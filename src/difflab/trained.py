@@ -228,6 +228,8 @@ def diffusion_model_from_state(state: dict, device: torch.device) -> DiffusionMo
         resize_to(net, state["pruned"]["widths"], weights)
     net.load_state_dict(weights)
     latent = LatentSpace.from_state(state["autoencoder"], device) if state.get("autoencoder") else None
+    if latent is not None:  # its decoder 1.6x faster on NHWC maps; its encoder, fed 1-3 channel images, is not
+        in_trained_layout(latent.autoencoder.decoder, cfg)
     return DiffusionModel(in_trained_layout(net.to(device).eval(), cfg), checkpoint_process(state), cfg, shape,
                           meta["num_classes"], meta["label_dropout"] > 0, latent, meta)
 
@@ -260,7 +262,7 @@ def classifier_from_state(state: dict, device: torch.device) -> tuple[NoisyClass
     num_classes = meta.get("classifier_classes", meta["num_classes"])
     net = build_classifier(cfg.classifier, meta["shape"][0], meta["shape"][1], num_classes)
     net.load_state_dict(network_weights(state, "classifier"))
-    return net.to(device).eval().requires_grad_(False), cfg, meta
+    return in_trained_layout(net.to(device).eval().requires_grad_(False), cfg), cfg, meta
 
 
 def dims(shape) -> str:
