@@ -45,7 +45,7 @@ def test_classifier_mode_reports_accuracy_by_band_of_t(classifier_run):
 
 
 def test_a_loaded_classifier_guides_in_the_layout_it_was_trained_in(classifier_run):
-    """Trained channels_last, its gradient for guidance is 2x faster on NHWC weights (2 CPU cores), and the same."""
+    """Trained channels_last, its gradient for guidance is 1.5x faster on NHWC weights (2 CPU cores), and the same."""
     classifier, _, _ = load_classifier(classifier_run / "checkpoints" / "last.pt", torch.device("cpu"))
     assert all(nhwc_convolutions(classifier))
     plain = copy.deepcopy(classifier).to(memory_format=torch.contiguous_format)

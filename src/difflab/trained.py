@@ -228,16 +228,17 @@ def diffusion_model_from_state(state: dict, device: torch.device) -> DiffusionMo
         resize_to(net, state["pruned"]["widths"], weights)
     net.load_state_dict(weights)
     latent = LatentSpace.from_state(state["autoencoder"], device) if state.get("autoencoder") else None
-    if latent is not None:  # its decoder 1.6x faster on NHWC maps; its encoder, fed 1-3 channel images, is not
-        in_trained_layout(latent.autoencoder.decoder, cfg)
+    if latent is not None:
+        in_trained_layout(latent.autoencoder, cfg)
     return DiffusionModel(in_trained_layout(net.to(device).eval(), cfg), checkpoint_process(state), cfg, shape,
                           meta["num_classes"], meta["label_dropout"] > 0, latent, meta)
 
 
 def in_trained_layout(net: nn.Module, cfg: DictConfig) -> nn.Module:
     """`net` with its convolution weights in the memory layout it was trained in (train.channels_last): each
-    convolution then writes its output in that layout, so sampling runs on NHWC maps as training did (the network's
-    forward 1.18x faster in fp32, 1.3x in bf16 on 2 CPU cores, with no reorders around oneDNN's convolutions)."""
+    convolution then writes its output in that layout, so sampling runs on NHWC maps as training did, with no reorders
+    around oneDNN's convolutions. On 2 CPU cores the denoiser's forward is 1.18x faster in fp32 and 1.3x in bf16, the
+    guidance classifier's gradient 1.5x, the KL autoencoder's decode 1.4x and encode 1.2x."""
     if OmegaConf.select(cfg, "train.channels_last", default=True):
         net = net.to(memory_format=torch.channels_last)
     return net
@@ -299,6 +300,6 @@ def load_latent_space(path: Path, cfg: DictConfig, device: torch.device, given_n
     image_shape = tuple(state["meta"]["image_shape"])
     autoencoder = build_autoencoder(trained.autoencoder, image_shape[0], image_shape[1])
     autoencoder.load_state_dict(network_weights(state, "autoencoder"))
-    return LatentSpace(autoencoder.to(device).eval().requires_grad_(False),
+    return LatentSpace(in_trained_layout(autoencoder.to(device).eval().requires_grad_(False), cfg),
                        OmegaConf.to_container(trained.autoencoder, resolve=True), image_shape,
                        float(state["latent_scale"]), identity, key)
