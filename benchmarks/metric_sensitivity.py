@@ -248,6 +248,8 @@ def draw(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(ladders), figsize=(3.2 * len(ladders), 3.2), squeeze=False)
     for ax, ladder in zip(axes[0], ladders):
         for design, out in report["designs"].items():
+            if ladder not in out["ladders"]:
+                continue
             rungs = out["ladders"][ladder]["rungs"]
             at = [r["n"].get(str(SEPARATION_N)) for r in rungs]
             if any(a is None for a in at):
