@@ -209,7 +209,7 @@ def main() -> None:
         for ladder, items in rungs.items():
             entries = []
             for rung, images, labels in items:
-                feats = extract(images)
+                feats = extract(images[:top])  # the held-out split may hold more than the largest n
                 per_n = {}
                 for n in sizes:
                     if n > len(images):
